@@ -1,0 +1,55 @@
+"""The one narrow interface through which an MoE layer gets its expert weights.
+
+Today every expert is resident (`ResidentExperts`). Later a tiered expert store (fast memory,
+host RAM, disk via mmap) sits behind the same interface; model files never know which.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+
+class ExpertWeights(NamedTuple):
+    """Weights ready for one MoE computation, and the routing ids re-indexed into them.
+
+    Legend: E'=rows held, I=expert intermediate size, H=hidden size, T=tokens, K=experts per token.
+    """
+
+    w13: torch.Tensor  # [E', 2I, H]  gate rows, then up rows (transformers 5.x layout)
+    w2: torch.Tensor  # [E', H, I]
+    topk_ids: torch.Tensor  # [T, K] indices into the E' rows
+
+
+class ExpertProvider(nn.Module):
+    """Holds (or fetches) the experts of one MoE layer."""
+
+    def __init__(self, layer_idx: int, num_experts: int, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_experts = num_experts
+        self.hidden_size = hidden_size
+        self.intermediate_size = intermediate_size
+
+    def fetch(self, topk_ids: torch.Tensor) -> ExpertWeights:
+        """Return weights covering every expert named in `topk_ids` [T, K]."""
+        raise NotImplementedError
+
+    def prefetch(self, expert_ids: torch.Tensor) -> None:
+        """Hint that these experts will be wanted soon. Resident experts need nothing."""
+
+
+class ResidentExperts(ExpertProvider):
+    """All experts of the layer live in one stacked pair of parameters on the model's device."""
+
+    def __init__(self, layer_idx: int, num_experts: int, hidden_size: int, intermediate_size: int,
+                 dtype: torch.dtype | None = None, device: torch.device | str | None = None):
+        super().__init__(layer_idx, num_experts, hidden_size, intermediate_size)
+        E, H, I = num_experts, hidden_size, intermediate_size
+        self.w13 = nn.Parameter(torch.empty(E, 2 * I, H, dtype=dtype, device=device))
+        self.w2 = nn.Parameter(torch.empty(E, H, I, dtype=dtype, device=device))
+
+    def fetch(self, topk_ids: torch.Tensor) -> ExpertWeights:
+        return ExpertWeights(self.w13, self.w2, topk_ids)
