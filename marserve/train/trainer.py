@@ -81,6 +81,7 @@ class TrainConfig:
     threads: int = 1
     save_dtype: str = "bfloat16"
     progress: bool = True
+    stop_at: int | None = None   # leave the loop after this step (as an interruption would); resume finishes
 
     def __post_init__(self):
         if self.steps < 1 or self.batch_size < 1 or self.seq_len < 8:
@@ -140,6 +141,9 @@ def train(cfg: TrainConfig) -> dict:
                desc="mar" if cfg.mar.enabled else "no-mar", dynamic_ncols=True)
     t0, tokens = time.time(), 0
     for step in bar:
+        if cfg.stop_at is not None and step >= cfg.stop_at:
+            bar.close()
+            return {"steps": step, "stopped": True}
         for g in opt.param_groups:
             g["lr"] = _lr_at(cfg, step)
         batch, _ = data.batch(step, cfg.batch_size, cfg.seq_len, cfg.seed)
