@@ -12,10 +12,10 @@ import os
 import torch
 
 from marserve.analysis import routing_metrics as rm
+from marserve.default_model import MODEL_DIR as DEFAULT_MODEL_DIR
 from marserve.errors import ConfigError
 
 HELDOUT_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "data", "heldout")
-DEFAULT_MODEL_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "default_model")
 
 
 def add_routing_arguments(p: argparse.ArgumentParser) -> None:
@@ -200,3 +200,16 @@ def _print(report: dict) -> None:
               f"{l['domain_mi_bits']:>8.3f} {l.get('next_layer_precision_at_k', float('nan')):>7.3f} "
               f"{l.get('usage_load_correlation', float('nan')):>10.3f}")
     print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in report["summary"].items()}))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m marserve.analysis.routing MODEL_DIR [flags]`: the same analysis without the inspect command."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("model_dir", nargs="?", default=DEFAULT_MODEL_DIR)
+    add_routing_arguments(p)
+    return run(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    import sys
+    sys.exit(main())

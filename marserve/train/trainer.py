@@ -196,6 +196,9 @@ def _write_generation_config(out_dir: str, eos_id: int, pad_id: int) -> None:
 def load_trained(model_dir: str, mar_enabled: bool | None = None):
     """Loads a checkpoint directory with transformers, installs MAR routing from its "mar" block (analysis, tests)."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+    hf_logging.set_verbosity_error()       # the MAR tensors are "unexpected" to transformers, by design
+    hf_logging.disable_progress_bar()
     with open(os.path.join(model_dir, "config.json")) as f:
         cfg = json.load(f)
     mar_cfg = cfg.get("mar")
