@@ -81,6 +81,7 @@ class TrainConfig:
     threads: int = 1
     save_dtype: str = "bfloat16"
     progress: bool = True
+    stability_every: int = 50     # probe routing this often to log how stable it is over training (0 = never)
     stop_at: int | None = None   # leave the loop after this step (as an interruption would); resume finishes
 
     def __post_init__(self):
@@ -137,6 +138,10 @@ def train(cfg: TrainConfig) -> dict:
     for r in routers:
         r.record = True
     model.train()
+    # A fixed probe batch from the data (seed-independent step index) whose routing is re-measured every
+    # stability_every steps: the share of (token, layer) top-k sets unchanged since the last probe.
+    probe, _ = data.batch(10**9, 5, min(cfg.seq_len, 128), cfg.seed)
+    prev_probe = _probe_routing(model, routers, probe) if start == 0 else None
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not cfg.progress,
                desc="mar" if cfg.mar.enabled else "no-mar", dynamic_ncols=True)
     t0, tokens = time.time(), 0
@@ -158,8 +163,14 @@ def train(cfg: TrainConfig) -> dict:
         opt.step()
         update_memories(routers, cfg.mar)   # after the optimiser step, as the spec says
         tokens += batch[:, :-1].numel()
-        log.append({"step": step + 1, "loss": round(lm.item(), 4), "aux": round(aux.item(), 4),
-                    "load_cv": round(_load_cv(routers), 4)})
+        entry = {"step": step + 1, "loss": round(lm.item(), 4), "aux": round(aux.item(), 4),
+                 "load_cv": round(_load_cv(routers), 4)}
+        if cfg.stability_every and (step + 1) % cfg.stability_every == 0:
+            cur = _probe_routing(model, routers, probe)
+            if prev_probe is not None:
+                entry["routing_stability"] = round(float((cur == prev_probe).all(-1).float().mean()), 4)
+            prev_probe = cur
+        log.append(entry)
         bar.set_postfix(loss=f"{lm.item():.3f}", aux=f"{aux.item():.3f}", tok_s=f"{tokens / (time.time() - t0):.0f}")
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
             torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step + 1, "log": log,
@@ -176,6 +187,13 @@ def train(cfg: TrainConfig) -> dict:
     with open(os.path.join(cfg.out_dir, "train_log.json"), "w") as f:
         json.dump({"summary": summary, "config": asdict(cfg), "log": log}, f)
     return summary
+
+
+@torch.no_grad()
+def _probe_routing(model, routers, probe: torch.Tensor) -> torch.Tensor:
+    """Sorted top-k ids [L, T, K] of every MoE layer on the probe batch (the memory is not updated)."""
+    model(input_ids=probe[:, :-1])
+    return torch.stack([r.last[2].sort(dim=-1).values for r in routers])
 
 
 def _load_cv(routers) -> float:
