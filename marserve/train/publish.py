@@ -43,8 +43,9 @@ def main(argv=None) -> int:
     twin_log.pop("log", None)
     with open(os.path.join(a.reports, "twin_train_summary.json"), "w") as f:
         json.dump(twin_log, f, indent=1)
-    analysis_cmd = "marserve inspect --routing marserve/default_model --routing-json mar.json"
-    write_card(MODEL_DIR, mar, twin, twin_log, a.command, a.command + " --no-mar", analysis_cmd)
+    analysis_cmd = "python -m marserve.analysis.routing marserve/default_model --routing-json mar.json"
+    twin_cmd = a.command.replace("runs/mar", "runs/twin") + " --no-mar"
+    write_card(MODEL_DIR, mar, twin, twin_log, a.command, twin_cmd, analysis_cmd)
     print(comparison_table(mar, twin))
     return 0
 
