@@ -28,6 +28,7 @@ def add_routing_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--routing-png", default=None, help="where to write the domain x expert heatmap PNG")
     g.add_argument("--routing-seq-len", type=int, default=256)
     g.add_argument("--routing-max-tokens", type=int, default=8192, help="tokens per domain analysed")
+    g.add_argument("--routing-threads", type=int, default=1, help="torch threads for the analysis")
 
 
 def load_prompts(path: str | None) -> dict[str, list[str]]:
@@ -169,7 +170,7 @@ def run(args: argparse.Namespace) -> int:
     model_dir = getattr(args, "model_dir", None) or getattr(args, "model", None) or DEFAULT_MODEL_DIR
     if not os.path.exists(os.path.join(model_dir, "config.json")):
         raise ConfigError(f"{model_dir}: no config.json; pass a model directory")
-    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    torch.set_num_threads(getattr(args, "routing_threads", 1))   # more threads than free cores thrash
     model, routers = load_trained(model_dir)
     tok = Tokenizer.from_file(os.path.join(model_dir, "tokenizer.json"))
     prompts = load_prompts(getattr(args, "prompts", None))
