@@ -1,0 +1,1 @@
+"""Routing analyses of trained checkpoints (`marserve inspect --routing`)."""

@@ -1,0 +1,1 @@
+"""The local training corpus builder and its committed held-out slices."""
