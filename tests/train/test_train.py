@@ -137,3 +137,19 @@ def test_mixtral_mar_tensors_use_block_sparse_moe_names(corpus, tmp_path):
     assert "model.layers.0.block_sparse_moe.mar.memory" in names
     model, routers = load_trained(str(tmp_path))   # and they load back into the block
     assert torch.allclose(routers[0]._state.memory, names["model.layers.0.block_sparse_moe.mar.memory"].float())
+
+
+def test_marserve_engine_routes_like_the_trainer(mar_ckpt):
+    """Both sides of the MAR contract: the engine's model reproduces the trainer's MAR logits on its checkpoint."""
+    loader = pytest.importorskip("marserve.loader")
+    from marserve.attention import AttentionMetadata
+    out, _ = mar_ckpt
+    model, config = loader.load_model(out, dtype="float32")
+    assert config.mar is not None and config.mar.memory_slots == S
+    ref, _ = load_trained(str(out))
+    prompt = list(range(3, 40))
+    with torch.no_grad():
+        hidden = model(torch.tensor(prompt), torch.arange(len(prompt)), AttentionMetadata.dense([len(prompt)]))
+        got = model.compute_logits(hidden)
+        want = ref(input_ids=torch.tensor([prompt])).logits[0]
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
