@@ -1,0 +1,205 @@
+"""Loads a Hugging Face model directory: config, memory-mapped safetensors into a model built on `meta`, tokenizer, generation defaults.
+
+Each checkpoint tensor is read once from its mmap'd file and assigned to (or copied into a slice of) its target,
+so peak memory stays close to the size of the weights.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from marserve.config import ModelConfig
+from marserve.errors import CheckpointError, ConfigError
+from marserve.models import get_model_class
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(dtype: str | torch.dtype, config: ModelConfig) -> torch.dtype:
+    """"auto" = the checkpoint's dtype (config dtype/torch_dtype), else one of DTYPES."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    name = config.dtype if dtype == "auto" else dtype
+    name = str(name).replace("torch.", "")
+    if name not in DTYPES:
+        raise ConfigError(f"dtype {dtype!r} is not supported; choose auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def checkpoint_files(model_dir: Path) -> dict[str, Path]:
+    """tensor name -> file, from model.safetensors.index.json or the single model.safetensors."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+        files = {name: model_dir / f for name, f in weight_map.items()}
+        for f in sorted(set(files.values())):
+            if not f.is_file():
+                raise CheckpointError(f"{f}: file not found (listed in {index.name})")
+        return files
+    single = model_dir / "model.safetensors"
+    if not single.is_file():
+        raise CheckpointError(f"{model_dir}: no model.safetensors or model.safetensors.index.json")
+    from safetensors import safe_open
+    with _open(single) as f:
+        return {name: single for name in f.keys()}
+
+
+def _open(path: Path):
+    from safetensors import SafetensorError, safe_open
+    try:
+        return safe_open(str(path), framework="pt", device="cpu")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: truncated or corrupt safetensors file ({e})") from None
+
+
+def load_model(model_dir, dtype: str | torch.dtype = "auto", device: str = "cpu"):
+    """Build the architecture on `meta`, then fill every parameter and buffer from the checkpoint -> (model, config)."""
+    model_dir = Path(model_dir)
+    config = ModelConfig.from_dir(model_dir)
+    torch_dtype = resolve_dtype(dtype, config)
+    with torch.device("meta"):
+        model = get_model_class(config.model_type)(config)
+    targets = dict(model.named_parameters(remove_duplicate=False))
+    targets.update(dict(model.named_buffers()))
+    expected = {n: tuple(t.shape) for n, t in targets.items()}
+    filled: dict[str, set] = {}  # target -> parts filled (None = whole, (expert, half) for slices)
+    files = checkpoint_files(model_dir)
+    by_file: dict[Path, list[str]] = {}
+    for name, f in files.items():
+        by_file.setdefault(f, []).append(name)
+    for path, names in by_file.items():
+        with _open(path) as f:
+            present = set(f.keys())
+            for name in names:
+                if name not in present:
+                    raise CheckpointError(f"{path}: tensor {name} listed in the index is not in the file")
+                _load_one(model, config, path, f, name, targets, expected, filled, torch_dtype, device)
+    _check_complete(model, config, model_dir, expected, filled)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.eval()
+    return model, config
+
+
+def _load_one(model, config, path, f, name, targets, expected, filled, dtype, device):
+    target, expert, half = model.checkpoint_target(name)
+    if target == "lm_head.weight" and config.tie_word_embeddings:
+        return  # tied: the embedding is the head
+    if target not in targets:
+        raise CheckpointError(f"{path}: unexpected tensor {name} (no such weight in a {config.model_type} model"
+                              + (" without MAR for this layer)" if ".mar." in name else ")"))
+    try:
+        shape = tuple(f.get_slice(name).get_shape())
+    except Exception as e:  # noqa: BLE001 - safetensors raises several types for a damaged entry
+        raise CheckpointError(f"{path}: cannot read tensor {name} ({e})") from None
+    full = expected[target]
+    want = full if expert is None else (full[1] // 2, full[2]) if half is not None else full[1:]
+    if shape != tuple(want):
+        raise CheckpointError(f"{path}: tensor {name} has shape {list(shape)}, expected {list(want)}")
+    tensor = f.get_tensor(name)
+    # MAR usage stays float32 (spec); everything else takes the model dtype.
+    tensor = tensor.to(device=device, dtype=torch.float32 if target.endswith("mar_usage") else dtype)
+    module_name, _, attr = target.rpartition(".")
+    module = model.get_submodule(module_name)
+    if expert is None:
+        _assign(module, attr, tensor)
+        filled.setdefault(target, set()).add(None)
+        return
+    current = getattr(module, attr)
+    if current.is_meta:  # first slice of a stacked parameter: allocate it once
+        _assign(module, attr, torch.empty(full, dtype=dtype, device=device))
+        current = getattr(module, attr)
+    rows = current.data[expert]
+    if half is not None:
+        I = full[1] // 2
+        rows = rows[half * I:(half + 1) * I]
+    rows.copy_(tensor)
+    filled.setdefault(target, set()).add((expert, half))
+
+
+def _assign(module, attr: str, tensor: torch.Tensor) -> None:
+    if attr in module._parameters:
+        module._parameters[attr] = torch.nn.Parameter(tensor, requires_grad=False)
+    else:
+        module._buffers[attr] = tensor
+
+
+def _check_complete(model, config, model_dir, expected, filled) -> None:
+    for target, shape in expected.items():
+        if target == "lm_head.weight" and config.tie_word_embeddings:
+            continue
+        parts = filled.get(target, set())
+        if target.endswith("experts.w13"):
+            need = {(e, h) for e in range(shape[0]) for h in (0, 1)}
+        elif target.endswith("experts.w2"):
+            need = {(e, None) for e in range(shape[0])}
+        else:
+            need = {None}
+        if None in parts or need <= parts:
+            continue
+        raise CheckpointError(f"{model_dir}: tensor {_disk_name(config, target, need - parts)} is missing "
+                              f"(expected shape {list(shape)})")
+
+
+def _disk_name(config: ModelConfig, target: str, missing: set) -> str:
+    """Our target name, spelt as a checkpoint would spell it, for error messages."""
+    name = target.replace(".mar_memory", ".mar.memory").replace(".mar_usage", ".mar.usage")
+    part = sorted(missing, key=repr)[0]
+    if part is None or "experts." not in name:
+        return name
+    expert, half = part
+    names = ("w1", "w3", "w2") if config.model_type == "mixtral" else ("gate_proj", "up_proj", "down_proj")
+    which = names[2] if half is None else names[half]
+    return name.rsplit(".experts.", 1)[0] + f".experts.{expert}.{which}.weight"
+
+
+def load_tokenizer(model_dir):
+    """The checkpoint's fast tokenizer (chat template from tokenizer_config.json / chat_template.jinja)."""
+    model_dir = Path(model_dir)
+    if not (model_dir / "tokenizer.json").is_file():
+        raise CheckpointError(f"{model_dir / 'tokenizer.json'}: file not found")
+    from transformers import AutoTokenizer
+    try:
+        tok = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    except Exception as e:  # noqa: BLE001 - transformers raises many kinds for a bad tokenizer
+        raise CheckpointError(f"{model_dir}: cannot load the tokenizer ({e})") from None
+    if tok.chat_template is None:
+        cfg_path = model_dir / "tokenizer_config.json"
+        if cfg_path.is_file():
+            tok.chat_template = json.loads(cfg_path.read_text()).get("chat_template")
+    return tok
+
+
+def generation_defaults(model_dir, config: ModelConfig | None = None) -> dict:
+    """SamplingParams defaults from generation_config.json (temperature, top_p, top_k, max_tokens) + eos ids."""
+    model_dir = Path(model_dir)
+    path = model_dir / "generation_config.json"
+    raw = {}
+    if path.is_file():
+        try:
+            raw = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    out = {}
+    if raw.get("do_sample") is False:
+        out["temperature"] = 0.0  # transformers' greedy default
+    elif "temperature" in raw:
+        out["temperature"] = float(raw["temperature"])
+    if "top_p" in raw:
+        out["top_p"] = float(raw["top_p"])
+    if "top_k" in raw:
+        out["top_k"] = int(raw["top_k"])
+    if "max_new_tokens" in raw:
+        out["max_tokens"] = int(raw["max_new_tokens"])
+    if "repetition_penalty" in raw:
+        out["repetition_penalty"] = float(raw["repetition_penalty"])
+    eos = raw.get("eos_token_id", config.eos_token_id if config else None)
+    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    out["eos_token_ids"] = eos
+    return out

@@ -1,0 +1,101 @@
+"""The decoder-only MoE causal LM every architecture shares; model files only say which pieces each layer uses.
+
+Legend: T=tokens of the pass (sequences concatenated), H=hidden, V=vocabulary, N=positions whose logits are wanted.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+
+from marserve.attention import AttentionMetadata
+from marserve.config import ModelConfig
+from marserve.models.layers import Attention, DenseMLP, RMSNorm, RotaryEmbedding
+from marserve.models.moe import SparseMoeBlock
+
+# Per-expert checkpoint names -> (stacked provider parameter, half of w13 or None).
+# mixtral writes w1 (gate), w3 (up), w2 (down); the others gate_proj/up_proj/down_proj.
+_EXPERT_PARTS = {"w1": ("w13", 0), "w3": ("w13", 1), "w2": ("w2", None),
+                 "gate_proj": ("w13", 0), "up_proj": ("w13", 1), "down_proj": ("w2", None)}
+_PER_EXPERT = re.compile(r"^(.*)\.experts\.(\d+)\.(w1|w2|w3|gate_proj|up_proj|down_proj)\.weight$")
+_FUSED = {"experts.gate_up_proj": "experts.w13", "experts.down_proj": "experts.w2"}
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int, qk_norm: str | None, moe_name: str):
+        super().__init__()
+        self.self_attn = Attention(config, layer_idx, qk_norm)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.moe_name = moe_name
+        if config.is_moe_layer(layer_idx):
+            block = SparseMoeBlock(config, layer_idx)
+        else:
+            block = DenseMLP(config.hidden_size, config.intermediate_size)
+        setattr(self, moe_name, block)
+
+    def forward(self, x, cos, sin, attn: AttentionMetadata):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn)
+        return x + getattr(self, self.moe_name)(self.post_attention_layernorm(x))
+
+
+class MoeBackbone(nn.Module):
+    def __init__(self, config: ModelConfig, qk_norm: str | None, moe_name: str):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i, qk_norm, moe_name)
+                                    for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling,
+                                      config.max_position_embeddings)
+
+
+class MoeForCausalLM(nn.Module):
+    """Base of <Arch>ForCausalLM: forward(input_ids [T], positions [T], attn) -> hidden [T,H]; compute_logits."""
+
+    qk_norm: str | None = None  # "head" (qwen3_moe), "full" (olmoe) or None
+    moe_name: str = "mlp"  # the MoE block's name in checkpoint tensor names
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.model = MoeBackbone(config, self.qk_norm, self.moe_name)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionMetadata) -> torch.Tensor:
+        x = self.model.embed_tokens(input_ids)  # [T,H]
+        cos, sin = self.model.rotary(positions, x.dtype)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, attn)
+        return self.model.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [N,H] -> logits [N,V]."""
+        return self.lm_head(hidden)
+
+    def moe_blocks(self) -> list[SparseMoeBlock]:
+        """The sparse MoE blocks in layer order (dense-MLP layers skipped)."""
+        return [m for m in self.modules() if isinstance(m, SparseMoeBlock)]
+
+    def checkpoint_target(self, name: str) -> tuple[str, int | None, int | None]:
+        """Map a checkpoint tensor name to (our parameter/buffer name, expert index, w13 half).
+
+        Expert index / half are None when the tensor fills the whole target.
+        """
+        other = "mlp" if self.moe_name == "block_sparse_moe" else "block_sparse_moe"
+        name = name.replace(f".{other}.", f".{self.moe_name}.")  # accept either block name on disk
+        m = _PER_EXPERT.match(name)
+        if m:
+            target, half = _EXPERT_PARTS[m.group(3)]
+            return f"{m.group(1)}.experts.{target}", int(m.group(2)), half
+        for fused, ours in _FUSED.items():
+            if name.endswith("." + fused):
+                return name[: -len(fused)] + ours, None, None
+        if name.endswith(".mar.memory") or name.endswith(".mar.usage"):
+            return name[: -len(".mar.memory" if name.endswith("memory") else ".mar.usage")] + \
+                (".mar_memory" if name.endswith("memory") else ".mar_usage"), None, None
+        return name, None, None

@@ -1,0 +1,162 @@
+"""Shared transformer pieces of the MoE architectures: RMSNorm, rotary embeddings, GQA attention, dense MLP.
+
+Legend: T=tokens of the pass (sequences concatenated), H=hidden, Hq/Hkv=query/key-value heads, D=head dim.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from marserve.attention import AttentionMetadata, attend
+from marserve.config import ModelConfig
+from marserve.errors import ConfigError
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32 (as the reference implementations do), scale in the input dtype.
+        dtype = x.dtype
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(dtype)
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None, max_positions: int) -> tuple[torch.Tensor, float]:
+    """(inverse frequencies [D/2], attention factor scaling cos/sin) for the supported rope types."""
+    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    if scaling is None:
+        return inv, 1.0
+    kind = scaling["rope_type"]
+    factor = float(scaling.get("factor", 1.0))
+    if kind == "linear":
+        return inv / factor, 1.0
+    if kind == "llama3":
+        low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+        orig = float(scaling["original_max_position_embeddings"])
+        wavelen = 2 * math.pi / inv
+        # Long wavelengths are interpolated, short ones kept, the band between blended smoothly.
+        smooth = ((orig / wavelen) - low) / (high - low)
+        blended = (1 - smooth) * inv / factor + smooth * inv
+        out = torch.where(wavelen > orig / low, inv / factor, inv)
+        mid = (wavelen <= orig / low) & (wavelen >= orig / high)
+        return torch.where(mid, blended, out), 1.0
+    if kind == "yarn":
+        orig = scaling.get("original_max_position_embeddings") or max_positions
+        beta_fast, beta_slow = scaling.get("beta_fast") or 32, scaling.get("beta_slow") or 1
+
+        def correction_dim(rotations):
+            return head_dim * math.log(orig / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+        lo, hi = correction_dim(beta_fast), correction_dim(beta_slow)
+        if scaling.get("truncate", True):
+            lo, hi = math.floor(lo), math.ceil(hi)
+        lo, hi = max(lo, 0), min(hi, head_dim - 1)
+        if lo == hi:
+            hi += 0.001
+        ramp = ((torch.arange(head_dim // 2, dtype=torch.float32) - lo) / (hi - lo)).clamp(0, 1)
+        keep = 1 - ramp  # 1 = keep the original (high-frequency) dimension, 0 = interpolate it
+        inv = (inv / factor) * (1 - keep) + inv * keep
+
+        def mscale(scale, m=1.0):
+            return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+        attn = scaling.get("attention_factor")
+        if attn is None:
+            if scaling.get("mscale") and scaling.get("mscale_all_dim"):
+                attn = mscale(factor, scaling["mscale"]) / mscale(factor, scaling["mscale_all_dim"])
+            else:
+                attn = mscale(factor)
+        return inv, float(attn)
+    raise ConfigError(f"rope_type {kind!r} is not supported (supported: default, linear, llama3, yarn)")
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotate-half RoPE; tables are built lazily on the real device (the model is built on `meta`)."""
+
+    def __init__(self, head_dim: int, theta: float, scaling: dict | None, max_positions: int):
+        super().__init__()
+        self.head_dim = head_dim
+        self._args = (head_dim, theta, scaling, max_positions)
+        with torch.device("cpu"):
+            rope_inv_freq(*self._args)  # validate the rope type now, not at the first forward
+        self._cache: dict = {}
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        key = positions.device
+        if key not in self._cache:
+            with torch.device("cpu"):
+                inv, attn = rope_inv_freq(*self._args)
+            self._cache[key] = (inv.to(positions.device), attn)
+        inv, attn = self._cache[key]
+        freqs = positions.float()[:, None] * inv[None, :]  # [T, D/2]
+        emb = torch.cat([freqs, freqs], dim=-1)
+        return (emb.cos() * attn).to(dtype), (emb.sin() * attn).to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [T, heads, D]; cos/sin [T, D]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos[:, None, :] + rotated * sin[:, None, :]
+
+
+class Attention(nn.Module):
+    """GQA self-attention. qk_norm: None, "head" (per-head RMSNorm, qwen3_moe) or "full" (whole projection, olmoe)."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int, qk_norm: str | None = None):
+        super().__init__()
+        c = config
+        self.layer_idx = layer_idx
+        self.num_heads, self.num_kv_heads, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        bias = c.attention_bias
+        self.q_proj = nn.Linear(c.hidden_size, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(c.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(c.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, c.hidden_size, bias=False)
+        self.qk_norm = qk_norm
+        if qk_norm == "head":
+            self.q_norm = RMSNorm(self.head_dim, c.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, c.rms_norm_eps)
+        elif qk_norm == "full":
+            self.q_norm = RMSNorm(self.num_heads * self.head_dim, c.rms_norm_eps)
+            self.k_norm = RMSNorm(self.num_kv_heads * self.head_dim, c.rms_norm_eps)
+        self.clip_qkv = c.clip_qkv
+        self.scale = self.head_dim ** -0.5
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionMetadata) -> torch.Tensor:
+        T = x.shape[0]
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # [T, Hq*D], [T, Hkv*D] x2
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.clip_qkv is not None:
+            q, k, v = (t.clamp(-self.clip_qkv, self.clip_qkv) for t in (q, k, v))
+        q = q.view(T, self.num_heads, self.head_dim)
+        k = k.view(T, self.num_kv_heads, self.head_dim)
+        v = v.view(T, self.num_kv_heads, self.head_dim)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = attend(q, k, v, attn, self.layer_idx, self.scale)  # [T, Hq, D]
+        return self.o_proj(out.reshape(T, self.num_heads * self.head_dim))
+
+
+class DenseMLP(nn.Module):
+    """SwiGLU MLP: down(silu(gate(x)) * up(x)); dense layers and qwen2_moe's shared expert."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

@@ -1,0 +1,83 @@
+"""The sparse MoE block shared by every architecture: router (with optional MAR memory affinity) + experts via an ExpertProvider.
+
+Legend: T=tokens, E=experts, K=active experts per token, H=hidden, I=expert intermediate, S=MAR memory slots.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from marserve.config import ModelConfig
+from marserve.expert_provider import ExpertProvider, ResidentExperts
+from marserve.models.layers import DenseMLP
+
+
+def mar_affinity(x: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+    """a[t, e] = max_s <x_t / ||x_t||, memory[e, s]>: x [T,H], memory [E,S,H] -> [T,E] float32."""
+    xn = F.normalize(x.float(), dim=-1)
+    return torch.einsum("th,esh->tes", xn, memory.float()).amax(dim=-1)
+
+
+def route(z: torch.Tensor, top_k: int, renormalise: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax over all E, keep the top-k, renormalise over them if asked -> (weights [T,K] f32, ids [T,K]).
+
+    Softmax-then-renormalise equals a softmax over the top-k of z, so this one rule covers all four architectures.
+    """
+    probs = torch.softmax(z, dim=-1, dtype=torch.float32)
+    weights, ids = torch.topk(probs, top_k, dim=-1)
+    if renormalise:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, ids
+
+
+def _experts_moe():
+    # Resolved per call so a kernel package installed (or patched in tests) later is picked up.
+    import marserve_kernels
+    return marserve_kernels.moe
+
+
+class SparseMoeBlock(nn.Module):
+    """gate -> (MAR) routing -> experts from the provider; plus qwen2_moe's sigmoid-gated shared expert."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int, experts: ExpertProvider | None = None):
+        super().__init__()
+        c = config
+        self.layer_idx = layer_idx
+        self.top_k = c.num_experts_per_tok
+        self.renormalise = c.norm_topk_prob
+        self.gate = nn.Linear(c.hidden_size, c.num_experts, bias=False)
+        self.experts = experts if experts is not None else ResidentExperts(
+            layer_idx, c.num_experts, c.hidden_size, c.moe_intermediate_size)
+        self.has_mar = c.has_mar(layer_idx)
+        self.affinity_scale = c.mar.affinity_scale if self.has_mar else 0.0
+        if self.has_mar:
+            self.register_buffer("mar_memory", torch.empty(c.num_experts, c.mar.memory_slots, c.hidden_size))
+            self.register_buffer("mar_usage", torch.empty(c.num_experts))
+        if c.shared_expert_intermediate_size:
+            self.shared_expert = DenseMLP(c.hidden_size, c.shared_expert_intermediate_size)
+            self.shared_expert_gate = nn.Linear(c.hidden_size, 1, bias=False)
+        else:
+            self.shared_expert = None
+        # Called as observer(layer_idx, router_input, router_logits, topk_ids, topk_weights) when set.
+        self.routing_observer = None
+
+    def router_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """z [T,E]: gate logits, plus beta * memory affinity on MAR layers (differentiable through the gate)."""
+        g = self.gate(x)
+        if not self.has_mar:
+            return g
+        return g.float() + self.affinity_scale * mar_affinity(x, self.mar_memory)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T,H] (post-attention-norm hidden) -> [T,H]."""
+        z = self.router_logits(x)  # [T,E]
+        weights, ids = route(z, self.top_k, self.renormalise)  # [T,K] each
+        if self.routing_observer is not None:
+            self.routing_observer(self.layer_idx, x, z, ids, weights)
+        ew = self.experts.fetch(ids)
+        out = _experts_moe()(x, ew.w13, ew.w2, weights.to(x.dtype), ew.topk_ids)
+        if self.shared_expert is not None:
+            out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        return out
