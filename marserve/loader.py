@@ -102,12 +102,12 @@ def _load_one(model, config, path, f, name, targets, expected, filled, dtype, de
     want = full if expert is None else (full[1] // 2, full[2]) if half is not None else full[1:]
     if shape != tuple(want):
         raise CheckpointError(f"{path}: tensor {name} has shape {list(shape)}, expected {list(want)}")
-    tensor = f.get_tensor(name)
-    # MAR usage stays float32 (spec); everything else takes the model dtype.
-    tensor = tensor.to(device=device, dtype=torch.float32 if target.endswith("mar_usage") else dtype)
     module_name, _, attr = target.rpartition(".")
     module = model.get_submodule(module_name)
     if expert is None:
+        tensor = f.get_tensor(name)
+        # MAR usage stays float32 (spec); everything else takes the model dtype.
+        tensor = tensor.to(device=device, dtype=torch.float32 if target.endswith("mar_usage") else dtype)
         _assign(module, attr, tensor)
         filled.setdefault(target, set()).add(None)
         return
@@ -119,8 +119,43 @@ def _load_one(model, config, path, f, name, targets, expected, filled, dtype, de
     if half is not None:
         I = full[1] // 2
         rows = rows[half * I:(half + 1) * I]
-    rows.copy_(tensor)
+    _read_into(path, name, rows)
     filled.setdefault(target, set()).add((expert, half))
+
+
+_ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
+_headers: dict = {}
+
+
+def _read_into(path: Path, name: str, dest: torch.Tensor) -> None:
+    """Read one tensor straight from the file into `dest` (a slice of a stacked parameter).
+
+    Copying out of an mmap would keep the touched file pages mapped next to the stacked copy (2x RSS);
+    a plain read into the destination costs one copy and no extra resident memory.
+    """
+    key = str(path)
+    if key not in _headers:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            _headers.clear()  # one file at a time: shards are visited in order
+            _headers[key] = (8 + n, json.loads(f.read(n)))
+    data_start, header = _headers[key]
+    entry = header[name]
+    begin, end = entry["data_offsets"]
+    src_dtype = _ST_DTYPES.get(entry["dtype"])
+    if src_dtype is None:
+        raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {entry['dtype']}")
+    direct = src_dtype == dest.dtype and dest.is_contiguous() and dest.device.type == "cpu"
+    buf = dest if direct else torch.empty(dest.shape, dtype=src_dtype)
+    view = memoryview(buf.view(torch.uint8).numpy()).cast("B")  # bytes of buf, written in place
+    if view.nbytes != end - begin:
+        raise CheckpointError(f"{path}: tensor {name} has {end - begin} bytes, expected {view.nbytes}")
+    with open(path, "rb") as f:
+        f.seek(data_start + begin)
+        if f.readinto(view) != view.nbytes:
+            raise CheckpointError(f"{path}: truncated or corrupt safetensors file (tensor {name} is cut short)")
+    if not direct:
+        dest.copy_(buf)
 
 
 def _assign(module, attr: str, tensor: torch.Tensor) -> None:

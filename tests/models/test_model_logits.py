@@ -50,3 +50,17 @@ def test_greedy_tokens_match_transformers_generate(baby_checkpoint, model_type):
         logits = _marserve_logits(model, [seq])[0]
         seq.append(int(logits[-1].argmax()))
     assert seq[len(prompt):] == want
+
+
+def test_dtypes_and_auto(baby_checkpoint):
+    path = baby_checkpoint("qwen2_moe", dtype="bfloat16")
+    auto, config = load_model(path, dtype="auto")
+    assert config.dtype == "bfloat16" and auto.lm_head.weight.dtype == torch.bfloat16
+    assert auto.moe_blocks()[0].experts.w13.dtype == torch.bfloat16
+    f32, _ = load_model(path, dtype="float32")  # bf16 on disk, upcast exactly
+    torch.testing.assert_close(f32.moe_blocks()[0].experts.w13.to(torch.bfloat16), auto.moe_blocks()[0].experts.w13)
+    got = _marserve_logits(auto, PROMPTS[:1])[0].float()
+    want = _marserve_logits(f32, PROMPTS[:1])[0]
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.7
+    f16, _ = load_model(path, dtype="float16")
+    assert f16.model.embed_tokens.weight.dtype == torch.float16

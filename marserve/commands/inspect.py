@@ -1,0 +1,90 @@
+"""`marserve inspect MODEL_DIR`: architecture, sizes, parameter counts and MAR settings of a checkpoint; --routing hands over to the routing analysis."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from marserve.config import ModelConfig
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model_dir", nargs="?", default=None, help="model directory (default: the bundled default model)")
+    p.add_argument("--routing", action="store_true", help="analyse expert use per domain (marserve.analysis.routing)")
+    try:
+        importlib.import_module("marserve.analysis.routing").add_routing_arguments(p)
+    except (ModuleNotFoundError, AttributeError):
+        pass
+
+
+def parameter_counts(config: ModelConfig) -> tuple[int, int]:
+    """(total, active per token) parameters, computed from the config (no weights loaded)."""
+    c = config
+    H, V = c.hidden_size, c.vocab_size
+    q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+    attn = H * q + 2 * H * kv + q * H
+    if c.attention_bias:
+        attn += q + 2 * kv
+    if c.model_type == "qwen3_moe":
+        attn += 2 * c.head_dim
+    elif c.model_type == "olmoe":
+        attn += q + kv
+    embed = V * H * (1 if c.tie_word_embeddings else 2)
+    total = active = embed + H  # + final norm
+    expert = 3 * H * c.moe_intermediate_size
+    for i in range(c.num_hidden_layers):
+        layer = attn + 2 * H
+        if c.is_moe_layer(i):
+            shared = 3 * H * c.shared_expert_intermediate_size + H if c.shared_expert_intermediate_size else 0
+            layer += H * c.num_experts + shared
+            total += layer + c.num_experts * expert
+            active += layer + c.num_experts_per_tok * expert
+        else:
+            layer += 3 * H * c.intermediate_size
+            total += layer
+            active += layer
+    return total, active
+
+
+def describe(config: ModelConfig) -> list[str]:
+    c = config
+    total, active = parameter_counts(c)
+    moe_layers = [i for i in range(c.num_hidden_layers) if c.is_moe_layer(i)]
+    lines = [
+        f"architecture:   {c.model_type}",
+        f"layers:         {c.num_hidden_layers} ({len(moe_layers)} MoE)",
+        f"hidden:         {c.hidden_size} (heads {c.num_attention_heads}, kv heads {c.num_key_value_heads}, "
+        f"head dim {c.head_dim})",
+        f"experts:        E={c.num_experts} top-k={c.num_experts_per_tok} expert intermediate "
+        f"{c.moe_intermediate_size} norm_topk_prob={c.norm_topk_prob}"
+        + (f" shared expert {c.shared_expert_intermediate_size}" if c.shared_expert_intermediate_size else ""),
+        f"vocab:          {c.vocab_size} (tied embeddings: {c.tie_word_embeddings})",
+        f"parameters:     {total:,} total, {active:,} active per token",
+        f"dtype:          {c.dtype}",
+    ]
+    if c.mar is None:
+        lines.append("MAR:            none (plain MoE checkpoint)")
+    else:
+        layers = "all MoE layers" if c.mar.layers is None else f"layers {c.mar.layers}"
+        lines.append(f"MAR:            version {c.mar.version}, {c.mar.memory_slots} memory slots per expert, "
+                     f"affinity_scale {c.mar.affinity_scale}, {layers}")
+    return lines
+
+
+def run(args: argparse.Namespace) -> int:
+    from marserve.commands.generate import resolve_model_dir
+    from marserve.loader import checkpoint_files
+    model_dir = resolve_model_dir(args.model_dir)
+    config = ModelConfig.from_dir(model_dir)
+    checkpoint_files(model_dir)  # a missing or corrupt weights file is reported here, not later
+    sys.stdout.write("\n".join(describe(config)) + "\n")
+    if args.routing:
+        try:
+            routing = importlib.import_module("marserve.analysis.routing")
+        except ModuleNotFoundError:
+            print("routing analysis not available", file=sys.stderr)
+            return 1
+        args.model_dir = str(model_dir)
+        return int(routing.run(args) or 0)
+    return 0
