@@ -178,8 +178,11 @@ def _check_complete(model, config, model_dir, expected, filled) -> None:
             need = {None}
         if None in parts or need <= parts:
             continue
-        raise CheckpointError(f"{model_dir}: tensor {_disk_name(config, target, need - parts)} is missing "
-                              f"(expected shape {list(shape)})")
+        name = _disk_name(config, target, need - parts)
+        if ".mar." in name:  # the config promises memory the weights do not carry
+            raise CheckpointError(f"{model_dir / 'config.json'}: its \"mar\" block covers this layer but tensor "
+                                  f"{name} is missing from the safetensors files (expected shape {list(shape)})")
+        raise CheckpointError(f"{model_dir}: tensor {name} is missing (expected shape {list(shape)})")
 
 
 def _disk_name(config: ModelConfig, target: str, missing: set) -> str:

@@ -95,7 +95,7 @@ CASES = [
     (_corrupt, "model.safetensors: truncated or corrupt"),
     (_no_weights, "no model.safetensors"),
     (_bad_mar_version, "mar.version 7 is not supported"),
-    (_mar_without_tensors, "tensor model.layers.0.mlp.mar.memory is missing"),
+    (_mar_without_tensors, "config.json: its \"mar\" block covers this layer but tensor model.layers.0.mlp.mar.memory is missing"),
 ]
 
 
