@@ -64,3 +64,18 @@ def test_dtypes_and_auto(baby_checkpoint):
     assert (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.7
     f16, _ = load_model(path, dtype="float16")
     assert f16.model.embed_tokens.weight.dtype == torch.float16
+
+
+@pytest.mark.parametrize("model_type,overrides", [
+    ("olmoe", {"clip_qkv": 0.3, "norm_topk_prob": True}),
+    ("qwen2_moe", {"norm_topk_prob": True, "decoder_sparse_step": 2}),
+    ("qwen3_moe", {"norm_topk_prob": False}),
+], ids=["olmoe-clip", "qwen2-norm-step", "qwen3-nonorm"])
+def test_config_variants_match_transformers(baby_checkpoint, model_type, overrides):
+    path = baby_checkpoint(model_type, config_overrides=overrides)
+    model, config = load_model(path, dtype="float32")
+    hf = _hf(path)
+    got = _marserve_logits(model, PROMPTS[:1])[0]
+    with torch.no_grad():
+        want = hf(torch.tensor(PROMPTS[:1])).logits[0]
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
