@@ -45,7 +45,6 @@ def checkpoint_files(model_dir: Path) -> dict[str, Path]:
     single = model_dir / "model.safetensors"
     if not single.is_file():
         raise CheckpointError(f"{model_dir}: no model.safetensors or model.safetensors.index.json")
-    from safetensors import safe_open
     with _open(single) as f:
         return {name: single for name in f.keys()}
 
