@@ -123,10 +123,14 @@ def test_mar_memory_wrong_shape(baby_checkpoint, tmp_path):
         load_model(path)
 
 
-def test_cli_subprocess_one_line_no_traceback(tmp_path):
+def test_cli_subprocess_one_line_no_traceback(baby_checkpoint, tmp_path):
     bad = tmp_path / "nothing-here"
-    for cmd in (["generate", str(bad), "--prompt", "x"], ["inspect", str(bad)]):
+    truncated = _copy(baby_checkpoint("qwen3_moe"), tmp_path)
+    _truncated(truncated)
+    cases = [(["generate", str(bad), "--prompt", "x"], "does not exist"), (["inspect", str(bad)], "does not exist"),
+             (["generate", str(truncated), "--prompt", "x"], "truncated or corrupt")]
+    for cmd, message in cases:
         r = subprocess.run([sys.executable, "-m", "marserve.cli", *cmd], capture_output=True, text=True, timeout=120)
         assert r.returncode == 1
         assert "Traceback" not in r.stderr
-        assert r.stderr.strip().count("\n") == 0 and "does not exist" in r.stderr
+        assert r.stderr.strip().count("\n") == 0 and message in r.stderr
