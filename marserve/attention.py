@@ -63,5 +63,39 @@ def _dense_attend(q, k, v, query_lens: list[int], scale: float) -> torch.Tensor:
 
 
 def _paged_attend(q, k, v, meta: AttentionMetadata, layer_idx: int, scale: float) -> torch.Tensor:
-    # Owned by the engine: write k/v to their slots, then attend over each sequence's blocks.
-    raise NotImplementedError("paged attention is provided by the engine (issue: Engine)")
+    """Write this pass's k/v into their cache slots, then attend each sequence over its blocks."""
+    k_cache, v_cache = meta.kv_caches[layer_idx]  # [N_blocks, block_size, Hkv, D]
+    num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
+    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, k.to(k_cache.dtype))
+    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, v.to(v_cache.dtype))
+    if all(n == 1 for n in meta.query_lens):
+        return _paged_decode(q, k_cache, v_cache, meta, scale)
+    block_size = k_cache.shape[1]
+    outs = []
+    for i, (q_seq, n_new, n_cached) in enumerate(zip(q.split(meta.query_lens), meta.query_lens, meta.context_lens)):
+        total = n_cached + n_new
+        blocks = meta.block_tables[i, :-(-total // block_size)]
+        keys = k_cache[blocks].flatten(0, 1)[:total]  # [L, Hkv, D]
+        values = v_cache[blocks].flatten(0, 1)[:total]
+        # Query j of this chunk sits at position n_cached + j and sees keys up to that position.
+        visible = (torch.arange(total, device=q.device)[None, :]
+                   <= (n_cached + torch.arange(n_new, device=q.device))[:, None])  # [n_new, L]
+        o = F.scaled_dot_product_attention(q_seq.transpose(0, 1).unsqueeze(0), keys.transpose(0, 1).unsqueeze(0),
+                                           values.transpose(0, 1).unsqueeze(0), attn_mask=visible, scale=scale,
+                                           enable_gqa=True)
+        outs.append(o.squeeze(0).transpose(0, 1))
+    return torch.cat(outs, 0)
+
+
+def _paged_decode(q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """All sequences decode one token: one padded, masked SDPA call for the whole batch."""
+    block_size = k_cache.shape[1]
+    totals = torch.tensor(meta.context_lens, device=q.device) + 1  # [B]
+    max_blocks = -(-int(totals.max()) // block_size)
+    tables = meta.block_tables[:, :max_blocks]  # [B, nb]; entries past a sequence's end are masked out
+    keys = k_cache[tables].flatten(1, 2)  # [B, L, Hkv, D]
+    values = v_cache[tables].flatten(1, 2)
+    visible = torch.arange(keys.shape[1], device=q.device)[None, :] < totals[:, None]  # [B, L]
+    o = F.scaled_dot_product_attention(q.unsqueeze(2), keys.transpose(1, 2), values.transpose(1, 2),
+                                       attn_mask=visible[:, None, None, :], scale=scale, enable_gqa=True)
+    return o.squeeze(2)  # [B, Hq, D] == [T, Hq, D]
