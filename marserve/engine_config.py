@@ -1,0 +1,31 @@
+"""EngineConfig: everything the engine needs to start, from LLM(...) keywords or CLI flags."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from marserve.errors import ConfigError
+
+
+@dataclass
+class EngineConfig:
+    model: str | Path
+    dtype: str = "auto"
+    device: str = "cpu"
+    seed: int = 0
+    kv_cache_gb: float = 1.0  # memory for the paged KV cache
+    block_size: int = 16  # tokens per KV block
+    max_num_seqs: int = 64  # sequences in one batch
+    max_num_batched_tokens: int = 2048  # tokens computed in one step (prefill chunks + decodes)
+    max_model_len: int | None = None  # None = the model's max_position_embeddings, capped by the KV cache
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self):
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.kv_cache_gb <= 0:
+            raise ConfigError(f"kv_cache_gb must be positive, got {self.kv_cache_gb}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ConfigError(f"max_model_len must be at least 2, got {self.max_model_len}")

@@ -1,0 +1,221 @@
+"""LLMEngine: the synchronous engine loop - schedule, prefetch, execute, sample, update.
+
+Owns the model runner, the scheduler (with its block manager) and the sampler; turns requests into
+sequences and finished sequences back into RequestOutputs.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from marserve.block_manager import BlockManager
+from marserve.engine_config import EngineConfig
+from marserve.errors import ConfigError, RequestError
+from marserve.loader import generation_defaults, load_model, load_tokenizer
+from marserve.model_runner import ModelRunner
+from marserve.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from marserve.sampler import Sampler
+from marserve.sampling_params import SamplingParams
+from marserve.scheduler import Scheduler, SchedulerOutput
+from marserve.sequence import Sequence
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seqs: list[Sequence]
+    generators: list[torch.Generator | None]
+    metrics: RequestMetrics
+    logprobs: list[list[dict[int, Logprob]]] = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return all(s.is_finished for s in self.seqs)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.model, self.model_config = load_model(config.model, dtype=config.dtype, device=config.device)
+        self.tokenizer = load_tokenizer(config.model)
+        self.generation_defaults = generation_defaults(config.model, self.model_config)
+        self.eos_token_ids = list(self.generation_defaults.get("eos_token_ids") or self.model_config.eos_token_id)
+        dtype = next(self.model.parameters()).dtype
+        num_blocks = ModelRunner.num_blocks_for_budget(self.model_config, config.block_size,
+                                                        int(config.kv_cache_gb * 2**30), dtype)
+        if num_blocks < 1:
+            raise ConfigError(f"kv_cache_gb={config.kv_cache_gb} holds no KV block "
+                              f"({ModelRunner.bytes_per_block(self.model_config, config.block_size, dtype)} bytes each)")
+        # A sequence must always fit in the cache on its own, or preemption could never make room for it.
+        self.max_model_len = min(config.max_model_len or self.model_config.max_position_embeddings,
+                                 self.model_config.max_position_embeddings, num_blocks * config.block_size)
+        self.runner = ModelRunner(self.model, self.model_config, block_size=config.block_size,
+                                  num_blocks=num_blocks, device=config.device, dtype=dtype)
+        self.scheduler = Scheduler(BlockManager(num_blocks, config.block_size, config.enable_prefix_caching),
+                                   max_num_seqs=config.max_num_seqs,
+                                   max_num_batched_tokens=max(config.max_num_batched_tokens, 1))
+        self.sampler = Sampler()
+        self.requests: dict[str, _Request] = {}
+        self._seq_ids = itertools.count()
+        torch.manual_seed(config.seed)  # unseeded requests draw from the global generator
+        self.prompt_tokens_total = 0
+        self.generation_tokens_total = 0
+
+    # ---- requests -------------------------------------------------------------------------------
+
+    def tokenize(self, prompt: str | dict | list[int]) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            return prompt, list(self.tokenizer(prompt)["input_ids"])
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+            return self.tokenize(prompt["prompt"])
+        return None, list(prompt)
+
+    def add_request(self, request_id: str, prompt, params: SamplingParams, arrival_time: float | None = None) -> None:
+        if request_id in self.requests:
+            raise RequestError(f"request id {request_id!r} is already in use", param="request_id")
+        text, ids = self.tokenize(prompt)
+        self._check_prompt(ids, params)
+        metrics = RequestMetrics(arrival_time=arrival_time or time.time())
+        seqs, gens = [], []
+        for j in range(params.n):
+            seq = Sequence(next(self._seq_ids), request_id, list(ids), params, arrival_time=metrics.arrival_time)
+            seqs.append(seq)
+            gens.append(None if params.seed is None else torch.Generator().manual_seed(params.seed + j))
+            self.scheduler.add(seq)
+        self.requests[request_id] = _Request(request_id, text, ids, params, seqs, gens, metrics,
+                                             logprobs=[[] for _ in seqs])
+        self.prompt_tokens_total += len(ids)
+
+    def _check_prompt(self, ids: list[int], params: SamplingParams) -> None:
+        if not ids:
+            raise RequestError("the prompt is empty", param="prompt")
+        vocab = self.model_config.vocab_size
+        if any(not 0 <= t < vocab for t in ids):
+            raise RequestError(f"prompt token ids must be in [0, {vocab})", param="prompt")
+        if len(ids) >= self.max_model_len:
+            raise RequestError(f"the prompt has {len(ids)} tokens; this model's context is {self.max_model_len} "
+                               f"tokens, and at least one must be left for the output",
+                               param="prompt", code="context_length_exceeded")
+        if params.max_tokens is not None and len(ids) + params.max_tokens > self.max_model_len:
+            raise RequestError(f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds this "
+                               f"model's context of {self.max_model_len} tokens",
+                               param="max_tokens", code="context_length_exceeded")
+
+    def abort(self, request_id: str) -> None:
+        req = self.requests.pop(request_id, None)
+        if req is not None:
+            for seq in req.seqs:
+                self.scheduler.finish(seq, "abort")
+
+    @property
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished
+
+    # ---- the loop -------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """One step for the whole batch; returns the outputs of the requests it advanced."""
+        out = self.scheduler.schedule()  # 1. schedule
+        if out.is_empty:
+            return []
+        now = time.time()
+        for seq in out.seqs:
+            m = self.requests[seq.request_id].metrics
+            m.first_scheduled_time = m.first_scheduled_time or now
+        # 2. prefetch: a hook for the expert prefetcher (all experts are resident today).
+        try:
+            logits = self.runner.execute(out.chunks)  # 3. execute
+            self.scheduler.update(out)
+            self._sample_and_check(out, logits)  # 4. sample, 5. update
+        except Exception as e:  # noqa: BLE001 - one bad step must not take the others down
+            logger.exception("engine step failed; failing its %d sequences", len(out.seqs))
+            for seq in out.seqs:
+                req = self.requests.get(seq.request_id)
+                if req is not None:
+                    req.error = f"internal error during generation: {type(e).__name__}: {e}"
+                self.scheduler.finish(seq, "error")
+        touched = {s.request_id for s in out.seqs} | {s.request_id for s in out.preempted}
+        return [self._output(rid) for rid in touched if rid in self.requests]
+
+    def _sample_and_check(self, out: SchedulerOutput, logits: torch.Tensor) -> None:
+        rows = [seq for seq, chunk in zip(out.seqs, out.chunks) if chunk.needs_logits]
+        if not rows:
+            return
+        reqs = [self.requests[s.request_id] for s in rows]
+        suppressed = [(self.eos_token_ids + list(s.params.stop_token_ids))
+                      if len(s.output_token_ids) < s.params.min_tokens else [] for s in rows]
+        sampled = self.sampler(logits, [s.params for s in rows],
+                               prompt_ids=[s.prompt_token_ids for s in rows],
+                               output_ids=[s.output_token_ids for s in rows],
+                               generators=[r.generators[r.seqs.index(s)] for r, s in zip(reqs, rows)],
+                               suppressed=suppressed)
+        now = time.time()
+        for i, (seq, req) in enumerate(zip(rows, reqs)):
+            tok = sampled.token_ids[i]
+            seq.output_token_ids.append(tok)
+            self.generation_tokens_total += 1
+            m = req.metrics
+            if m.first_token_time is None:
+                m.first_token_time = now
+            elif m.last_token_time is not None:
+                m.inter_token_latencies.append(now - m.last_token_time)
+            m.last_token_time = now
+            if seq.params.logprobs is not None:
+                entry = {tok: Logprob(float(sampled.logprobs[i]))}
+                for r, (tid, lp) in enumerate(zip(sampled.top_ids[i, :seq.params.logprobs].tolist(),
+                                                  sampled.top_logprobs[i, :seq.params.logprobs].tolist())):
+                    entry[tid] = Logprob(lp, rank=r + 1)
+                req.logprobs[req.seqs.index(seq)].append(entry)
+            self._check_stop(seq, tok)
+            if req.finished:
+                m.finished_time = now
+
+    def _check_stop(self, seq: Sequence, tok: int) -> None:
+        p = seq.params
+        n = len(seq.output_token_ids)
+        if n >= p.min_tokens:
+            if not p.ignore_eos and tok in self.eos_token_ids:
+                return self.scheduler.finish(seq, "stop")
+            if tok in p.stop_token_ids:
+                return self.scheduler.finish(seq, "stop", tok)
+            if p.stop:
+                text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=p.skip_special_tokens)
+                hit = next((s for s in p.stop if s in text), None)
+                if hit is not None:
+                    return self.scheduler.finish(seq, "stop", hit)
+        if (p.max_tokens is not None and n >= p.max_tokens) or seq.num_tokens >= self.max_model_len:
+            self.scheduler.finish(seq, "length")
+
+    # ---- outputs --------------------------------------------------------------------------------
+
+    def _output(self, request_id: str) -> RequestOutput:
+        req = self.requests[request_id]
+        outs = []
+        for j, seq in enumerate(req.seqs):
+            p = seq.params
+            text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=p.skip_special_tokens)
+            if isinstance(seq.stop_reason, str):
+                cut = text.find(seq.stop_reason)
+                text = text[:cut + (len(seq.stop_reason) if p.include_stop_str_in_output else 0)]
+            outs.append(CompletionOutput(index=j, text=text, token_ids=list(seq.output_token_ids),
+                                         finish_reason=seq.finish_reason, stop_reason=seq.stop_reason,
+                                         logprobs=req.logprobs[j] if p.logprobs is not None else None))
+        finished = req.finished
+        if finished:
+            del self.requests[request_id]
+        return RequestOutput(request_id=request_id, prompt=req.prompt, prompt_token_ids=req.prompt_token_ids,
+                             outputs=outs, finished=finished, metrics=req.metrics,
+                             num_cached_tokens=req.seqs[0].num_cached_tokens, error=req.error)

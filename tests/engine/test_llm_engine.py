@@ -1,0 +1,98 @@
+"""Continuous batching gives each request exactly what it gets alone (greedy, fp32)."""
+
+import pytest
+
+from marserve import LLM, SamplingParams
+from marserve.errors import RequestError
+
+PROMPTS = ["The quick brown fox jumps", "Hello", "experts of a mixture route tokens to the few they know best",
+           "rivers and mountains and", "a b c d e f g h i j k l m n o p", "def f(x):"]
+GREEDY = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def path(baby_checkpoint):
+    return baby_checkpoint("mixtral")
+
+
+@pytest.fixture(scope="module")
+def alone(path):
+    llm = LLM(path, dtype="float32", max_num_seqs=1, enable_prefix_caching=False)
+    return [llm.generate([p], GREEDY)[0].outputs[0].token_ids for p in PROMPTS]
+
+
+@pytest.mark.parametrize("kw", [
+    dict(),  # plain continuous batching
+    dict(max_num_batched_tokens=7),  # chunked prefill mixed with decodes
+    dict(kv_cache_gb=6 * 2048 / 2**30, block_size=4),  # a tiny pool: preemption by recompute
+    dict(enable_prefix_caching=True, block_size=2),
+])
+def test_batched_equals_alone(path, alone, kw):
+    llm = LLM(path, dtype="float32", **kw)
+    outs = llm.generate(PROMPTS, GREEDY)
+    assert [o.outputs[0].token_ids for o in outs] == alone
+    bm = llm.engine.scheduler.block_manager
+    assert bm.num_free_blocks == bm.num_blocks  # no leak
+    if "kv_cache_gb" in kw:
+        assert llm.engine.scheduler.num_preemptions > 0
+
+
+def test_prefix_cache_hits_and_same_tokens(path, alone):
+    llm = LLM(path, dtype="float32", block_size=2)
+    first = llm.generate([PROMPTS[2]], GREEDY)[0]
+    again = llm.generate([PROMPTS[2]], GREEDY)[0]
+    assert again.num_cached_tokens > 0 and again.outputs[0].token_ids == first.outputs[0].token_ids == alone[2]
+
+
+def test_seeded_sampling_reproducible_alone_and_batched(path):
+    llm = LLM(path, dtype="float32")
+    p = SamplingParams(max_tokens=8, temperature=1.0, seed=11, ignore_eos=True)
+    solo = llm.generate([PROMPTS[0]], p)[0].outputs[0].token_ids
+    batch = llm.generate([PROMPTS[1], PROMPTS[0]], [SamplingParams(max_tokens=5, temperature=1.0), p])
+    assert batch[1].outputs[0].token_ids == solo
+
+
+def test_n_logprobs_stop_and_lengths(path):
+    llm = LLM(path, dtype="float32")
+    out = llm.generate(["rivers"], SamplingParams(n=3, max_tokens=4, temperature=1.0, seed=1, logprobs=2,
+                                                   ignore_eos=True))[0]
+    assert [o.index for o in out.outputs] == [0, 1, 2]
+    for o in out.outputs:
+        assert len(o.token_ids) == 4 and len(o.logprobs) == 4 and o.finish_reason == "length"
+        for tok, entry in zip(o.token_ids, o.logprobs):
+            assert tok in entry and entry[tok].logprob <= 0
+    full = llm.generate(["Hello"], GREEDY)[0].outputs[0]
+    stop_tok = full.token_ids[3]
+    cut = llm.generate(["Hello"], SamplingParams(max_tokens=10, temperature=0, ignore_eos=True,
+                                                 stop_token_ids=[stop_tok]))[0].outputs[0]
+    assert cut.token_ids == full.token_ids[:full.token_ids.index(stop_tok) + 1] and cut.stop_reason == stop_tok
+
+
+def test_context_and_empty_prompt_errors(path):
+    llm = LLM(path, dtype="float32", max_model_len=16)
+    with pytest.raises(RequestError) as e:
+        llm.generate([list(range(20))], GREEDY)
+    assert e.value.code == "context_length_exceeded"
+    with pytest.raises(RequestError) as e:
+        llm.generate([{"prompt_token_ids": []}], GREEDY)
+    assert e.value.param == "prompt"
+    assert not llm.engine.has_unfinished
+
+
+def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(path, alone, monkeypatch):
+    llm = LLM(path, dtype="float32")
+    real = llm.engine.runner.execute
+    calls = {"n": 0}
+
+    def flaky(chunks):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("injected")
+        return real(chunks)
+
+    monkeypatch.setattr(llm.engine.runner, "execute", flaky)
+    failed = llm.generate([PROMPTS[0]], GREEDY)[0]
+    assert failed.outputs[0].finish_reason == "error" and "injected" in failed.error
+    assert llm.generate([PROMPTS[1]], GREEDY)[0].outputs[0].token_ids == alone[1]
+    bm = llm.engine.scheduler.block_manager
+    assert bm.num_free_blocks == bm.num_blocks
