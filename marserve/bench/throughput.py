@@ -1,0 +1,134 @@
+"""`marserve bench throughput`: offline generation tokens/s of marserve and transformers, side by side.
+
+Same model, same prompts, same number of generated tokens (greedy, EOS ignored), same threads, in one
+run; best of --repeats. Prints the machine's measured limits and, for batch-1 decode, the roofline:
+bytes of weights one decode token reads / measured bandwidth.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from marserve.bench.machine_limits import measure
+
+BENCH_MODEL = dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_local_experts=16,
+                   num_experts_per_tok=2, num_attention_heads=8, num_key_value_heads=4, vocab_size=32000,
+                   max_position_embeddings=4096)
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--model", default="bench", help="'bench' (a random Mixtral-style model made here), "
+                        "'default' (the shipped model) or a model directory")
+    parser.add_argument("--workloads", default="batch1,16x128,mixed64", help="comma-separated")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="shorter outputs and fewer prompts (smoke run)")
+    parser.add_argument("--skip-hf", action="store_true", help="marserve only")
+
+
+def _model_dir(name: str) -> Path:
+    from marserve import DEFAULT_MODEL_DIR
+    if name == "default":
+        return DEFAULT_MODEL_DIR
+    if name != "bench":
+        return Path(name)
+    path = Path(tempfile.gettempdir()) / "marserve-bench-mixtral"
+    if not (path / "model.safetensors").exists() and not (path / "model.safetensors.index.json").exists():
+        from transformers import MixtralConfig, MixtralForCausalLM
+        torch.manual_seed(0)
+        MixtralForCausalLM(MixtralConfig(**BENCH_MODEL)).save_pretrained(path)
+        # The benchmark feeds token ids, but the engine loads a tokenizer: borrow the shipped one's files.
+        from marserve import DEFAULT_MODEL_DIR
+        for f in ("tokenizer.json", "tokenizer_config.json"):
+            (path / f).write_bytes((DEFAULT_MODEL_DIR / f).read_bytes())
+    return path
+
+
+def _workload(name: str, vocab: int, quick: bool) -> list[tuple[list[int], int]]:
+    g = torch.Generator().manual_seed(0)
+    rand = lambda n: torch.randint(0, vocab, (n,), generator=g).tolist()  # noqa: E731
+    if name == "batch1":
+        return [(rand(16), 32 if quick else 128)]
+    if name == "16x128":
+        return [(rand(128), 32 if quick else 128) for _ in range(16)]
+    if name == "mixed64":
+        n = 8 if quick else 64
+        lens = torch.randint(32, 513, (n,), generator=g).tolist()
+        outs = torch.randint(32, 257, (n,), generator=g).tolist()
+        return [(rand(i), o) for i, o in zip(lens, outs)]
+    raise SystemExit(f"unknown workload {name!r}")
+
+
+def _run_marserve(llm, work) -> float:
+    from marserve import SamplingParams
+    prompts = [{"prompt_token_ids": p} for p, _ in work]
+    params = [SamplingParams(max_tokens=o, temperature=0, ignore_eos=True) for _, o in work]
+    t0 = time.perf_counter()
+    outs = llm.generate(prompts, params)
+    dt = time.perf_counter() - t0
+    assert sum(len(o.outputs[0].token_ids) for o in outs) == sum(o for _, o in work)
+    return sum(o for _, o in work) / dt
+
+
+def _run_hf(model, work) -> float:
+    """transformers generate with its defaults; one padded batch per distinct output length."""
+    total, t0 = 0, time.perf_counter()
+    by_len: dict[int, list[list[int]]] = {}
+    for p, o in work:
+        by_len.setdefault(o, []).append(p)
+    for o, prompts in by_len.items():
+        width = max(len(p) for p in prompts)
+        ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])  # left padding
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        with torch.inference_mode():
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=o, min_new_tokens=o,
+                                 do_sample=False, pad_token_id=0)
+        total += (out.shape[1] - width) * len(prompts)
+    return total / (time.perf_counter() - t0)
+
+
+def _decode_bytes(model) -> int:
+    """Weight bytes one batch-1 decode token reads: everything but the embedding table and the unused experts."""
+    cfg = model.config
+    total = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "embed_tokens" not in n)
+    if cfg.tie_word_embeddings:
+        total += model.model.embed_tokens.weight.numel() * model.model.embed_tokens.weight.element_size()
+    expert = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if ".experts." in n)
+    return int(total - expert + expert * cfg.num_experts_per_tok / cfg.num_experts)
+
+
+def run(args) -> int:
+    torch.set_num_threads(args.threads)
+    from transformers import AutoModelForCausalLM
+
+    from marserve import LLM
+    path = _model_dir(args.model)
+    limits = measure()
+    print(f"machine: {limits.bandwidth_gbs:.1f} GB/s memory bandwidth, {limits.matmul_gflops:.0f} GFLOP/s fp32 "
+          f"matmul, {limits.threads} threads")
+    llm = LLM(path, dtype="float32", kv_cache_gb=2.0, max_num_seqs=64, max_num_batched_tokens=2048)
+    hf = None if args.skip_hf else AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    results = {}
+    for name in args.workloads.split(","):
+        work = _workload(name, llm.config.vocab_size, args.quick)
+        ours = max(_run_marserve(llm, work) for _ in range(args.repeats))
+        theirs = None if hf is None else max(_run_hf(hf, work) for _ in range(args.repeats))
+        line = f"{name:>8}: marserve {ours:8.1f} tok/s"
+        if theirs:
+            line += f" | transformers {theirs:8.1f} tok/s | ratio {ours / theirs:5.2f}x"
+        if name == "batch1" and hf is not None:
+            nbytes = _decode_bytes(hf)
+            roof = limits.bandwidth_gbs * 1e9 / nbytes
+            line += f" | {nbytes / 1e6:.0f} MB/token, roofline {roof:.0f} tok/s, share {ours / roof:.0%}"
+        print(line, flush=True)
+        results[name] = {"marserve_tok_s": ours, "transformers_tok_s": theirs}
+    print("command: marserve bench throughput " + " ".join(shlex.quote(a) for a in sys.argv[3:]))
+    print(json.dumps({"limits": limits.__dict__, "results": results}))
+    return 0
