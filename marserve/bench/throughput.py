@@ -26,7 +26,7 @@ BENCH_MODEL = dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
 def add_arguments(parser) -> None:
     parser.add_argument("--model", default="bench", help="'bench' (a random Mixtral-style model made here), "
                         "'default' (the shipped model) or a model directory")
-    parser.add_argument("--workloads", default="batch1,16x128,mixed64", help="comma-separated")
+    parser.add_argument("--workloads", default="batch1,16x128,mixed64,prefix", help="comma-separated")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="shorter outputs and fewer prompts (smoke run)")
@@ -77,6 +77,20 @@ def _run_marserve(llm, work) -> float:
     return sum(o for _, o in work) / dt
 
 
+def _prefix_ttft(llm, vocab: int) -> tuple[float, float]:
+    """TTFT (one output token) of a request with a fresh 400-token prefix, then of another with the same prefix."""
+    from marserve import SamplingParams
+    g = torch.Generator().manual_seed(1)
+    prefix = torch.randint(0, vocab, (400,), generator=g).tolist()
+    one = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
+    times = []
+    for suffix in (torch.randint(0, vocab, (16,), generator=g).tolist() for _ in range(2)):
+        t0 = time.perf_counter()
+        llm.generate([{"prompt_token_ids": prefix + suffix}], one)
+        times.append(time.perf_counter() - t0)
+    return times[0], times[1]
+
+
 def _run_hf(model, work) -> float:
     """transformers generate with its defaults; one padded batch per distinct output length."""
     total, t0 = 0, time.perf_counter()
@@ -117,6 +131,12 @@ def run(args) -> int:
     hf = None if args.skip_hf else AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
     results = {}
     for name in args.workloads.split(","):
+        if name == "prefix":
+            cold, warm = _prefix_ttft(llm, llm.config.vocab_size)
+            print(f"  prefix: TTFT with a new 400-token prefix {cold * 1e3:.1f} ms, same prefix again "
+                  f"{warm * 1e3:.1f} ms: {cold / warm:.1f}x lower", flush=True)
+            results[name] = {"cold_ttft_s": cold, "warm_ttft_s": warm}
+            continue
         work = _workload(name, llm.config.vocab_size, args.quick)
         ours = max(_run_marserve(llm, work) for _ in range(args.repeats))
         theirs = None if hf is None else max(_run_hf(hf, work) for _ in range(args.repeats))
