@@ -57,9 +57,12 @@ class LLMEngine:
         if num_blocks < 1:
             raise ConfigError(f"kv_cache_gb={config.kv_cache_gb} holds no KV block "
                               f"({ModelRunner.bytes_per_block(self.model_config, config.block_size, dtype)} bytes each)")
+        context = min(config.max_model_len or self.model_config.max_position_embeddings,
+                      self.model_config.max_position_embeddings)
+        # Never more blocks than max_num_seqs full-length sequences could hold: the rest would sit unused.
+        num_blocks = min(num_blocks, config.max_num_seqs * -(-context // config.block_size))
         # A sequence must always fit in the cache on its own, or preemption could never make room for it.
-        self.max_model_len = min(config.max_model_len or self.model_config.max_position_embeddings,
-                                 self.model_config.max_position_embeddings, num_blocks * config.block_size)
+        self.max_model_len = min(context, num_blocks * config.block_size)
         self.runner = ModelRunner(self.model, self.model_config, block_size=config.block_size,
                                   num_blocks=num_blocks, device=config.device, dtype=dtype)
         self.scheduler = Scheduler(BlockManager(num_blocks, config.block_size, config.enable_prefix_caching),
