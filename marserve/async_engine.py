@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from marserve.detokenizer import stable_text
 from marserve.engine_config import EngineConfig
 from marserve.errors import MarserveError
+from marserve.expert_provider import ExpertCacheStats, ExpertProvider
 from marserve.llm_engine import LLMEngine
 from marserve.outputs import RequestOutput
 from marserve.sampling_params import SamplingParams
@@ -34,6 +35,7 @@ class EngineStats:
     num_preemptions: int
     prompt_tokens_total: int
     generation_tokens_total: int
+    expert_cache: list[ExpertCacheStats] = dataclasses.field(default_factory=list)  # one per MoE layer
 
 
 class EngineDeadError(MarserveError):
@@ -128,7 +130,9 @@ class AsyncEngine:
                            prefix_cache_queries=bm.prefix_queries, prefix_cache_hits=bm.prefix_hits,
                            num_preemptions=s.num_preemptions,
                            prompt_tokens_total=self.engine.prompt_tokens_total,
-                           generation_tokens_total=self.engine.generation_tokens_total)
+                           generation_tokens_total=self.engine.generation_tokens_total,
+                           expert_cache=[dataclasses.replace(m.stats) for m in self.engine.model.modules()
+                                         if isinstance(m, ExpertProvider)])
 
     # ---- the engine thread ----------------------------------------------------------------------
 

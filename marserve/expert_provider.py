@@ -6,6 +6,7 @@ host RAM, disk via mmap) sits behind the same interface; model files never know 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -23,6 +24,32 @@ class ExpertWeights(NamedTuple):
     topk_ids: torch.Tensor  # [T, K] indices into the E' rows
 
 
+@dataclass
+class ExpertCacheStats:
+    """Counters of one layer's expert store since start (what the server exports as metrics).
+
+    A lookup is one (token, expert) routing decision; it is a hit when the expert was already in
+    fast memory. With every expert resident each lookup is a hit and nothing moves.
+    """
+
+    layer_idx: int
+    lookups: int = 0
+    hits: int = 0
+    misses: int = 0
+    prefetches: int = 0  # experts asked for ahead of use
+    prefetch_hits: int = 0  # prefetched experts that were then used
+    bytes_moved: int = 0  # bytes copied from a slower tier into fast memory
+    stall_seconds: float = 0.0  # time the forward pass waited for expert weights
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / self.lookups if self.lookups else 1.0
+
+    @property
+    def prefetch_precision(self) -> float:
+        return self.prefetch_hits / self.prefetches if self.prefetches else 0.0
+
+
 class ExpertProvider(nn.Module):
     """Holds (or fetches) the experts of one MoE layer."""
 
@@ -32,6 +59,7 @@ class ExpertProvider(nn.Module):
         self.num_experts = num_experts
         self.hidden_size = hidden_size
         self.intermediate_size = intermediate_size
+        self.stats = ExpertCacheStats(layer_idx)
 
     def fetch(self, topk_ids: torch.Tensor) -> ExpertWeights:
         """Return weights covering every expert named in `topk_ids` [T, K]."""
@@ -52,4 +80,7 @@ class ResidentExperts(ExpertProvider):
         self.w2 = nn.Parameter(torch.empty(E, H, I, dtype=dtype, device=device))
 
     def fetch(self, topk_ids: torch.Tensor) -> ExpertWeights:
+        n = topk_ids.numel()
+        self.stats.lookups += n
+        self.stats.hits += n
         return ExpertWeights(self.w13, self.w2, topk_ids)

@@ -51,6 +51,12 @@ def test_concurrent_streams_match_offline_and_abort_frees_blocks(path):
         async for out in engine.generate(PROMPTS[1], GREEDY, "after"):
             pass
         assert out.outputs[0].token_ids == want[1] and engine.is_running
+        stats = engine.stats()
+        layers = engine.model_config.num_hidden_layers
+        assert [c.layer_idx for c in stats.expert_cache] == list(range(layers))
+        # every expert is resident: each (token, expert) routing decision is a hit, nothing moves
+        assert all(c.lookups > 0 and c.hits == c.lookups and c.misses == 0 and c.bytes_moved == 0
+                   for c in stats.expert_cache)
         await engine.shutdown(grace_seconds=1)
         assert not engine.is_running
 
