@@ -12,7 +12,7 @@ from torch import nn
 
 from marserve.attention import AttentionMetadata
 from marserve.config import ModelConfig
-from marserve.models.layers import Attention, DenseMLP, RMSNorm, RotaryEmbedding
+from marserve.models.layers import Attention, DenseMLP, Linear, RMSNorm, RotaryEmbedding
 from marserve.models.moe import SparseMoeBlock
 
 # Per-expert checkpoint names -> (stacked provider parameter, half of w13 or None).
@@ -62,7 +62,7 @@ class MoeForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = MoeBackbone(config, self.qk_norm, self.moe_name)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 

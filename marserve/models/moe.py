@@ -11,7 +11,7 @@ from torch import nn
 
 from marserve.config import ModelConfig
 from marserve.expert_provider import ExpertProvider, ResidentExperts
-from marserve.models.layers import DenseMLP
+from marserve.models.layers import DenseMLP, Linear
 
 
 def mar_affinity(x: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
@@ -47,7 +47,7 @@ class SparseMoeBlock(nn.Module):
         self.layer_idx = layer_idx
         self.top_k = c.num_experts_per_tok
         self.renormalise = c.norm_topk_prob
-        self.gate = nn.Linear(c.hidden_size, c.num_experts, bias=False)
+        self.gate = Linear(c.hidden_size, c.num_experts, bias=False)
         self.experts = experts if experts is not None else ResidentExperts(
             layer_idx, c.num_experts, c.hidden_size, c.moe_intermediate_size)
         self.has_mar = c.has_mar(layer_idx)
@@ -57,7 +57,7 @@ class SparseMoeBlock(nn.Module):
             self.register_buffer("mar_usage", torch.empty(c.num_experts))
         if c.shared_expert_intermediate_size:
             self.shared_expert = DenseMLP(c.hidden_size, c.shared_expert_intermediate_size)
-            self.shared_expert_gate = nn.Linear(c.hidden_size, 1, bias=False)
+            self.shared_expert_gate = Linear(c.hidden_size, 1, bias=False)
         else:
             self.shared_expert = None
         # Called as observer(layer_idx, router_input, router_logits, topk_ids, topk_weights) when set.
