@@ -1,4 +1,10 @@
-"""Measures this machine's limits in the current process: memory bandwidth and fp32 matmul peak."""
+"""Measures this machine's limits in the current process: memory bandwidth and fp32 matmul peak.
+
+Each limit is the best this machine shows with any implementation torch has, so a share of it is
+honest: bandwidth is the read rate of a buffer far larger than the caches (what streaming weights
+needs; the copy rate is reported beside it), and the matmul peak is the faster of MKL's GEMM (what
+F.linear uses) and oneDNN's (what marserve_kernels.cpu_linear uses) on a large square product.
+"""
 
 from __future__ import annotations
 
@@ -10,9 +16,17 @@ import torch
 
 @dataclass
 class MachineLimits:
-    bandwidth_gbs: float  # GB/s reading + writing a large buffer (copy counts both)
-    matmul_gflops: float  # fp32 GFLOP/s of a large square matmul
+    bandwidth_gbs: float  # GB/s reading a large buffer (the limit for streaming weights)
+    matmul_gflops: float  # fp32 GFLOP/s of a large square matmul, best implementation
     threads: int
+    copy_gbs: float = 0.0  # GB/s copying a large buffer, read + write bytes counted
+    mkl_gflops: float = 0.0  # torch.mm (MKL here)
+    onednn_gflops: float = 0.0  # oneDNN inner product
+
+    def describe(self) -> str:
+        return (f"{self.bandwidth_gbs:.1f} GB/s memory read bandwidth (copy {self.copy_gbs:.1f} GB/s), "
+                f"{self.matmul_gflops:.0f} GFLOP/s fp32 matmul peak (MKL mm {self.mkl_gflops:.0f}, "
+                f"oneDNN {self.onednn_gflops:.0f}), {self.threads} threads")
 
 
 def _best(fn, repeats: int) -> float:
@@ -28,13 +42,22 @@ def _best(fn, repeats: int) -> float:
 def measure(repeats: int = 5, buffer_mb: int = 512, matmul_n: int = 2048) -> MachineLimits:
     n = buffer_mb * 2**20 // 4
     src, dst = torch.ones(n), torch.empty(n)
+    read_s = _best(lambda: src.sum(), repeats)
     copy_s = _best(lambda: dst.copy_(src), repeats)
+    del src, dst
     a, b = torch.randn(matmul_n, matmul_n), torch.randn(matmul_n, matmul_n)
     out = torch.empty(matmul_n, matmul_n)
-    mm_s = _best(lambda: torch.mm(a, b, out=out), repeats)
-    return MachineLimits(bandwidth_gbs=2 * n * 4 / copy_s / 1e9, matmul_gflops=2 * matmul_n**3 / mm_s / 1e9,
-                         threads=torch.get_num_threads())
+    flops = 2 * matmul_n**3
+    mkl = flops / _best(lambda: torch.mm(a, b, out=out), repeats) / 1e9
+    onednn = 0.0
+    if torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+        bt = b.t().contiguous()  # [N, K] weight layout: a @ b == linear(a, b^T)
+        onednn = flops / _best(lambda: torch.ops.mkldnn._linear_pointwise(a, bt, None, "none", [], ""),
+                               repeats) / 1e9
+    return MachineLimits(bandwidth_gbs=n * 4 / read_s / 1e9, matmul_gflops=max(mkl, onednn),
+                         threads=torch.get_num_threads(), copy_gbs=2 * n * 4 / copy_s / 1e9,
+                         mkl_gflops=mkl, onednn_gflops=onednn)
 
 
 if __name__ == "__main__":
-    print(measure())
+    print(measure().describe())

@@ -125,8 +125,7 @@ def run(args) -> int:
     from marserve import LLM
     path = _model_dir(args.model)
     limits = measure()
-    print(f"machine: {limits.bandwidth_gbs:.1f} GB/s memory bandwidth, {limits.matmul_gflops:.0f} GFLOP/s fp32 "
-          f"matmul, {limits.threads} threads")
+    print(f"machine: {limits.describe()}")
     llm = LLM(path, dtype="float32", kv_cache_gb=2.0, max_num_seqs=64, max_num_batched_tokens=2048)
     hf = None if args.skip_hf else AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
     results = {}
