@@ -15,7 +15,7 @@ from marserve.sampling_params import SamplingParams
 @dataclass
 class SamplerOutput:
     token_ids: list[int]  # [B] the chosen token of each row
-    logprobs: torch.Tensor  # [B] log-probability of the chosen token under the model's distribution
+    logprobs: torch.Tensor | None  # [B] log-probability of the chosen token, when any row asked for logprobs
     top_ids: torch.Tensor | None  # [B, k] the k most likely tokens (k = max requested), when any row asked
     top_logprobs: torch.Tensor | None  # [B, k]
 
@@ -80,7 +80,10 @@ class Sampler:
             for i, ids in enumerate(suppressed):
                 if ids:
                     logits[i, torch.tensor(ids)] = float("-inf")
-        logprobs_all = logits.log_softmax(-1)  # reported logprobs: after penalties, before temperature/truncation
+        want_logprobs = any(p.logprobs is not None for p in params)
+        # Reported logprobs: after penalties, before temperature/truncation. A full-vocabulary softmax
+        # costs as much as a small layer at batch 1, so only when some row asked.
+        logprobs_all = logits.log_softmax(-1) if want_logprobs else None
 
         greedy = torch.tensor([p.is_greedy for p in params])
         chosen = logits.argmax(-1)
@@ -97,6 +100,8 @@ class Sampler:
                 if not params[i].is_greedy and generators[i] is not None:
                     chosen[i] = torch.multinomial(probs[i], 1, generator=generators[i])[0]
 
+        if not want_logprobs:
+            return SamplerOutput(token_ids=chosen.tolist(), logprobs=None, top_ids=None, top_logprobs=None)
         k = max((p.logprobs or 0) for p in params)
         top_lp, top_ids = (logprobs_all.topk(k, dim=-1) if k > 0 else (None, None))
         return SamplerOutput(token_ids=chosen.tolist(), logprobs=logprobs_all.gather(1, chosen[:, None]).squeeze(1),
