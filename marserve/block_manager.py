@@ -61,8 +61,8 @@ class BlockManager:
         hits_in_use, _ = self._count_prefix_hits(token_ids)
         return self.blocks_needed(len(token_ids)) - hits_in_use <= self.num_free_blocks
 
-    def allocate(self, token_ids: list[int]) -> Allocation:
-        """Blocks for a new sequence's prompt, reusing cached full blocks of the same prefix."""
+    def allocate(self, token_ids: list[int], use_cache: bool = True) -> Allocation:
+        """Blocks for a new sequence's prompt, reusing cached full blocks of the same prefix (if use_cache)."""
         if not self.can_allocate(token_ids):
             raise MemoryError(f"not enough free KV blocks for {len(token_ids)} tokens")
         table: list[int] = []
@@ -76,8 +76,8 @@ class BlockManager:
             if full and self.enable_prefix_caching:
                 h = hash((prev_hash, chunk))
                 prev_hash = h
-                self.prefix_queries += 1
-                if not missed:
+                self.prefix_queries += int(use_cache)
+                if not missed and use_cache:
                     block_id = self._lookup(h, chunk)
                 if block_id is not None:
                     self.prefix_hits += 1

@@ -37,6 +37,8 @@ class _Request:
     generators: list[torch.Generator | None]
     metrics: RequestMetrics
     logprobs: list[list[dict[int, Logprob]]] = field(default_factory=list)
+    # position -> logprobs of the prompt token there (position 0 has none), when asked
+    prompt_logprobs: dict[int, dict[int, Logprob]] = field(default_factory=dict)
     error: str | None = None
 
     @property
@@ -141,6 +143,7 @@ class LLMEngine:
         # 2. prefetch: a hook for the expert prefetcher (all experts are resident today).
         try:
             logits = self.runner.execute(out.chunks)  # 3. execute
+            self._record_prompt_logprobs(out)
             self.scheduler.update(out)
             self._sample_and_check(out, logits)  # 4. sample, 5. update
         except Exception as e:  # noqa: BLE001 - one bad step must not take the others down
@@ -152,6 +155,29 @@ class LLMEngine:
                 self.scheduler.finish(seq, "error")
         touched = {s.request_id for s in out.seqs} | {s.request_id for s in out.preempted}
         return [self._output(rid) for rid in touched if rid in self.requests]
+
+    def _record_prompt_logprobs(self, out: SchedulerOutput) -> None:
+        """Row j of a chunk's logits predicts the token at start_pos + j + 1: a prompt token's logprob."""
+        for seq, chunk, logits in zip(out.seqs, out.chunks, self.runner.chunk_logits):
+            if logits is None:
+                continue
+            req = self.requests[seq.request_id]
+            k = seq.params.prompt_logprobs
+            prompt = seq.prompt_token_ids
+            lp = logits.log_softmax(-1)  # [n, V]
+            top_lp, top_ids = lp.topk(k, dim=-1) if k > 0 else (None, None)
+            for j in range(lp.shape[0]):
+                pos = chunk.start_pos + j + 1
+                if pos >= len(prompt) or pos in req.prompt_logprobs:
+                    continue  # past the prompt, or already recorded (n > 1, or recomputed after preemption)
+                tok = prompt[pos]
+                entry = {tok: Logprob(float(lp[j, tok]))}
+                if k > 0:
+                    for r, (tid, v) in enumerate(zip(top_ids[j].tolist(), top_lp[j].tolist())):
+                        entry.setdefault(tid, Logprob(v, rank=r + 1))
+                    if entry[tok].rank is None:
+                        entry[tok].rank = int((lp[j] > lp[j, tok]).sum()) + 1
+                req.prompt_logprobs[pos] = entry
 
     def _sample_and_check(self, out: SchedulerOutput, logits: torch.Tensor) -> None:
         rows = [seq for seq, chunk in zip(out.seqs, out.chunks) if chunk.needs_logits]
@@ -219,6 +245,9 @@ class LLMEngine:
         finished = req.finished
         if finished:
             del self.requests[request_id]
+        prompt_logprobs = None
+        if req.params.prompt_logprobs is not None:
+            prompt_logprobs = [None] + [req.prompt_logprobs.get(i) for i in range(1, len(req.prompt_token_ids))]
         return RequestOutput(request_id=request_id, prompt=req.prompt, prompt_token_ids=req.prompt_token_ids,
-                             outputs=outs, finished=finished, metrics=req.metrics,
+                             outputs=outs, finished=finished, metrics=req.metrics, prompt_logprobs=prompt_logprobs,
                              num_cached_tokens=req.seqs[0].num_cached_tokens, error=req.error)

@@ -20,6 +20,7 @@ class ScheduledChunk:
     start_pos: int  # position of token_ids[0] == tokens of this sequence already in the KV cache
     block_table: list[int]  # KV block ids of the sequence, covering start_pos + len(token_ids) tokens
     needs_logits: bool  # True when the next-token distribution after the last token is wanted
+    all_logits: bool = False  # also keep the logits of every position (prompt logprobs), in `chunk_logits`
 
 
 class ModelRunner:
@@ -32,6 +33,7 @@ class ModelRunner:
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.device = torch.device(device)
+        self.chunk_logits: list[torch.Tensor | None] = []  # set by execute() for chunks with all_logits
         shape = (num_blocks, block_size, model_config.num_key_value_heads, model_config.head_dim)
         self.kv_caches = [(torch.zeros(shape, dtype=dtype, device=self.device),
                            torch.zeros(shape, dtype=dtype, device=self.device))
@@ -70,6 +72,9 @@ class ModelRunner:
         hidden = self.model(torch.tensor(token_ids, device=self.device),
                             torch.tensor(positions, device=self.device), meta)  # [T, H]
         ends = list(itertools.accumulate(query_lens))
+        # Logits of whole chunks, for prompt logprobs: [len(token_ids), V] per chunk that asked, else None.
+        self.chunk_logits = [self.model.compute_logits(hidden[end - n:end]).float() if c.all_logits else None
+                             for end, n, c in zip(ends, query_lens, chunks)]
         rows = [end - 1 for end, c in zip(ends, chunks) if c.needs_logits]
         if not rows:
             return hidden.new_zeros(0, self.config.vocab_size, dtype=torch.float32)

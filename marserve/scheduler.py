@@ -73,7 +73,8 @@ class Scheduler:
             if not self.block_manager.can_allocate(seq.token_ids):
                 break
             self.waiting.popleft()
-            alloc = self.block_manager.allocate(seq.token_ids)
+            # Prompt logprobs need logits at every prompt position: cached blocks would skip them.
+            alloc = self.block_manager.allocate(seq.token_ids, use_cache=seq.params.prompt_logprobs is None)
             seq.block_table = alloc.block_table
             seq.num_computed_tokens = alloc.num_cached_tokens
             if seq.num_preemptions == 0:
@@ -89,7 +90,9 @@ class Scheduler:
         start = seq.num_computed_tokens
         out.seqs.append(seq)
         out.chunks.append(ScheduledChunk(token_ids=seq.token_ids[start:start + n], start_pos=start,
-                                         block_table=seq.block_table, needs_logits=start + n == seq.num_tokens))
+                                         block_table=seq.block_table, needs_logits=start + n == seq.num_tokens,
+                                         all_logits=(seq.params.prompt_logprobs is not None
+                                                     and start + 1 < len(seq.prompt_token_ids))))
 
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
         """Recompute later: free the blocks, back to the front of the queue."""

@@ -96,3 +96,28 @@ def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(path, alone, m
     assert llm.generate([PROMPTS[1]], GREEDY)[0].outputs[0].token_ids == alone[1]
     bm = llm.engine.scheduler.block_manager
     assert bm.num_free_blocks == bm.num_blocks
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(max_num_batched_tokens=5, block_size=2)])
+def test_prompt_logprobs_match_a_dense_forward(path, kw):
+    import torch
+
+    from marserve.attention import AttentionMetadata
+    llm = LLM(path, dtype="float32", **kw)
+    prompt = PROMPTS[2]
+    llm.generate([prompt], GREEDY)  # the prompt's blocks are now in the prefix cache: they must not be skipped
+    out = llm.generate([prompt], SamplingParams(max_tokens=2, temperature=0, prompt_logprobs=3))[0]
+    ids = out.prompt_token_ids
+    with torch.inference_mode():
+        h = llm.model(torch.tensor(ids), torch.arange(len(ids)), AttentionMetadata.dense([len(ids)]))
+        want = llm.model.compute_logits(h).float().log_softmax(-1)  # row i predicts token i + 1
+    assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(ids)
+    for pos in range(1, len(ids)):
+        entry = out.prompt_logprobs[pos]
+        assert abs(entry[ids[pos]].logprob - want[pos - 1, ids[pos]].item()) < 1e-4
+        assert entry[ids[pos]].rank == int((want[pos - 1] > want[pos - 1, ids[pos]]).sum()) + 1
+        top = sorted((e for e in entry.values() if e.rank <= 3), key=lambda e: e.rank)
+        assert [e.rank for e in top] == [1, 2, 3]
+        assert abs(top[0].logprob - want[pos - 1].max().item()) < 1e-4
+    bm = llm.engine.scheduler.block_manager
+    assert bm.num_free_blocks == bm.num_blocks
