@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from marserve.block_manager import BlockManager
+from marserve.detokenizer import IncrementalDetokenizer
 from marserve.engine_config import EngineConfig
 from marserve.errors import ConfigError, RequestError
 from marserve.loader import generation_defaults, load_model, load_tokenizer
@@ -39,6 +40,7 @@ class _Request:
     logprobs: list[list[dict[int, Logprob]]] = field(default_factory=list)
     # position -> logprobs of the prompt token there (position 0 has none), when asked
     prompt_logprobs: dict[int, dict[int, Logprob]] = field(default_factory=dict)
+    detokenizers: list[IncrementalDetokenizer] = field(default_factory=list)  # one per sequence
     error: str | None = None
 
     @property
@@ -100,8 +102,9 @@ class LLMEngine:
             seqs.append(seq)
             gens.append(None if params.seed is None else torch.Generator().manual_seed(params.seed + j))
             self.scheduler.add(seq)
-        self.requests[request_id] = _Request(request_id, text, ids, params, seqs, gens, metrics,
-                                             logprobs=[[] for _ in seqs])
+        self.requests[request_id] = _Request(
+            request_id, text, ids, params, seqs, gens, metrics, logprobs=[[] for _ in seqs],
+            detokenizers=[IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens) for _ in seqs])
         self.prompt_tokens_total += len(ids)
 
     def _check_prompt(self, ids: list[int], params: SamplingParams) -> None:
@@ -208,11 +211,12 @@ class LLMEngine:
                                                   sampled.top_logprobs[i, :seq.params.logprobs].tolist())):
                     entry[tid] = Logprob(lp, rank=r + 1)
                 req.logprobs[req.seqs.index(seq)].append(entry)
-            self._check_stop(seq, tok)
+            detok = req.detokenizers[req.seqs.index(seq)]
+            self._check_stop(seq, tok, detok, detok.add(tok))
             if req.finished:
                 m.finished_time = now
 
-    def _check_stop(self, seq: Sequence, tok: int) -> None:
+    def _check_stop(self, seq: Sequence, tok: int, detok: IncrementalDetokenizer, new_text: str) -> None:
         p = seq.params
         n = len(seq.output_token_ids)
         if n >= p.min_tokens:
@@ -220,12 +224,16 @@ class LLMEngine:
                 return self.scheduler.finish(seq, "stop")
             if tok in p.stop_token_ids:
                 return self.scheduler.finish(seq, "stop", tok)
-            if p.stop:
-                text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=p.skip_special_tokens)
-                hit = next((s for s in p.stop if s in text), None)
-                if hit is not None:
+            if p.stop and new_text:
+                # Only the new text, plus enough before it for a stop string that straddles the boundary.
+                start = max(0, len(detok.text) - len(new_text) - max(len(s) for s in p.stop) + 1)
+                found = [(i, s) for s in p.stop if (i := detok.text.find(s, start)) >= 0]
+                if found:
+                    at, hit = min(found)
+                    detok.text = detok.text[:at + (len(hit) if p.include_stop_str_in_output else 0)]
                     return self.scheduler.finish(seq, "stop", hit)
         if (p.max_tokens is not None and n >= p.max_tokens) or seq.num_tokens >= self.max_model_len:
+            detok.flush()
             self.scheduler.finish(seq, "length")
 
     # ---- outputs --------------------------------------------------------------------------------
@@ -235,10 +243,10 @@ class LLMEngine:
         outs = []
         for j, seq in enumerate(req.seqs):
             p = seq.params
-            text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=p.skip_special_tokens)
-            if isinstance(seq.stop_reason, str):
-                cut = text.find(seq.stop_reason)
-                text = text[:cut + (len(seq.stop_reason) if p.include_stop_str_in_output else 0)]
+            detok = req.detokenizers[j]
+            if seq.is_finished and not isinstance(seq.stop_reason, str):
+                detok.flush()  # a stop string's cut text stays cut
+            text = detok.text
             outs.append(CompletionOutput(index=j, text=text, token_ids=list(seq.output_token_ids),
                                          finish_reason=seq.finish_reason, stop_reason=seq.stop_reason,
                                          logprobs=req.logprobs[j] if p.logprobs is not None else None))
