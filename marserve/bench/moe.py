@@ -1,0 +1,188 @@
+"""`marserve bench moe`: one MoE layer's expert computation timed for our CPU path, transformers and a naive loop.
+
+All three get the same hidden states, the same expert weights (the very same tensors) and the same routing
+(top-k weights and ids from a random router, renormalised as Mixtral does), so what is timed is the expert
+computation alone: router excluded on every side. Best of --repeats after one warm-up, side by side in one run,
+with the machine's limits measured in the same run. Legend: T=tokens, E=experts, K=active per token, H=hidden,
+I=expert intermediate.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from marserve.bench.machine_limits import measure
+
+
+@dataclass(frozen=True)
+class MoeShape:
+    name: str
+    hidden: int  # H
+    intermediate: int  # I (per expert)
+    num_experts: int  # E
+    top_k: int  # K
+    model_type: str = "mixtral"  # whose transformers experts module is the baseline
+
+    def __post_init__(self):
+        if min(self.hidden, self.intermediate, self.num_experts, self.top_k) < 1:
+            raise SystemExit(f"shape {self.name}: sizes must be positive, got {self}")
+        if self.top_k > self.num_experts:
+            raise SystemExit(f"shape {self.name}: top-k {self.top_k} exceeds the {self.num_experts} experts")
+
+    def expert_bytes(self, element_size: int) -> int:
+        """Bytes of one expert's weights: w13 [2I, H] + w2 [H, I]."""
+        return 3 * self.hidden * self.intermediate * element_size
+
+    def flops(self, tokens: int) -> int:
+        """Multiply-adds x2 of the T*K expert evaluations (gate, up and down matmuls)."""
+        return 2 * tokens * self.top_k * 3 * self.hidden * self.intermediate
+
+
+BENCH_SHAPE = MoeShape("bench", hidden=1024, intermediate=2816, num_experts=32, top_k=2)
+
+
+def _default_model_shape() -> MoeShape:
+    from marserve import DEFAULT_MODEL_DIR
+    cfg = json.loads((Path(DEFAULT_MODEL_DIR) / "config.json").read_text())
+    return MoeShape("default", hidden=cfg["hidden_size"],
+                    intermediate=cfg.get("moe_intermediate_size") or cfg["intermediate_size"],
+                    num_experts=cfg.get("num_local_experts") or cfg["num_experts"],
+                    top_k=cfg["num_experts_per_tok"], model_type=cfg["model_type"])
+
+
+def parse_shape(spec: str) -> MoeShape:
+    """'bench', 'default', or 'HxIxExK' (e.g. 64x128x4x2)."""
+    if spec == "bench":
+        return BENCH_SHAPE
+    if spec == "default":
+        return _default_model_shape()
+    try:
+        h, i, e, k = (int(v) for v in spec.lower().split("x"))
+    except ValueError:
+        raise SystemExit(f"--shapes: {spec!r} is not 'bench', 'default' or HxIxExK such as 64x128x4x2") from None
+    return MoeShape(spec, hidden=h, intermediate=i, num_experts=e, top_k=k)
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--shapes", default="bench,default",
+                        help="comma-separated: 'bench' (H1024 I2816 E32 top-2), 'default' (the shipped model's "
+                        "MoE shape) or HxIxExK")
+    parser.add_argument("--tokens", default="1,8,32,256,2048", help="comma-separated token counts T")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per cell; the best is reported")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: 2 repeats, small limit measurements (figures are then rough)")
+    parser.add_argument("--skip-naive", action="store_true", help="skip the naive loop")
+
+
+def _transformers_experts(shape: MoeShape, w13: torch.Tensor, w2: torch.Tensor, implementation: str):
+    """transformers' own experts module for this architecture, holding our weight tensors (no copy)."""
+    import importlib
+
+    from transformers import AutoConfig
+    cfg = AutoConfig.for_model(shape.model_type, hidden_size=shape.hidden, intermediate_size=shape.intermediate,
+                               moe_intermediate_size=shape.intermediate, num_local_experts=shape.num_experts,
+                               num_experts=shape.num_experts, num_experts_per_tok=shape.top_k)
+    cfg._experts_implementation = implementation
+    mod = importlib.import_module(f"transformers.models.{shape.model_type}.modeling_{shape.model_type}")
+    cls = next(getattr(mod, n) for n in dir(mod) if n.endswith("Experts") and not n.startswith("_"))
+    experts = cls(cfg).eval()
+    experts.gate_up_proj = torch.nn.Parameter(w13, requires_grad=False)
+    experts.down_proj = torch.nn.Parameter(w2, requires_grad=False)
+    return lambda x, w, ids: experts(x, ids, w)
+
+
+def naive_moe(hidden, w13, w2, topk_weights, topk_ids):
+    """A loop over all E experts: boolean mask of the tokens routed to e, F.linear gate/up/down, index_add."""
+    inter = w13.shape[1] // 2
+    out = torch.zeros_like(hidden)
+    for e in range(w13.shape[0]):
+        token_idx, slot = torch.where(topk_ids == e)
+        if token_idx.numel() == 0:
+            continue
+        gate, up = F.linear(hidden[token_idx], w13[e]).split(inter, dim=-1)
+        y = F.linear(F.silu(gate) * up, w2[e]) * topk_weights[token_idx, slot, None]
+        out.index_add_(0, token_idx, y)
+    return out
+
+
+def _best_ms(fn, repeats: int) -> float:
+    fn()  # warm-up: first-call allocations, oneDNN primitive creation
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best * 1e3
+
+
+def _routing(shape: MoeShape, tokens: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mixtral routing from random logits: softmax, top-k, renormalised -> (weights [T,K] f32, ids [T,K])."""
+    probs = torch.softmax(torch.randn(tokens, shape.num_experts, generator=g), dim=-1)
+    weights, ids = torch.topk(probs, shape.top_k, dim=-1)
+    return weights / weights.sum(-1, keepdim=True), ids
+
+
+def bench_shape(shape: MoeShape, tokens: list[int], repeats: int, limits, skip_naive: bool) -> list[dict]:
+    import marserve_kernels
+    g = torch.Generator().manual_seed(0)
+    H, I, E = shape.hidden, shape.intermediate, shape.num_experts
+    w13 = torch.randn(E, 2 * I, H, generator=g) / H ** 0.5  # [E, 2I, H]
+    w2 = torch.randn(E, H, I, generator=g) / I ** 0.5  # [E, H, I]
+    hf = {impl: _transformers_experts(shape, w13, w2, impl) for impl in ("eager", "grouped_mm")}
+    rows = []
+    for T in tokens:
+        x = torch.randn(T, H, generator=g)  # [T, H]
+        weights, ids = _routing(shape, T, g)
+        with torch.inference_mode():
+            want = naive_moe(x, w13, w2, weights, ids)
+            got = marserve_kernels.moe(x, w13, w2, weights, ids)
+            torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-3)  # never time a wrong answer
+            ours = _best_ms(lambda: marserve_kernels.moe(x, w13, w2, weights, ids), repeats)
+            hf_ms = {impl: _best_ms(lambda f=f: f(x, weights, ids), repeats) for impl, f in hf.items()}
+            naive = None if skip_naive else _best_ms(lambda: naive_moe(x, w13, w2, weights, ids), repeats)
+        hf_impl = min(hf_ms, key=hf_ms.get)
+        touched = int(ids.unique().numel())
+        nbytes = touched * shape.expert_bytes(w13.element_size())
+        rows.append(dict(shape=shape.name, tokens=T, ours_ms=ours, transformers_ms=hf_ms[hf_impl],
+                         transformers_impl=hf_impl, transformers_all_ms=hf_ms, naive_ms=naive,
+                         touched_experts=touched, weight_bytes=nbytes, flops=shape.flops(T),
+                         bandwidth_share=nbytes / (ours * 1e-3) / 1e9 / limits.bandwidth_gbs,
+                         matmul_share=shape.flops(T) / (ours * 1e-3) / 1e9 / limits.matmul_gflops))
+        r = rows[-1]
+        naive_txt = "" if naive is None else f" | naive {naive:9.2f} ms ({naive / ours:5.2f}x)"
+        print(f"  T={T:5d}: ours {ours:9.2f} ms | transformers {r['transformers_ms']:9.2f} ms [{hf_impl}] "
+              f"({r['transformers_ms'] / ours:5.2f}x){naive_txt} | {touched:3d} experts, "
+              f"{nbytes / 1e6:7.1f} MB -> {r['bandwidth_share']:4.0%} of bandwidth | "
+              f"{r['flops'] / 1e9:6.2f} GFLOP -> {r['matmul_share']:4.0%} of matmul peak", flush=True)
+    return rows
+
+
+def run(args) -> int:
+    torch.set_num_threads(args.threads)
+    repeats = 2 if args.quick else args.repeats
+    shapes = [parse_shape(s) for s in args.shapes.split(",")]
+    tokens = [int(t) for t in args.tokens.split(",")]
+    limits = measure(repeats=2, buffer_mb=64, matmul_n=512) if args.quick else measure()
+    print(f"machine: {limits.describe()}")
+    print("timed: expert computation only, same weights and routing on every side (router excluded); "
+          "ratios are transformers/ours and naive/ours; transformers = the faster of its 'eager' and "
+          "'grouped_mm' experts implementations; fp32; best of "
+          f"{repeats}")
+    results = []
+    for shape in shapes:
+        print(f"shape {shape.name}: H={shape.hidden} I={shape.intermediate} E={shape.num_experts} "
+              f"K={shape.top_k} ({shape.model_type} experts module), "
+              f"{shape.expert_bytes(4) / 1e6:.1f} MB per expert")
+        results += bench_shape(shape, tokens, repeats, limits, args.skip_naive)
+    print("command: marserve bench moe " + " ".join(shlex.quote(a) for a in sys.argv[3:]))
+    print(json.dumps({"limits": limits.__dict__, "results": results}))
+    return 0
