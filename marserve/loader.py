@@ -7,10 +7,12 @@ so peak memory stays close to the size of the weights.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
 
+from marserve import hugepages
 from marserve.config import ModelConfig
 from marserve.errors import CheckpointError, ConfigError
 from marserve.models import get_model_class
@@ -104,15 +106,20 @@ def _load_one(model, config, path, f, name, targets, expected, filled, dtype, de
     module_name, _, attr = target.rpartition(".")
     module = model.get_submodule(module_name)
     if expert is None:
-        tensor = f.get_tensor(name)
         # MAR usage stays float32 (spec); everything else takes the model dtype.
-        tensor = tensor.to(device=device, dtype=torch.float32 if target.endswith("mar_usage") else dtype)
+        want_dtype = torch.float32 if target.endswith("mar_usage") else dtype
+        nbytes = math.prod(shape) * torch.empty((), dtype=want_dtype).element_size()
+        if torch.device(device).type == "cpu" and nbytes >= hugepages.HUGE_PAGE:
+            tensor = hugepages.empty(shape, want_dtype)  # large weights: read straight onto huge pages
+            _read_into(path, name, tensor)
+        else:
+            tensor = f.get_tensor(name).to(device=device, dtype=want_dtype)
         _assign(module, attr, tensor)
         filled.setdefault(target, set()).add(None)
         return
     current = getattr(module, attr)
     if current.is_meta:  # first slice of a stacked parameter: allocate it once
-        _assign(module, attr, torch.empty(full, dtype=dtype, device=device))
+        _assign(module, attr, hugepages.empty(full, dtype=dtype, device=device))
         current = getattr(module, attr)
     rows = current.data[expert]
     if half is not None:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from marserve import hugepages
 from marserve.attention import AttentionMetadata
 from marserve.config import ModelConfig
 
@@ -35,8 +36,8 @@ class ModelRunner:
         self.device = torch.device(device)
         self.chunk_logits: list[torch.Tensor | None] = []  # set by execute() for chunks with all_logits
         shape = (num_blocks, block_size, model_config.num_key_value_heads, model_config.head_dim)
-        self.kv_caches = [(torch.zeros(shape, dtype=dtype, device=self.device),
-                           torch.zeros(shape, dtype=dtype, device=self.device))
+        self.kv_caches = [(hugepages.empty(shape, dtype, self.device).zero_(),
+                           hugepages.empty(shape, dtype, self.device).zero_())
                           for _ in range(model_config.num_hidden_layers)]
 
     @staticmethod

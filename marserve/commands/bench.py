@@ -7,6 +7,7 @@ import importlib
 BENCHMARKS = {
     "throughput": ("marserve.bench.throughput", "offline generation throughput, marserve vs transformers"),
     "moe": ("marserve.bench.moe", "one MoE layer at several token counts vs transformers and a naive loop"),
+    "linear": ("marserve.bench.linear", "CPU linear layers on cold weights: MKL vs oneDNN, 4K vs huge pages"),
 }
 
 

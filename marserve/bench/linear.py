@@ -1,0 +1,78 @@
+"""`marserve bench linear`: the CPU linear layer's two speed-ups, measured on cold weights.
+
+A decode step reads every weight once, from memory (the model is far larger than the caches), so the
+benchmark cycles through a set of weight matrices larger than the last-level cache, shaped like one
+layer of the bench model (q/k/v/o projections and an expert's gate/up and down), and times
+y = x @ W^T for all of them with: MKL (F.linear) or oneDNN (marserve_kernels.cpu_linear), on normal
+4 KiB pages or on 2 MiB huge pages (marserve.hugepages). Best of --repeats; both limits measured in
+the same run.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn.functional as F
+
+from marserve import hugepages
+from marserve.bench.machine_limits import measure
+from marserve_kernels.cpu_linear import linear
+
+# (N, K) of one layer of the bench model: q, k, v, o (hidden 512, 8/4 heads of 64), expert w13 and w2.
+LAYER_SHAPES = [(512, 512), (256, 512), (256, 512), (512, 512), (3072, 512), (512, 1536)]
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--tokens", default="1,16,256", help="comma-separated token counts")
+    parser.add_argument("--layers", type=int, default=24, help="layers' worth of weights cycled through")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+
+
+def _weights(layers: int, huge: bool) -> list[torch.Tensor]:
+    out = []
+    for _ in range(layers):
+        for n, k in LAYER_SHAPES:
+            w = hugepages.empty((n, k), torch.float32) if huge else torch.empty(n, k)
+            out.append(w.copy_(torch.randn(n, k)))
+    return out
+
+
+def _time(fn, weights, x_by_k, repeats: int) -> float:
+    fn(x_by_k[weights[0].shape[1]], weights[0])
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for w in weights:
+            fn(x_by_k[w.shape[1]], w)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def run(args) -> int:
+    torch.set_num_threads(args.threads)
+    limits = measure()
+    print(f"machine: {limits.describe()}")
+    sets = {"4K pages": _weights(args.layers, False), "huge pages": _weights(args.layers, True)}
+    nbytes = sum(w.numel() * 4 for w in sets["4K pages"])
+    print(f"weights: {len(sets['4K pages'])} matrices, {nbytes / 2**20:.0f} MiB per pass "
+          f"(> the last-level cache, so every pass reads memory)")
+    header = f"{'T':>5} {'implementation':<10} {'pages':<10} {'ms':>8} {'GB/s':>7} {'of BW':>6} {'GFLOP/s':>8} " \
+             f"{'of peak':>7} {'vs MKL 4K':>9}"
+    print(header)
+    for T in (int(t) for t in args.tokens.split(",")):
+        x_by_k = {k: torch.randn(T, k) for k in {k for _, k in LAYER_SHAPES}}
+        base = None
+        for impl, fn in (("MKL", F.linear), ("oneDNN", linear)):
+            for pages, weights in sets.items():
+                s = _time(fn, weights, x_by_k, args.repeats)
+                base = base or s
+                gbs = nbytes / s / 1e9
+                gflops = 2 * T * nbytes / 4 / s / 1e9
+                print(f"{T:>5} {impl:<10} {pages:<10} {s * 1e3:>8.2f} {gbs:>7.1f} "
+                      f"{gbs / limits.bandwidth_gbs:>6.0%} {gflops:>8.0f} {gflops / limits.matmul_gflops:>7.0%} "
+                      f"{base / s:>8.2f}x")
+    print(f"command: marserve bench linear --tokens {args.tokens} --layers {args.layers} --repeats {args.repeats} "
+          f"--threads {args.threads}")
+    return 0
