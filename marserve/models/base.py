@@ -77,6 +77,18 @@ class MoeForCausalLM(nn.Module):
         """hidden [N,H] -> logits [N,V]."""
         return self.lm_head(hidden)
 
+    def pack_for_cpu(self) -> int:
+        """Inference on CPU: oneDNN-pack every Linear's weight (see layers.Linear.pack_for_cpu).
+
+        A weight shared with another module (a tied lm_head) stays plain: packing would copy it.
+        Returns how many were packed."""
+        users: dict[int, int] = {}
+        for m in self.modules():
+            for p in m.parameters(recurse=False):
+                users[id(p)] = users.get(id(p), 0) + 1
+        return sum(m.pack_for_cpu() for m in self.modules()
+                   if isinstance(m, Linear) and users[id(m.weight)] == 1)
+
     def moe_blocks(self) -> list[SparseMoeBlock]:
         """The sparse MoE blocks in layer order (dense-MLP layers skipped)."""
         return [m for m in self.modules() if isinstance(m, SparseMoeBlock)]

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from marserve.attention import AttentionMetadata, attend
-from marserve_kernels.cpu_linear import linear
+from marserve_kernels.cpu_linear import can_pack, linear, pack
 from marserve.config import ModelConfig
 from marserve.errors import ConfigError
 
@@ -22,6 +22,15 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias)
+
+    def pack_for_cpu(self) -> bool:
+        """Inference only: swap the weight for its oneDNN-packed form (same memory, faster products).
+
+        Afterwards the weight is opaque: no state_dict, no autograd. Returns whether it was packed."""
+        if self.weight.is_mkldnn or not can_pack(self.weight):
+            return False
+        self.weight = nn.Parameter(pack(self.weight), requires_grad=False)
+        return True
 
 
 class RMSNorm(nn.Module):

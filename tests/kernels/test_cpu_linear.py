@@ -38,3 +38,32 @@ def test_linear_is_differentiable_through_the_fallback():
 def test_onednn_is_used_on_this_build():
     # The speed of the CPU path depends on it; a torch build without oneDNN would silently be ~2x slower.
     assert cpu_linear.ONEDNN
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("tokens", [1, 3, 40])
+def test_packed_weight_gives_the_same_products(dtype, tol, tokens):
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(48, 64, generator=g).to(dtype)
+    b = torch.randn(48, generator=g).to(dtype)
+    x = torch.randn(tokens, 64, generator=g).to(dtype)
+    packed = cpu_linear.pack(w)
+    assert packed.is_mkldnn and packed.shape == w.shape and packed.dtype == dtype
+    torch.testing.assert_close(linear(x, packed, b).float(), F.linear(x, w, b).float(), rtol=tol, atol=tol * 8)
+    assert linear(x[:0], packed).shape == (0, 48)
+
+
+def test_model_pack_for_cpu_keeps_logits_and_leaves_tied_weights(baby_checkpoint):
+    from marserve.attention import AttentionMetadata
+    from marserve.loader import load_model
+    for kind, kw in (("qwen2_moe", {}), ("mixtral", {"config_overrides": {"tie_word_embeddings": True}})):
+        model, cfg = load_model(baby_checkpoint(kind, **kw), dtype="float32")
+        ids = torch.arange(3, 3 + 9)
+        with torch.inference_mode():
+            want = model.compute_logits(model(ids, torch.arange(9), AttentionMetadata.dense([9])))
+            packed = model.pack_for_cpu()
+            got = model.compute_logits(model(ids, torch.arange(9), AttentionMetadata.dense([9])))
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        linears = [m for m in model.modules() if isinstance(m, Linear)]
+        assert packed == len(linears) - int(cfg.tie_word_embeddings)
+        assert model.lm_head.weight.is_mkldnn != cfg.tie_word_embeddings
