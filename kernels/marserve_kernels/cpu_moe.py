@@ -1,8 +1,10 @@
-"""The CPU MoE path: tokens grouped by expert, one gate/up and one down matmul per active expert.
+"""The CPU MoE path: few tokens per expert -> the native streaming kernel; many -> one GEMM pair per active expert.
 
-Each active expert's weights are read once per call (what bounds decode speed), and no dense
-[E, ...] intermediate is materialised. Legend: T=tokens, H=hidden, E=experts, I=expert
-intermediate size, K=experts per token.
+Decode (a few (token, slot) pairs per touched expert) is memory-bound: cpu_moe_small.c reads each touched
+expert's rows once and dots them with all of its pairs, near the machine's read bandwidth. Prefill (many
+pairs per expert) is compute-bound: pairs are sorted by expert and each active expert runs two large
+contiguous GEMMs through oneDNN (marserve_kernels.cpu_linear), with the activation done in place.
+Legend: T=tokens, K=experts per token, P=T*K (token, slot) pairs, E=experts, H=hidden, I=expert intermediate.
 """
 
 from __future__ import annotations
@@ -10,28 +12,56 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from marserve_kernels import cpu_moe_native
+from marserve_kernels.cpu_linear import linear
+
+# Mean pairs per expert (P / E) up to which the native kernel beats per-expert GEMMs (measured with
+# `marserve bench moe` on the bench shape: H1024 I2816 E32 top-2, 2 threads; see docs/benchmarks.md).
+NATIVE_MAX_PAIRS_PER_EXPERT = 4.0
+
+
+def _can_use_native(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> bool:
+    return (hidden.device.type == "cpu" and hidden.dtype == w13.dtype == w2.dtype == torch.float32
+            and w13.is_contiguous() and w2.is_contiguous() and cpu_moe_native.available())
+
 
 def grouped_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
                 topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
     """hidden [T, H], w13 [E, 2I, H], w2 [E, H, I], topk_* [T, K] -> [T, H]."""
     T, K = topk_ids.shape
+    E = w13.shape[0]
+    if T == 0:
+        return torch.zeros_like(hidden)
+    if T * K <= NATIVE_MAX_PAIRS_PER_EXPERT * E and _can_use_native(hidden, w13, w2):
+        return cpu_moe_native.small_moe(hidden, w13, w2, topk_weights, topk_ids)
+    return gemm_moe(hidden, w13, w2, topk_weights, topk_ids)
+
+
+def gemm_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+             topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+    """Pairs sorted by expert, one gate/up GEMM and one down GEMM per active expert; any dtype/device."""
+    T, K = topk_ids.shape
     inter = w13.shape[1] // 2
-    flat_ids = topk_ids.reshape(-1)  # [T*K]
-    order = torch.argsort(flat_ids, stable=True)  # (token, slot) pairs grouped by expert
+    flat_ids = topk_ids.reshape(-1)  # [P]
+    order = torch.argsort(flat_ids, stable=True)  # pairs grouped by expert
     counts = torch.bincount(flat_ids, minlength=w13.shape[0]).tolist()
-    token_of = order // K  # source token of each sorted pair
-    x_sorted = hidden.index_select(0, token_of)  # [T*K, H]
-    w_sorted = topk_weights.reshape(-1).index_select(0, order).to(hidden.dtype)  # [T*K]
-    y_sorted = torch.empty_like(x_sorted)
+    token_of = order // K  # [P] source token of each sorted pair
+    x_sorted = hidden.index_select(0, token_of)  # [P, H]
+    act = hidden.new_empty(T * K, inter)  # [P, I]
+    y_sorted = hidden.new_empty(T * K, hidden.shape[1])  # [P, H]
     start = 0
     for e, n in enumerate(counts):
         if n == 0:
             continue
         rows = slice(start, start + n)
-        gate_up = F.linear(x_sorted[rows], w13[e])  # [n, 2I]
-        act = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]  # [n, I]
-        y_sorted[rows] = F.linear(act, w2[e]) * w_sorted[rows, None]  # [n, H]
+        gate_up = linear(x_sorted[rows], w13[e])  # [n, 2I]
+        gate = F.silu(gate_up[:, :inter], inplace=True)  # in place: no [n, I] temporary
+        torch.mul(gate, gate_up[:, inter:], out=act[rows])
+        y_sorted[rows] = linear(act[rows], w2[e])  # [n, H]
         start += n
-    out = torch.zeros_like(hidden)
-    out.index_add_(0, token_of, y_sorted)  # sum the K expert outputs of each token
-    return out
+    # Routing weight after the activation, as Mixtral does: scale each pair's expert output.
+    y_sorted.mul_(topk_weights.reshape(-1).index_select(0, order).to(y_sorted.dtype).unsqueeze(1))
+    # Back to (token, slot) order, then sum each token's K outputs (a reshape, no scatter-add).
+    y = torch.empty_like(y_sorted)
+    y.index_copy_(0, order, y_sorted)
+    return y.view(T, K, -1).sum(1)

@@ -1,7 +1,17 @@
 import pytest
 import torch
 
-from marserve_kernels import grouped_moe, moe, moe_reference
+from marserve_kernels import cpu_moe_native, grouped_moe, moe, moe_reference
+from marserve_kernels.cpu_moe import gemm_moe
+
+NATIVE = cpu_moe_native.available()
+
+
+def small_moe(*args):
+    """The native few-token kernel called directly (grouped_moe only picks it for small T*K)."""
+    if not NATIVE:
+        pytest.skip("no C compiler: the native MoE kernel is not built here")
+    return cpu_moe_native.small_moe(*args)
 
 
 def naive_loop(hidden, w13, w2, topk_weights, topk_ids):
@@ -16,22 +26,63 @@ def naive_loop(hidden, w13, w2, topk_weights, topk_ids):
     return out
 
 
-@pytest.mark.parametrize("T,E,K", [(1, 4, 1), (5, 4, 2), (17, 8, 2), (33, 8, 8), (3, 16, 4)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_paths_match_naive_loop(T, E, K, dtype):
-    g = torch.Generator().manual_seed(T * 100 + E)
-    H, I = 24, 40
+def _case(T, E, K, H, I, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
     hidden = torch.randn(T, H, generator=g).to(dtype)
     w13 = (torch.randn(E, 2 * I, H, generator=g) / H ** 0.5).to(dtype)
     w2 = (torch.randn(E, H, I, generator=g) / I ** 0.5).to(dtype)
     # Only the first half of the experts is ever picked: experts with zero tokens must be handled.
     topk_ids = torch.stack([torch.randperm(max(E // 2, K), generator=g)[:K] for _ in range(T)])
     topk_weights = torch.softmax(torch.randn(T, K, generator=g), -1)
+    return hidden, w13, w2, topk_weights, topk_ids
+
+
+# H and I: not multiples of the kernel's 16 lanes (scalar tails), multiples (vector loops only), odd H
+# (the down kernel pairs rows); T*K up to 264 pairs on 4 experts (the native kernel's groups of 8).
+SHAPES = [(1, 4, 1, 24, 40), (5, 4, 2, 24, 40), (17, 8, 2, 24, 40), (33, 8, 8, 24, 40), (3, 16, 4, 24, 40),
+          (7, 6, 3, 64, 48), (2, 4, 2, 33, 17), (40, 8, 2, 128, 96)]
+
+
+@pytest.mark.parametrize("T,E,K,H,I", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_paths_match_naive_loop(T, E, K, H, I, dtype):
+    hidden, w13, w2, topk_weights, topk_ids = _case(T, E, K, H, I, dtype, seed=T * 100 + E)
     want = naive_loop(hidden.float(), w13.float(), w2.float(), topk_weights, topk_ids)
     tol = 1e-4 if dtype == torch.float32 else 5e-2
-    for fn in (moe_reference, grouped_moe, moe):
+    paths = [moe_reference, grouped_moe, moe, gemm_moe] + ([small_moe] if dtype == torch.float32 else [])
+    for fn in paths:
         got = fn(hidden, w13, w2, topk_weights, topk_ids).float()
-        torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+        torch.testing.assert_close(got, want, atol=tol, rtol=tol, msg=lambda m: f"{fn.__name__}: {m}")
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_native_kernel_splits_work_across_threads(threads):
+    # Wide enough (I, H >= 64) that the columns are really split between threads.
+    hidden, w13, w2, topk_weights, topk_ids = _case(9, 8, 2, 80, 72, torch.float32, seed=threads)
+    want = moe_reference(hidden, w13, w2, topk_weights, topk_ids)
+    if not NATIVE:
+        pytest.skip("no C compiler: the native MoE kernel is not built here")
+    got = cpu_moe_native.small_moe(hidden, w13, w2, topk_weights, topk_ids, threads=threads)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_moe_picks_native_for_few_tokens_and_gemms_for_many(monkeypatch):
+    calls = []
+    monkeypatch.setattr(cpu_moe_native, "small_moe", lambda *a, **k: calls.append("native") or moe_reference(*a))
+    monkeypatch.setattr(cpu_moe_native, "available", lambda: True)
+    hidden, w13, w2, topk_weights, topk_ids = _case(2, 8, 2, 24, 40, torch.float32, seed=0)
+    moe(hidden, w13, w2, topk_weights, topk_ids)
+    assert calls == ["native"]
+    many = _case(64, 8, 2, 24, 40, torch.float32, seed=1)  # 16 pairs per expert: GEMM territory
+    moe(*many)
+    moe(*_case(2, 8, 2, 24, 40, torch.bfloat16, seed=2))  # the native kernel is fp32 only
+    assert calls == ["native"]
+
+
+def test_zero_tokens():
+    _, w13, w2, _, _ = _case(1, 4, 2, 24, 40, torch.float32, seed=0)
+    out = moe(torch.empty(0, 24), w13, w2, torch.empty(0, 2), torch.empty(0, 2, dtype=torch.long))
+    assert out.shape == (0, 24)
 
 
 def test_moe_is_differentiable_when_training():

@@ -1,0 +1,147 @@
+/* Few-token MoE on CPU: every touched expert's weight rows are streamed from memory once and
+ * dotted with all of that expert's tokens while the row sits in L1, which is what makes decode
+ * memory-bound instead of call-bound (MKL/oneDNN small-M GEMMs reach a fraction of the bandwidth here).
+ *
+ * Pairs (token, slot) arrive sorted by expert: pairs offsets[e] .. offsets[e+1]-1 belong to expert e,
+ * pair p reads x[pair_token[p]] and carries routing weight pair_weight[p].
+ * Legend: T=tokens, P=pairs (T*K), E=experts, H=hidden, I=expert intermediate.
+ * Each function computes a slice of rows so the caller can split the work across threads without
+ * races: gate_up writes columns [i0, i1) of act, down writes columns [h0, h1) of out.
+ * Built at first use by cpu_moe_native.py with -O3 -march=<this machine>.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+typedef float vec __attribute__((vector_size(64)));               /* 16 fp32 lanes */
+typedef float vec_u __attribute__((vector_size(64), aligned(4))); /* unaligned access */
+#define LANES 16
+#define MAX_GROUP 8 /* pairs per pass over a weight row: 2*8 accumulators fit the registers */
+
+/* Keeps a loaded vector in a register: otherwise gcc re-loads it for every FMA that uses it, and the
+ * loads, not the FMAs, become the bottleneck. */
+#define PIN(v) __asm__("" : "+v"(v))
+
+static inline float hsum(vec v) {
+    typedef float half __attribute__((vector_size(32)));
+    typedef float quarter __attribute__((vector_size(16)));
+    half a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+             __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+    quarter b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+    return (b[0] + b[2]) + (b[1] + b[3]);
+}
+
+/* res_a[p] = w_a . xs[p] and res_b[p] = w_b . xs[p] for p < NB: two weight rows share every load of x.
+ * S partial sums per (row, pair) keep >= 8 independent FMA chains in flight when NB is small
+ * (FMA latency 4 cycles x 2 ports); n % 16 leftovers are summed in scalar. Rows `ahead` floats further
+ * are prefetched: rows here are page-sized, and hardware prefetchers stop at page boundaries. */
+#define DEFINE_DOT2(NB, S)                                                                           \
+    static void dot2_##NB(const float *w_a, const float *w_b, const float *const *xs, int64_t n,   \
+                          int64_t ahead, float *res_a, float *res_b) {                                           \
+        vec acc_a[NB][S], acc_b[NB][S];                                                            \
+        for (int p = 0; p < NB; p++)                                                               \
+            for (int s = 0; s < S; s++) acc_a[p][s] = acc_b[p][s] = (vec){0};                      \
+        int64_t h = 0;                                                                             \
+        for (; h + S * LANES <= n; h += S * LANES)                                                 \
+            for (int s = 0; s < S; s++) {                                                          \
+                vec wa = *(const vec_u *)(w_a + h + s * LANES);                                    \
+                vec wb = *(const vec_u *)(w_b + h + s * LANES);                                    \
+                __builtin_prefetch(w_a + ahead + h + s * LANES);                                  \
+                __builtin_prefetch(w_b + ahead + h + s * LANES);                                  \
+                PIN(wa); PIN(wb);                                                                  \
+                for (int p = 0; p < NB; p++) {                                                     \
+                    vec xv = *(const vec_u *)(xs[p] + h + s * LANES);                              \
+                    PIN(xv);                                                                       \
+                    acc_a[p][s] += wa * xv;                                                        \
+                    acc_b[p][s] += wb * xv;                                                        \
+                }                                                                                  \
+            }                                                                                      \
+        for (; h + LANES <= n; h += LANES) {                                                       \
+            vec wa = *(const vec_u *)(w_a + h), wb = *(const vec_u *)(w_b + h);                    \
+            for (int p = 0; p < NB; p++) {                                                         \
+                vec xv = *(const vec_u *)(xs[p] + h);                                              \
+                acc_a[p][0] += wa * xv;                                                            \
+                acc_b[p][0] += wb * xv;                                                            \
+            }                                                                                      \
+        }                                                                                          \
+        for (int p = 0; p < NB; p++) {                                                             \
+            for (int s = 1; s < S; s++) { acc_a[p][0] += acc_a[p][s]; acc_b[p][0] += acc_b[p][s]; }\
+            float sa = hsum(acc_a[p][0]), sb = hsum(acc_b[p][0]);                                  \
+            for (int64_t t = h; t < n; t++) {                                                      \
+                sa += w_a[t] * xs[p][t];                                                           \
+                sb += w_b[t] * xs[p][t];                                                           \
+            }                                                                                      \
+            res_a[p] = sa;                                                                         \
+            res_b[p] = sb;                                                                         \
+        }                                                                                          \
+    }
+DEFINE_DOT2(1, 4)
+DEFINE_DOT2(2, 2)
+DEFINE_DOT2(3, 2)
+DEFINE_DOT2(4, 1)
+DEFINE_DOT2(5, 1)
+DEFINE_DOT2(6, 1)
+DEFINE_DOT2(7, 1)
+DEFINE_DOT2(8, 1)
+
+typedef void (*dot2_fn)(const float *, const float *, const float *const *, int64_t, int64_t, float *, float *);
+static const dot2_fn DOT2[MAX_GROUP + 1] = {0, dot2_1, dot2_2, dot2_3, dot2_4, dot2_5, dot2_6, dot2_7, dot2_8};
+
+/* act[p, i] = silu(x_p . w13[e, i]) * (x_p . w13[e, I + i]) for i in [i0, i1): x [T, H], w13 [E, 2I, H], act [P, I]. */
+void moe_gate_up(const float *x, const float *w13, float *act, const int64_t *offsets, const int64_t *pair_token,
+                 int64_t num_experts, int64_t H, int64_t I, int64_t i0, int64_t i1) {
+    const float *xs[MAX_GROUP];
+    float g[MAX_GROUP], u[MAX_GROUP];
+    for (int64_t e = 0; e < num_experts; e++) {
+        const float *w = w13 + e * 2 * I * H;
+        int64_t begin = offsets[e], end = offsets[e + 1];
+        if (begin == end) continue;
+        /* Rows outer: each weight row comes from memory once and serves every pair of this expert. */
+        for (int64_t i = i0; i < i1; i++) {
+            for (int64_t p0 = begin; p0 < end; p0 += MAX_GROUP) {
+                int64_t nb = end - p0 < MAX_GROUP ? end - p0 : MAX_GROUP;
+                for (int64_t p = 0; p < nb; p++) xs[p] = x + pair_token[p0 + p] * H;
+                DOT2[nb](w + i * H, w + (I + i) * H, xs, H, H, g, u); /* prefetch the next rows */
+                for (int64_t p = 0; p < nb; p++) act[(p0 + p) * I + i] = g[p] / (1.f + expf(-g[p])) * u[p];
+            }
+        }
+    }
+}
+
+/* out[t, h] += sum over pairs p of token t: pair_weight[p] * (act_p . w2[e, h]) for h in [h0, h1).
+ * act [P, I], w2 [E, H, I], out [T, H] (zeroed by the caller). Routing weight applied after the activation. */
+void moe_down(const float *act, const float *w2, float *out, const int64_t *offsets, const int64_t *pair_token,
+              const float *pair_weight, int64_t num_experts, int64_t H, int64_t I, int64_t h0, int64_t h1) {
+    const float *as[MAX_GROUP];
+    float d0[MAX_GROUP], d1[MAX_GROUP];
+    for (int64_t e = 0; e < num_experts; e++) {
+        const float *w = w2 + e * H * I;
+        int64_t begin = offsets[e], end = offsets[e + 1];
+        if (begin == end) continue;
+        /* Two rows per pass share the loads of act; an odd last row is paired with itself. */
+        for (int64_t h = h0; h < h1; h += 2) {
+            int64_t h_b = h + 1 < h1 ? h + 1 : h;
+            for (int64_t p0 = begin; p0 < end; p0 += MAX_GROUP) {
+                int64_t nb = end - p0 < MAX_GROUP ? end - p0 : MAX_GROUP;
+                for (int64_t p = 0; p < nb; p++) as[p] = act + (p0 + p) * I;
+                DOT2[nb](w + h * I, w + h_b * I, as, I, 2 * I, d0, d1);
+                for (int64_t p = 0; p < nb; p++) {
+                    float *o = out + pair_token[p0 + p] * H;
+                    o[h] += pair_weight[p0 + p] * d0[p];
+                    if (h_b != h) o[h_b] += pair_weight[p0 + p] * d1[p];
+                }
+            }
+        }
+    }
+}
+
+/* Sum of x[begin:end): the read-bandwidth probe `marserve bench moe` compares the kernel against. */
+double read_sum(const float *x, int64_t begin, int64_t end) {
+    vec acc[4] = {{0}, {0}, {0}, {0}};
+    int64_t i = begin;
+    for (; i + 4 * LANES <= end; i += 4 * LANES)
+        for (int j = 0; j < 4; j++) acc[j] += *(const vec_u *)(x + i + j * LANES);
+    double s = hsum(acc[0] + acc[1] + acc[2] + acc[3]);
+    for (; i < end; i++) s += x[i];
+    return s;
+}
