@@ -87,18 +87,28 @@ def _paged_attend(q, k, v, meta: AttentionMetadata, layer_idx: int, scale: float
     return torch.cat(outs, 0)
 
 
+def _decode_plan(meta: AttentionMetadata, block_size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(block ids to gather [B * nb], visibility mask [B, 1, 1, nb * block_size]); the same for every
+    layer of the pass, so built once and kept on the metadata."""
+    plan = meta.__dict__.get("_decode_plan")
+    if plan is None:
+        totals = torch.tensor(meta.context_lens, device=device) + 1  # [B]
+        max_blocks = -(-int(totals.max()) // block_size)
+        tables = meta.block_tables[:, :max_blocks]  # [B, nb]; entries past a sequence's end are masked out
+        visible = torch.arange(max_blocks * block_size, device=device)[None, :] < totals[:, None]  # [B, L]
+        plan = (tables.reshape(-1), visible[:, None, None, :])
+        meta.__dict__["_decode_plan"] = plan
+    return plan
+
+
 def _paged_decode(q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """All sequences decode one token: one padded, masked SDPA call for the whole batch."""
     block_size = k_cache.shape[1]
-    totals = torch.tensor(meta.context_lens, device=q.device) + 1  # [B]
-    max_blocks = -(-int(totals.max()) // block_size)
-    tables = meta.block_tables[:, :max_blocks]  # [B, nb]; entries past a sequence's end are masked out
-    B, nb = tables.shape
-    flat = tables.reshape(-1)
+    flat, visible = _decode_plan(meta, block_size, q.device)
+    B, L = q.shape[0], visible.shape[-1]
     # index_select on whole blocks is several times faster than advanced indexing with a 2-D index
-    keys = k_cache.index_select(0, flat).view(B, nb * block_size, *k_cache.shape[2:])  # [B, L, Hkv, D]
-    values = v_cache.index_select(0, flat).view(B, nb * block_size, *v_cache.shape[2:])
-    visible = torch.arange(keys.shape[1], device=q.device)[None, :] < totals[:, None]  # [B, L]
+    keys = k_cache.index_select(0, flat).view(B, L, *k_cache.shape[2:])  # [B, L, Hkv, D]
+    values = v_cache.index_select(0, flat).view(B, L, *v_cache.shape[2:])
     o = F.scaled_dot_product_attention(q.unsqueeze(2), keys.transpose(1, 2), values.transpose(1, 2),
-                                       attn_mask=visible[:, None, None, :], scale=scale, enable_gqa=True)
+                                       attn_mask=visible, scale=scale, enable_gqa=True)
     return o.squeeze(2)  # [B, Hq, D] == [T, Hq, D]

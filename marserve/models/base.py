@@ -82,6 +82,9 @@ class MoeForCausalLM(nn.Module):
 
         A weight shared with another module (a tied lm_head) stays plain: packing would copy it.
         Returns how many were packed."""
+        for m in self.modules():
+            if isinstance(m, Attention):
+                m.fuse_qkv_for_cpu()
         users: dict[int, int] = {}
         for m in self.modules():
             for p in m.parameters(recurse=False):

@@ -149,9 +149,30 @@ class Attention(nn.Module):
         self.clip_qkv = c.clip_qkv
         self.scale = self.head_dim ** -0.5
 
+    def fuse_qkv_for_cpu(self) -> bool:
+        """Inference only: one packed [(Hq + 2 Hkv) * D, H] projection instead of three (one weight
+        stream and one call per layer instead of three; the three plain weights are released)."""
+        if hasattr(self, "qkv_proj") or not can_pack(self.q_proj.weight):
+            return False
+        projections = (self.q_proj, self.k_proj, self.v_proj)
+        weight = torch.cat([p.weight for p in projections])
+        bias = None if self.q_proj.bias is None else torch.cat([p.bias for p in projections])
+        fused = Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+        fused.weight = nn.Parameter(pack(weight), requires_grad=False)
+        if bias is not None:
+            fused.bias = nn.Parameter(bias, requires_grad=False)
+        self.qkv_proj = fused
+        del self.q_proj, self.k_proj, self.v_proj
+        return True
+
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionMetadata) -> torch.Tensor:
         T = x.shape[0]
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # [T, Hq*D], [T, Hkv*D] x2
+        if hasattr(self, "qkv_proj"):
+            q, k, v = self.qkv_proj(x).split(
+                [self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.num_kv_heads * self.head_dim],
+                dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # [T, Hq*D], [T, Hkv*D] x2
         if self.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
         if self.clip_qkv is not None:

@@ -65,5 +65,7 @@ def test_model_pack_for_cpu_keeps_logits_and_leaves_tied_weights(baby_checkpoint
             got = model.compute_logits(model(ids, torch.arange(9), AttentionMetadata.dense([9])))
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
         linears = [m for m in model.modules() if isinstance(m, Linear)]
-        assert packed == len(linears) - int(cfg.tie_word_embeddings)
+        assert packed > 0 and all(m.weight.is_mkldnn for m in linears if m is not model.lm_head)
         assert model.lm_head.weight.is_mkldnn != cfg.tie_word_embeddings
+        attn = model.model.layers[0].self_attn
+        assert hasattr(attn, "qkv_proj") and not hasattr(attn, "q_proj")  # fused, the three released
