@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from marserve_kernels import cpu_moe_native
+from marserve_kernels import cpu_moe_native, cpu_threads
 from marserve_kernels.cpu_linear import linear
 
 # Mean pairs per expert (P / E) up to which the native kernel beats per-expert GEMMs (measured with
@@ -39,7 +39,10 @@ def grouped_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
 
 def gemm_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
              topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
-    """Pairs sorted by expert, one gate/up GEMM and one down GEMM per active expert; any dtype/device."""
+    """Pairs sorted by expert, one gate/up GEMM and one down GEMM per active expert; any dtype/device.
+
+    On CPU with several threads, experts run side by side on single-threaded workers (cpu_threads.py).
+    """
     T, K = topk_ids.shape
     inter = w13.shape[1] // 2
     flat_ids = topk_ids.reshape(-1)  # [P]
@@ -49,19 +52,38 @@ def gemm_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     x_sorted = hidden.index_select(0, token_of)  # [P, H]
     act = hidden.new_empty(T * K, inter)  # [P, I]
     y_sorted = hidden.new_empty(T * K, hidden.shape[1])  # [P, H]
-    start = 0
+    jobs, start = [], 0  # (expert, first sorted row, rows)
     for e, n in enumerate(counts):
-        if n == 0:
-            continue
-        rows = slice(start, start + n)
-        gate_up = linear(x_sorted[rows], w13[e])  # [n, 2I]
-        gate = F.silu(gate_up[:, :inter], inplace=True)  # in place: no [n, I] temporary
-        torch.mul(gate, gate_up[:, inter:], out=act[rows])
-        y_sorted[rows] = linear(act[rows], w2[e])  # [n, H]
+        if n:
+            jobs.append((e, start, n))
         start += n
+
+    def run_experts(part):
+        for e, first, n in part:
+            rows = slice(first, first + n)
+            gate_up = linear(x_sorted[rows], w13[e])  # [n, 2I]
+            gate = F.silu(gate_up[:, :inter], inplace=True)  # in place: no [n, I] temporary
+            torch.mul(gate, gate_up[:, inter:], out=act[rows])
+            y_sorted[rows] = linear(act[rows], w2[e])  # [n, H]
+
+    workers = min(torch.get_num_threads(), len(jobs))
+    if hidden.device.type == "cpu" and workers > 1 and cpu_threads.can_run_single_threaded_workers():
+        cpu_threads.run_parallel(run_experts, _balance(jobs, workers))
+    else:
+        run_experts(jobs)
     # Routing weight after the activation, as Mixtral does: scale each pair's expert output.
     y_sorted.mul_(topk_weights.reshape(-1).index_select(0, order).to(y_sorted.dtype).unsqueeze(1))
     # Back to (token, slot) order, then sum each token's K outputs (a reshape, no scatter-add).
     y = torch.empty_like(y_sorted)
     y.index_copy_(0, order, y_sorted)
     return y.view(T, K, -1).sum(1)
+
+
+def _balance(jobs: list[tuple[int, int, int]], parts: int) -> list[list[tuple[int, int, int]]]:
+    """Split (expert, first, rows) jobs into `parts` lists of about equal rows: largest first, to the lightest."""
+    out, load = [[] for _ in range(parts)], [0] * parts
+    for job in sorted(jobs, key=lambda j: -j[2]):
+        i = load.index(min(load))
+        out[i].append(job)
+        load[i] += job[2]
+    return out

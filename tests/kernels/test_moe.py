@@ -95,3 +95,18 @@ def test_moe_is_differentiable_when_training():
     moe(hidden, w13, w2, weights, ids).sum().backward()
     assert hidden.grad is not None and w13.grad is not None and w2.grad.abs().sum() > 0
     assert w13.grad[0].abs().sum() > 0
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_gemm_path_on_worker_threads_under_inference_mode(threads):
+    # Workers are other threads: inference/grad modes are thread-local and must follow the caller.
+    hidden, w13, w2, topk_weights, topk_ids = _case(50, 8, 2, 24, 40, torch.float32, seed=5)
+    want = naive_loop(hidden, w13, w2, topk_weights, topk_ids)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.inference_mode():
+            got = gemm_moe(hidden, w13, w2, topk_weights, topk_ids)
+    finally:
+        torch.set_num_threads(old)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
