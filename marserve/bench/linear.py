@@ -4,7 +4,8 @@ A decode step reads every weight once, from memory (the model is far larger than
 benchmark cycles through a set of weight matrices larger than the last-level cache, shaped like one
 layer of the bench model (q/k/v/o projections and an expert's gate/up and down), and times
 y = x @ W^T for all of them with: MKL (F.linear) or oneDNN (marserve_kernels.cpu_linear), on normal
-4 KiB pages or on 2 MiB huge pages (marserve.hugepages). Best of --repeats; both limits measured in
+4 KiB pages or on 2 MiB huge pages (marserve.hugepages), and oneDNN on packed weights (what the engine
+runs: cpu_linear.pack at start). Best of --repeats; both limits measured in
 the same run.
 """
 
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 
 from marserve import hugepages
 from marserve.bench.machine_limits import measure
-from marserve_kernels.cpu_linear import linear
+from marserve_kernels.cpu_linear import linear, pack
 
 # (N, K) of one layer of the bench model: q, k, v, o (hidden 512, 8/4 heads of 64), expert w13 and w2.
 LAYER_SHAPES = [(512, 512), (256, 512), (256, 512), (512, 512), (3072, 512), (512, 1536)]
@@ -55,6 +56,7 @@ def run(args) -> int:
     limits = measure()
     print(f"machine: {limits.describe()}")
     sets = {"4K pages": _weights(args.layers, False), "huge pages": _weights(args.layers, True)}
+    packed = [pack(w) for w in sets["huge pages"]]
     nbytes = sum(w.numel() * 4 for w in sets["4K pages"])
     print(f"weights: {len(sets['4K pages'])} matrices, {nbytes / 2**20:.0f} MiB per pass "
           f"(> the last-level cache, so every pass reads memory)")
@@ -64,15 +66,16 @@ def run(args) -> int:
     for T in (int(t) for t in args.tokens.split(",")):
         x_by_k = {k: torch.randn(T, k) for k in {k for _, k in LAYER_SHAPES}}
         base = None
-        for impl, fn in (("MKL", F.linear), ("oneDNN", linear)):
-            for pages, weights in sets.items():
-                s = _time(fn, weights, x_by_k, args.repeats)
-                base = base or s
-                gbs = nbytes / s / 1e9
-                gflops = 2 * T * nbytes / 4 / s / 1e9
-                print(f"{T:>5} {impl:<10} {pages:<10} {s * 1e3:>8.2f} {gbs:>7.1f} "
-                      f"{gbs / limits.bandwidth_gbs:>6.0%} {gflops:>8.0f} {gflops / limits.matmul_gflops:>7.0%} "
-                      f"{base / s:>8.2f}x")
+        runs = [(impl, fn, pages, weights) for impl, fn in (("MKL", F.linear), ("oneDNN", linear))
+                for pages, weights in sets.items()] + [("oneDNN", linear, "packed", packed)]
+        for impl, fn, pages, weights in runs:
+            s = _time(fn, weights, x_by_k, args.repeats)
+            base = base or s
+            gbs = nbytes / s / 1e9
+            gflops = 2 * T * nbytes / 4 / s / 1e9
+            print(f"{T:>5} {impl:<10} {pages:<10} {s * 1e3:>8.2f} {gbs:>7.1f} "
+                  f"{gbs / limits.bandwidth_gbs:>6.0%} {gflops:>8.0f} {gflops / limits.matmul_gflops:>7.0%} "
+                  f"{base / s:>8.2f}x")
     print(f"command: marserve bench linear --tokens {args.tokens} --layers {args.layers} --repeats {args.repeats} "
           f"--threads {args.threads}")
     return 0
