@@ -49,34 +49,31 @@ def gemm_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     order = torch.argsort(flat_ids, stable=True)  # pairs grouped by expert
     counts = torch.bincount(flat_ids, minlength=w13.shape[0]).tolist()
     token_of = order // K  # [P] source token of each sorted pair
-    x_sorted = hidden.index_select(0, token_of)  # [P, H]
-    act = hidden.new_empty(T * K, inter)  # [P, I]
-    y_sorted = hidden.new_empty(T * K, hidden.shape[1])  # [P, H]
-    jobs, start = [], 0  # (expert, first sorted row, rows)
+    pair_weight = topk_weights.reshape(-1).to(hidden.dtype)  # [P] in (token, slot) order
+    y = hidden.new_empty(T * K, hidden.shape[1])  # [P, H] in (token, slot) order
+    jobs, start = [], 0  # (expert, first sorted pair, pairs)
     for e, n in enumerate(counts):
         if n:
             jobs.append((e, start, n))
         start += n
 
     def run_experts(part):
+        # Gather, GEMMs, activation, routing weight and scatter all per expert, so they run on the workers too.
         for e, first, n in part:
-            rows = slice(first, first + n)
-            gate_up = linear(x_sorted[rows], w13[e])  # [n, 2I]
+            pairs = order[first:first + n]  # [n] positions in (token, slot) order
+            gate_up = linear(hidden.index_select(0, token_of[first:first + n]), w13[e])  # [n, 2I]
             gate = F.silu(gate_up[:, :inter], inplace=True)  # in place: no [n, I] temporary
-            torch.mul(gate, gate_up[:, inter:], out=act[rows])
-            y_sorted[rows] = linear(act[rows], w2[e])  # [n, H]
+            act = gate.mul_(gate_up[:, inter:])  # [n, I] (strided view into gate_up)
+            out = linear(act, w2[e])  # [n, H]
+            out.mul_(pair_weight.index_select(0, pairs).unsqueeze(1))  # routing weight after the activation
+            y.index_copy_(0, pairs, out)
 
     workers = min(torch.get_num_threads(), len(jobs))
     if hidden.device.type == "cpu" and workers > 1 and cpu_threads.can_run_single_threaded_workers():
         cpu_threads.run_parallel(run_experts, _balance(jobs, workers))
     else:
         run_experts(jobs)
-    # Routing weight after the activation, as Mixtral does: scale each pair's expert output.
-    y_sorted.mul_(topk_weights.reshape(-1).index_select(0, order).to(y_sorted.dtype).unsqueeze(1))
-    # Back to (token, slot) order, then sum each token's K outputs (a reshape, no scatter-add).
-    y = torch.empty_like(y_sorted)
-    y.index_copy_(0, order, y_sorted)
-    return y.view(T, K, -1).sum(1)
+    return y.view(T, K, -1).sum(1)  # each token's K expert outputs
 
 
 def _balance(jobs: list[tuple[int, int, int]], parts: int) -> list[list[tuple[int, int, int]]]:
