@@ -1,7 +1,9 @@
 """AsyncEngine: the LLMEngine driven by its own thread, with asyncio streams per request (for the server).
 
-The model step blocks for as long as a forward pass takes, so it runs off the event loop; requests
-and aborts cross over under one lock, and outputs come back through per-request asyncio queues.
+The model step blocks for as long as a forward pass takes, so it runs off the event loop, and the
+event loop never waits for it: new requests and aborts go into an inbox that the engine thread
+drains between steps (the engine thread alone touches the engine), and outputs come back through
+per-request asyncio queues.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import collections
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -16,7 +19,7 @@ from dataclasses import dataclass
 
 from marserve.detokenizer import stable_text
 from marserve.engine_config import EngineConfig
-from marserve.errors import MarserveError
+from marserve.errors import MarserveError, RequestError
 from marserve.expert_provider import ExpertCacheStats, ExpertProvider
 from marserve.llm_engine import LLMEngine
 from marserve.outputs import RequestOutput
@@ -45,7 +48,7 @@ class EngineDeadError(MarserveError):
 class AsyncEngine:
     def __init__(self, engine: LLMEngine):
         self.engine = engine
-        self._lock = threading.Lock()
+        self._inbox: collections.deque = collections.deque()  # ("add", ...) / ("abort", id), in order
         self._work = threading.Event()
         self._queues: dict[str, asyncio.Queue] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -101,15 +104,20 @@ class AsyncEngine:
         """Cumulative outputs for this request as they grow; the last one has finished=True."""
         if not self.is_running:
             raise EngineDeadError("the engine is not running")
+        if request_id in self._queues:
+            raise RequestError(f"request id {request_id!r} is already in use", param="request_id")
+        prepared = self.engine.prepare(prompt, params)  # raises RequestError for a bad request
         queue: asyncio.Queue = asyncio.Queue()
-        with self._lock:
-            self.engine.add_request(request_id, prompt, params)  # raises RequestError for a bad request
-            self._queues[request_id] = queue
+        self._queues[request_id] = queue
+        self._inbox.append(("add", request_id, prompt, params, time.time(), prepared))
         self._work.set()
         finished = False
         try:
             while not finished:
                 item = await queue.get()
+                if isinstance(item, MarserveError):
+                    finished = True  # refused by the engine: nothing to abort
+                    raise item
                 if isinstance(item, BaseException):
                     raise EngineDeadError(f"the engine loop stopped: {item}")
                 finished = item.finished
@@ -119,9 +127,10 @@ class AsyncEngine:
                 await self.abort(request_id)
 
     async def abort(self, request_id: str) -> None:
-        with self._lock:
-            self.engine.abort(request_id)
-            self._queues.pop(request_id, None)
+        """The engine frees the request's blocks before its next step."""
+        self._queues.pop(request_id, None)
+        self._inbox.append(("abort", request_id))
+        self._work.set()
 
     def stats(self) -> EngineStats:
         s = self.engine.scheduler
@@ -139,14 +148,14 @@ class AsyncEngine:
     def _run(self) -> None:
         try:
             while not self._stopping:
-                with self._lock:
-                    outputs = self.engine.step() if self.engine.has_unfinished else None
-                    if outputs is None:
-                        self._work.clear()
-                    deliveries = [(self._queues.get(o.request_id), o) for o in outputs or []]
-                if outputs is None:
-                    self._work.wait(0.5)
+                self._drain_inbox()
+                if not self.engine.has_unfinished:
+                    self._work.clear()
+                    if not self._inbox:
+                        self._work.wait(0.5)
                     continue
+                outputs = self.engine.step()
+                deliveries = [(self._queues.get(o.request_id), o) for o in outputs]
                 for queue, out in deliveries:
                     if queue is not None:
                         self._loop.call_soon_threadsafe(queue.put_nowait, _stabilised(out))
@@ -157,6 +166,21 @@ class AsyncEngine:
             self.errored, self.dead_error = True, e
             for queue in list(self._queues.values()):
                 self._loop.call_soon_threadsafe(queue.put_nowait, e)
+
+
+    def _drain_inbox(self) -> None:
+        while self._inbox:
+            item = self._inbox.popleft()
+            if item[0] == "abort":
+                self.engine.abort(item[1])
+                continue
+            _, request_id, prompt, params, arrival, prepared = item
+            if request_id not in self._queues:
+                continue  # aborted before it ever reached the engine
+            try:
+                self.engine.add_request(request_id, prompt, params, arrival_time=arrival, prepared=prepared)
+            except MarserveError as e:  # e.g. an id reused while its twin was still in the engine
+                self._loop.call_soon_threadsafe(self._queues.pop(request_id).put_nowait, e)
 
 
 def _stabilised(out: RequestOutput) -> RequestOutput:

@@ -92,11 +92,18 @@ class LLMEngine:
             return self.tokenize(prompt["prompt"])
         return None, list(prompt)
 
-    def add_request(self, request_id: str, prompt, params: SamplingParams, arrival_time: float | None = None) -> None:
-        if request_id in self.requests:
-            raise RequestError(f"request id {request_id!r} is already in use", param="request_id")
+    def prepare(self, prompt, params: SamplingParams) -> tuple[str | None, list[int]]:
+        """Tokenize and check a request without touching engine state (safe from any thread):
+        (prompt text, prompt token ids), or RequestError."""
         text, ids = self.tokenize(prompt)
         self._check_prompt(ids, params)
+        return text, ids
+
+    def add_request(self, request_id: str, prompt, params: SamplingParams, arrival_time: float | None = None,
+                    prepared: tuple[str | None, list[int]] | None = None) -> None:
+        if request_id in self.requests:
+            raise RequestError(f"request id {request_id!r} is already in use", param="request_id")
+        text, ids = prepared if prepared is not None else self.prepare(prompt, params)
         metrics = RequestMetrics(arrival_time=arrival_time or time.time())
         seqs, gens = [], []
         for j in range(params.n):

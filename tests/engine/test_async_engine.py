@@ -43,6 +43,10 @@ def test_concurrent_streams_match_offline_and_abort_frees_blocks(path):
         await stream.__anext__()
         await stream.aclose()
         bm = engine.engine.scheduler.block_manager
+        for _ in range(100):  # the engine thread takes the abort before its next step: milliseconds when idle
+            if bm.num_free_blocks == bm.num_blocks:
+                break
+            await asyncio.sleep(0.01)
         assert bm.num_free_blocks == bm.num_blocks and engine.stats().num_running == 0
         with pytest.raises(RequestError) as e:
             async for _ in engine.generate(list(range(100)), GREEDY, "long"):
@@ -59,5 +63,43 @@ def test_concurrent_streams_match_offline_and_abort_frees_blocks(path):
                    for c in stats.expert_cache)
         await engine.shutdown(grace_seconds=1)
         assert not engine.is_running
+
+    asyncio.run(main())
+
+
+def test_the_event_loop_never_waits_for_a_model_step(path, monkeypatch):
+    """A slow step (a long prefill) must not block the event loop: new requests and other coroutines go on."""
+    import time as _time
+
+    async def main():
+        engine = AsyncEngine.from_config(EngineConfig(model=path, dtype="float32", max_model_len=64))
+        real_step = engine.engine.step
+
+        def slow_step():
+            _time.sleep(0.3)
+            return real_step()
+
+        monkeypatch.setattr(engine.engine, "step", slow_step)
+        await engine.start()
+
+        async def consume(rid):
+            async for out in engine.generate(PROMPTS[0], SamplingParams(max_tokens=3, temperature=0,
+                                                                         ignore_eos=True), rid):
+                pass
+            return out
+
+        first = asyncio.create_task(consume("a"))
+        await asyncio.sleep(0.05)  # the engine thread is now inside a 0.3 s step
+        t0 = _time.perf_counter()
+        second = asyncio.create_task(consume("b"))  # submitting must not wait for that step
+        await asyncio.sleep(0)
+        ticks = 0
+        while _time.perf_counter() - t0 < 0.2:
+            await asyncio.sleep(0.01)
+            ticks += 1
+        assert ticks >= 10  # the loop kept turning during the step
+        outs = await asyncio.gather(first, second)
+        assert all(o.finished for o in outs)
+        await engine.shutdown(grace_seconds=1)
 
     asyncio.run(main())
