@@ -15,9 +15,13 @@ import torch.nn.functional as F
 from marserve_kernels import cpu_moe_native, cpu_threads
 from marserve_kernels.cpu_linear import linear
 
-# Mean pairs per expert (P / E) up to which the native kernel beats per-expert GEMMs (measured with
-# `marserve bench moe` on the bench shape: H1024 I2816 E32 top-2, 2 threads; see docs/benchmarks.md).
-NATIVE_MAX_PAIRS_PER_EXPERT = 4.0
+# The native kernel wins while experts see few pairs (memory-bound) or the whole call is small (per-expert
+# GEMM overheads dominate). Measured on 2 threads: H1024 I2816 E32 top-2 crosses over at ~12-16 pairs
+# per expert; the shipped model's shape (H256 I256 E8 top-2) at ~0.4 GFLOP per call (T=512).
+NATIVE_MAX_PAIRS_PER_EXPERT = 12
+NATIVE_MAX_FLOPS = 3e8
+# Handing work to the worker threads costs ~0.1 ms; below this many FLOPs oneDNN's own threads do better.
+WORKERS_MIN_FLOPS = 64e6
 
 
 def _can_use_native(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> bool:
@@ -32,7 +36,9 @@ def grouped_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     E = w13.shape[0]
     if T == 0:
         return torch.zeros_like(hidden)
-    if T * K <= NATIVE_MAX_PAIRS_PER_EXPERT * E and _can_use_native(hidden, w13, w2):
+    flops = 6 * T * K * hidden.shape[1] * (w13.shape[1] // 2)
+    few_pairs = T * K <= NATIVE_MAX_PAIRS_PER_EXPERT * E or flops <= NATIVE_MAX_FLOPS
+    if few_pairs and _can_use_native(hidden, w13, w2):
         return cpu_moe_native.small_moe(hidden, w13, w2, topk_weights, topk_ids)
     return gemm_moe(hidden, w13, w2, topk_weights, topk_ids)
 
@@ -69,7 +75,9 @@ def gemm_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
             y.index_copy_(0, pairs, out)
 
     workers = min(torch.get_num_threads(), len(jobs))
-    if hidden.device.type == "cpu" and workers > 1 and cpu_threads.can_run_single_threaded_workers():
+    flops = 6 * T * K * hidden.shape[1] * inter
+    if (hidden.device.type == "cpu" and workers > 1 and flops >= WORKERS_MIN_FLOPS
+            and cpu_threads.can_run_single_threaded_workers()):
         cpu_threads.run_parallel(run_experts, _balance(jobs, workers))
     else:
         run_experts(jobs)

@@ -5,8 +5,8 @@ the ~38 GB/s the memory gives, and decode has exactly such shapes (a few tokens 
 The C kernel streams each touched expert's rows once and dots them with all of its tokens in L1.
 The library is compiled with the system C compiler (`cc -O3 -march=native`) into a per-machine cache;
 without a compiler (or with MARSERVE_NATIVE_MOE=0) `available()` is False and callers use torch.
-Threads: the two phases (gate/up, then down) split their output columns across Python threads; ctypes
-releases the GIL, so they run in parallel. Legend: T=tokens, K=experts per token, P=T*K pairs, E=experts,
+Threads: OpenMP inside the kernel (gate/up split over I, a barrier, down split over H); the library links
+libgomp by soname, so it shares the runtime torch already loaded. Legend: T=tokens, K=experts per token, P=T*K pairs, E=experts,
 H=hidden, I=expert intermediate.
 """
 
@@ -21,7 +21,6 @@ import shutil
 import subprocess
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -29,11 +28,10 @@ import torch
 logger = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).with_name("cpu_moe_small.c")
-_FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-shared", "-fPIC"]
+_FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC"]
+SPLIT_BYTES = 2**18  # weight bytes per thread below which small_moe stays on fewer threads (measured)
 _lib: ctypes.CDLL | None = None
 _tried = False
-_pool: ThreadPoolExecutor | None = None
-_pool_size = 0
 
 
 def _cpu_signature() -> str:
@@ -64,11 +62,16 @@ def _build() -> ctypes.CDLL | None:
             logger.warning("building the native MoE kernel failed, using torch: %s", done.stderr.strip()[:500])
             return None
         os.replace(tmp, target)
+        for old in cache.glob("cpu_moe_small-*.so"):  # builds of older sources; unlinking a loaded .so is safe
+            if old != target:
+                old.unlink(missing_ok=True)
     lib = ctypes.CDLL(str(target))
     p, i64 = ctypes.c_void_p, ctypes.c_int64
     lib.moe_gate_up.argtypes = [p, p, p, p, p, i64, i64, i64, i64, i64]
     lib.moe_down.argtypes = [p, p, p, p, p, p, i64, i64, i64, i64, i64]
     lib.moe_gate_up.restype = lib.moe_down.restype = None
+    lib.moe_small.argtypes = [p, p, p, p, p, p, p, p, i64, i64, i64, i64]
+    lib.moe_small.restype = None
     lib.read_sum.argtypes = [p, i64, i64]
     lib.read_sum.restype = ctypes.c_double
     return lib
@@ -87,22 +90,6 @@ def available() -> bool:
     return _lib is not None
 
 
-def _parallel(fn, total: int, threads: int) -> None:
-    """fn(begin, end) over `threads` slices of range(total): one slice here, the rest on pool threads."""
-    global _pool, _pool_size
-    if threads <= 1 or total < 64:
-        fn(0, total)
-        return
-    if _pool is None or _pool_size != threads - 1:
-        _pool = ThreadPoolExecutor(max_workers=threads - 1, thread_name_prefix="marserve-moe")
-        _pool_size = threads - 1
-    bounds = [total * j // threads for j in range(threads + 1)]
-    futures = [_pool.submit(fn, bounds[j], bounds[j + 1]) for j in range(1, threads)]
-    fn(bounds[0], bounds[1])
-    for f in futures:
-        f.result()
-
-
 def small_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
               topk_ids: torch.Tensor, threads: int | None = None) -> torch.Tensor:
     """hidden [T, H] fp32, w13 [E, 2I, H], w2 [E, H, I] fp32 contiguous, topk_* [T, K] -> [T, H]."""
@@ -119,12 +106,12 @@ def small_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_we
     x = hidden.contiguous()
     act = torch.empty(T * K, inter, dtype=torch.float32)  # [P, I]
     out = torch.zeros(T, H, dtype=torch.float32)  # [T, H]
-    threads = threads or torch.get_num_threads()
-    ptr = lambda t: t.data_ptr()  # noqa: E731
-    _parallel(lambda a, b: _lib.moe_gate_up(ptr(x), ptr(w13), ptr(act), ptr(offsets), ptr(pair_token),
-                                            E, H, inter, a, b), inter, threads)
-    _parallel(lambda a, b: _lib.moe_down(ptr(act), ptr(w2), ptr(out), ptr(offsets), ptr(pair_token),
-                                         ptr(pair_weight), E, H, inter, a, b), H, threads)
+    if threads is None:
+        # Below ~256 KB of weights per thread, waking another thread costs more than it saves.
+        touched_bytes = min(T * K, E) * 3 * H * inter * 4
+        threads = max(1, min(torch.get_num_threads(), touched_bytes // SPLIT_BYTES))
+    _lib.moe_small(x.data_ptr(), w13.data_ptr(), w2.data_ptr(), act.data_ptr(), out.data_ptr(), offsets.data_ptr(),
+                   pair_token.data_ptr(), pair_weight.data_ptr(), E, H, inter, threads)
     return out
 
 
@@ -140,6 +127,6 @@ def read_bandwidth_gbs(buffer_mb: int = 512, repeats: int = 5, threads: int | No
     best = float("inf")
     for _ in range(repeats + 1):  # the first pass is a warm-up
         t0 = time.perf_counter()
-        _parallel(lambda a, b: _lib.read_sum(buf.data_ptr(), a, b), buf.numel(), threads)
+        _lib.read_sum(buf.data_ptr(), buf.numel(), threads)
         best = min(best, time.perf_counter() - t0)
     return buf.numel() * 4 / best / 1e9

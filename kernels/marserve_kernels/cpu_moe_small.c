@@ -10,6 +10,9 @@
  * Built at first use by cpu_moe_native.py with -O3 -march=<this machine>.
  */
 #include <math.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 #include <stdint.h>
 #include <string.h>
 
@@ -135,13 +138,42 @@ void moe_down(const float *act, const float *w2, float *out, const int64_t *offs
     }
 }
 
-/* Sum of x[begin:end): the read-bandwidth probe `marserve bench moe` compares the kernel against. */
-double read_sum(const float *x, int64_t begin, int64_t end) {
-    vec acc[4] = {{0}, {0}, {0}, {0}};
-    int64_t i = begin;
-    for (; i + 4 * LANES <= end; i += 4 * LANES)
-        for (int j = 0; j < 4; j++) acc[j] += *(const vec_u *)(x + i + j * LANES);
-    double s = hsum(acc[0] + acc[1] + acc[2] + acc[3]);
-    for (; i < end; i++) s += x[i];
-    return s;
+/* The whole few-token MoE: gate/up split over I, then down split over H, on `threads` OpenMP threads
+ * (torch's own runtime when loaded with torch, so its already-spinning workers are reused). */
+void moe_small(const float *x, const float *w13, const float *w2, float *act, float *out, const int64_t *offsets,
+               const int64_t *pair_token, const float *pair_weight, int64_t num_experts, int64_t H, int64_t I,
+               int64_t threads) {
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+        int64_t t = 0, nt = 1;
+#ifdef _OPENMP
+        t = omp_get_thread_num();
+        nt = omp_get_num_threads();
+#endif
+        moe_gate_up(x, w13, act, offsets, pair_token, num_experts, H, I, I * t / nt, I * (t + 1) / nt);
+#pragma omp barrier
+        moe_down(act, w2, out, offsets, pair_token, pair_weight, num_experts, H, I, H * t / nt, H * (t + 1) / nt);
+    }
+}
+
+/* Sum of x[0:n) on `threads` threads: the read-bandwidth probe `marserve bench moe` compares the kernel against. */
+double read_sum(const float *x, int64_t n, int64_t threads) {
+    double total = 0.0;
+#pragma omp parallel num_threads(threads) if (threads > 1) reduction(+ : total)
+    {
+        int64_t t = 0, nt = 1;
+#ifdef _OPENMP
+        t = omp_get_thread_num();
+        nt = omp_get_num_threads();
+#endif
+        int64_t begin = n * t / nt / (4 * LANES) * (4 * LANES), end = t == nt - 1 ? n : n * (t + 1) / nt / (4 * LANES) * (4 * LANES);
+        vec acc[4] = {{0}, {0}, {0}, {0}};
+        int64_t i = begin;
+        for (; i + 4 * LANES <= end; i += 4 * LANES)
+            for (int j = 0; j < 4; j++) acc[j] += *(const vec_u *)(x + i + j * LANES);
+        double s = hsum(acc[0] + acc[1] + acc[2] + acc[3]);
+        for (; i < end; i++) s += x[i];
+        total += s;
+    }
+    return total;
 }

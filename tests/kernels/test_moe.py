@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from marserve_kernels import cpu_moe_native, grouped_moe, moe, moe_reference
+from marserve_kernels import cpu_moe
 from marserve_kernels.cpu_moe import gemm_moe
 
 NATIVE = cpu_moe_native.available()
@@ -70,6 +71,7 @@ def test_moe_picks_native_for_few_tokens_and_gemms_for_many(monkeypatch):
     calls = []
     monkeypatch.setattr(cpu_moe_native, "small_moe", lambda *a, **k: calls.append("native") or moe_reference(*a))
     monkeypatch.setattr(cpu_moe_native, "available", lambda: True)
+    monkeypatch.setattr(cpu_moe, "NATIVE_MAX_FLOPS", 0)  # decide by pairs per expert alone
     hidden, w13, w2, topk_weights, topk_ids = _case(2, 8, 2, 24, 40, torch.float32, seed=0)
     moe(hidden, w13, w2, topk_weights, topk_ids)
     assert calls == ["native"]
