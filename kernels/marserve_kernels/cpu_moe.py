@@ -25,8 +25,8 @@ WORKERS_MIN_FLOPS = 64e6
 
 
 def _can_use_native(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> bool:
-    return (hidden.device.type == "cpu" and hidden.dtype == w13.dtype == w2.dtype == torch.float32
-            and w13.is_contiguous() and w2.is_contiguous() and cpu_moe_native.available())
+    return (hidden.device.type == "cpu" and hidden.dtype == w13.dtype == w2.dtype
+            and w13.is_contiguous() and w2.is_contiguous() and cpu_moe_native.available(w13.dtype))
 
 
 def grouped_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,

@@ -3,7 +3,8 @@
 Why native code: on this project's AMD CPUs, MKL's and oneDNN's GEMMs with 2-16 rows reach 3-25 GB/s of
 the ~38 GB/s the memory gives, and decode has exactly such shapes (a few tokens per touched expert).
 The C kernel streams each touched expert's rows once and dots them with all of its tokens in L1.
-The library is compiled with the system C compiler (`cc -O3 -march=native`) into a per-machine cache;
+The library is compiled with the system C compiler (`cc -O3 -march=native`, once per weight dtype: fp32
+and bf16) into a per-machine cache;
 without a compiler (or with MARSERVE_NATIVE_MOE=0) `available()` is False and callers use torch.
 Threads: OpenMP inside the kernel (gate/up split over I, a barrier, down split over H); the library links
 libgomp by soname, so it shares the runtime torch already loaded. Legend: T=tokens, K=experts per token, P=T*K pairs, E=experts,
@@ -30,8 +31,7 @@ logger = logging.getLogger(__name__)
 _SOURCE = Path(__file__).with_name("cpu_moe_small.c")
 _FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC"]
 SPLIT_BYTES = 2**18  # weight bytes per thread below which small_moe stays on fewer threads (measured)
-_lib: ctypes.CDLL | None = None
-_tried = False
+_libs: dict[torch.dtype, ctypes.CDLL | None] = {}  # weight dtype -> its build (None: unavailable)
 
 
 def _cpu_signature() -> str:
@@ -43,33 +43,34 @@ def _cpu_signature() -> str:
         return platform.processor()
 
 
-def _build() -> ctypes.CDLL | None:
+# weight dtype -> extra compiler flags of its build
+VARIANTS = {torch.float32: [], torch.bfloat16: ["-DWEIGHT_BF16"]}
+
+
+def _build(variant: str, defines: list[str]) -> ctypes.CDLL | None:
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None or not _SOURCE.exists():
         return None
-    key = hashlib.sha256(_SOURCE.read_bytes() + " ".join(_FLAGS).encode() + _cpu_signature().encode()
+    flags = [*_FLAGS, *defines]
+    key = hashlib.sha256(_SOURCE.read_bytes() + " ".join(flags).encode() + _cpu_signature().encode()
                          + platform.machine().encode()).hexdigest()[:16]
     cache = Path(os.environ.get("MARSERVE_KERNEL_CACHE", Path.home() / ".cache" / "marserve" / "kernels"))
-    target = cache / f"cpu_moe_small-{key}.so"
+    target = cache / f"cpu_moe_small-{variant}-{key}.so"
     if not target.exists():
         cache.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)  # build aside, rename: concurrent builders are safe
         os.close(fd)
-        cmd = [compiler, *_FLAGS, "-o", tmp, str(_SOURCE), "-lm"]
-        done = subprocess.run(cmd, capture_output=True, text=True)
+        done = subprocess.run([compiler, *flags, "-o", tmp, str(_SOURCE), "-lm"], capture_output=True, text=True)
         if done.returncode != 0:
             os.unlink(tmp)
             logger.warning("building the native MoE kernel failed, using torch: %s", done.stderr.strip()[:500])
             return None
         os.replace(tmp, target)
-        for old in cache.glob("cpu_moe_small-*.so"):  # builds of older sources; unlinking a loaded .so is safe
+        for old in cache.glob(f"cpu_moe_small-{variant}-*.so"):  # older sources; unlinking a loaded .so is safe
             if old != target:
                 old.unlink(missing_ok=True)
     lib = ctypes.CDLL(str(target))
     p, i64 = ctypes.c_void_p, ctypes.c_int64
-    lib.moe_gate_up.argtypes = [p, p, p, p, p, i64, i64, i64, i64, i64]
-    lib.moe_down.argtypes = [p, p, p, p, p, p, i64, i64, i64, i64, i64]
-    lib.moe_gate_up.restype = lib.moe_down.restype = None
     lib.moe_small.argtypes = [p, p, p, p, p, p, p, p, i64, i64, i64, i64]
     lib.moe_small.restype = None
     lib.read_sum.argtypes = [p, i64, i64]
@@ -77,23 +78,24 @@ def _build() -> ctypes.CDLL | None:
     return lib
 
 
-def available() -> bool:
-    global _lib, _tried
-    if not _tried:
-        _tried = True
+def available(dtype: torch.dtype = torch.float32) -> bool:
+    """True if the kernel for weights of `dtype` (fp32 or bf16) is built (building it on first call)."""
+    if dtype not in VARIANTS:
+        return False
+    if dtype not in _libs:
+        _libs[dtype] = None
         if os.environ.get("MARSERVE_NATIVE_MOE", "1") != "0" and platform.system() == "Linux":
             try:
-                _lib = _build()
+                _libs[dtype] = _build(str(dtype).replace("torch.", ""), VARIANTS[dtype])
             except (OSError, subprocess.SubprocessError) as e:
                 logger.warning("native MoE kernel unavailable, using torch: %s", e)
-                _lib = None
-    return _lib is not None
+    return _libs[dtype] is not None
 
 
 def small_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
               topk_ids: torch.Tensor, threads: int | None = None) -> torch.Tensor:
-    """hidden [T, H] fp32, w13 [E, 2I, H], w2 [E, H, I] fp32 contiguous, topk_* [T, K] -> [T, H]."""
-    assert available(), "call available() first"
+    """hidden [T, H], w13 [E, 2I, H], w2 [E, H, I] contiguous fp32 or bf16, topk_* [T, K] -> [T, H] (hidden's dtype)."""
+    assert w13.dtype == w2.dtype and available(w13.dtype), "call available(weight dtype) first"
     T, K = topk_ids.shape
     E, two_i, H = w13.shape
     inter = two_i // 2
@@ -103,16 +105,17 @@ def small_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_we
     torch.cumsum(torch.bincount(flat_ids, minlength=E), 0, out=offsets[1:])  # [E+1]
     pair_token = (order // K).contiguous()  # [P]
     pair_weight = topk_weights.reshape(-1).to(torch.float32).index_select(0, order)  # [P]
-    x = hidden.contiguous()
+    x = hidden.to(torch.float32).contiguous()  # [T, H]: activations are fp32 inside the kernel
     act = torch.empty(T * K, inter, dtype=torch.float32)  # [P, I]
     out = torch.zeros(T, H, dtype=torch.float32)  # [T, H]
     if threads is None:
         # Below ~256 KB of weights per thread, waking another thread costs more than it saves.
-        touched_bytes = min(T * K, E) * 3 * H * inter * 4
+        touched_bytes = min(T * K, E) * 3 * H * inter * w13.element_size()
         threads = max(1, min(torch.get_num_threads(), touched_bytes // SPLIT_BYTES))
-    _lib.moe_small(x.data_ptr(), w13.data_ptr(), w2.data_ptr(), act.data_ptr(), out.data_ptr(), offsets.data_ptr(),
-                   pair_token.data_ptr(), pair_weight.data_ptr(), E, H, inter, threads)
-    return out
+    _libs[w13.dtype].moe_small(x.data_ptr(), w13.data_ptr(), w2.data_ptr(), act.data_ptr(), out.data_ptr(),
+                               offsets.data_ptr(), pair_token.data_ptr(), pair_weight.data_ptr(), E, H, inter,
+                               threads)
+    return out.to(hidden.dtype)
 
 
 def read_bandwidth_gbs(buffer_mb: int = 512, repeats: int = 5, threads: int | None = None) -> float:
@@ -127,6 +130,6 @@ def read_bandwidth_gbs(buffer_mb: int = 512, repeats: int = 5, threads: int | No
     best = float("inf")
     for _ in range(repeats + 1):  # the first pass is a warm-up
         t0 = time.perf_counter()
-        _lib.read_sum(buf.data_ptr(), buf.numel(), threads)
+        _libs[torch.float32].read_sum(buf.data_ptr(), buf.numel(), threads)
         best = min(best, time.perf_counter() - t0)
     return buf.numel() * 4 / best / 1e9

@@ -7,6 +7,8 @@
  * Legend: T=tokens, P=pairs (T*K), E=experts, H=hidden, I=expert intermediate.
  * Each function computes a slice of rows so the caller can split the work across threads without
  * races: gate_up writes columns [i0, i1) of act, down writes columns [h0, h1) of out.
+ * Weights are fp32, or bf16 when built with -DWEIGHT_BF16 (widened to fp32 in registers: half the bytes
+ * streamed); activations, accumulation and outputs are fp32 in both builds.
  * Built at first use by cpu_moe_native.py with -O3 -march=<this machine>.
  */
 #include <math.h>
@@ -19,6 +21,26 @@
 typedef float vec __attribute__((vector_size(64)));               /* 16 fp32 lanes */
 typedef float vec_u __attribute__((vector_size(64), aligned(4))); /* unaligned access */
 #define LANES 16
+
+#ifdef WEIGHT_BF16
+typedef uint16_t wtype;
+typedef uint16_t wvec_u __attribute__((vector_size(32), aligned(2))); /* 16 bf16 */
+typedef uint32_t u32vec __attribute__((vector_size(64)));
+static inline vec load_w(const wtype *p) {
+    u32vec u = __builtin_convertvector(*(const wvec_u *)p, u32vec) << 16; /* bf16 = the top half of fp32 */
+    return (vec)u;
+}
+static inline float scalar_w(wtype v) {
+    uint32_t u = (uint32_t)v << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+#else
+typedef float wtype;
+static inline vec load_w(const wtype *p) { return *(const vec_u *)p; }
+static inline float scalar_w(wtype v) { return v; }
+#endif
 #define MAX_GROUP 8 /* pairs per pass over a weight row: 2*8 accumulators fit the registers */
 
 /* Keeps a loaded vector in a register: otherwise gcc re-loads it for every FMA that uses it, and the
@@ -39,7 +61,7 @@ static inline float hsum(vec v) {
  * (FMA latency 4 cycles x 2 ports); n % 16 leftovers are summed in scalar. Rows `ahead` floats further
  * are prefetched: rows here are page-sized, and hardware prefetchers stop at page boundaries. */
 #define DEFINE_DOT2(NB, S)                                                                           \
-    static void dot2_##NB(const float *w_a, const float *w_b, const float *const *xs, int64_t n,   \
+    static void dot2_##NB(const wtype *w_a, const wtype *w_b, const float *const *xs, int64_t n,   \
                           int64_t ahead, float *res_a, float *res_b) {                                           \
         vec acc_a[NB][S], acc_b[NB][S];                                                            \
         for (int p = 0; p < NB; p++)                                                               \
@@ -47,8 +69,8 @@ static inline float hsum(vec v) {
         int64_t h = 0;                                                                             \
         for (; h + S * LANES <= n; h += S * LANES)                                                 \
             for (int s = 0; s < S; s++) {                                                          \
-                vec wa = *(const vec_u *)(w_a + h + s * LANES);                                    \
-                vec wb = *(const vec_u *)(w_b + h + s * LANES);                                    \
+                vec wa = load_w(w_a + h + s * LANES);                                              \
+                vec wb = load_w(w_b + h + s * LANES);                                              \
                 __builtin_prefetch(w_a + ahead + h + s * LANES);                                  \
                 __builtin_prefetch(w_b + ahead + h + s * LANES);                                  \
                 PIN(wa); PIN(wb);                                                                  \
@@ -60,7 +82,7 @@ static inline float hsum(vec v) {
                 }                                                                                  \
             }                                                                                      \
         for (; h + LANES <= n; h += LANES) {                                                       \
-            vec wa = *(const vec_u *)(w_a + h), wb = *(const vec_u *)(w_b + h);                    \
+            vec wa = load_w(w_a + h), wb = load_w(w_b + h);                                          \
             for (int p = 0; p < NB; p++) {                                                         \
                 vec xv = *(const vec_u *)(xs[p] + h);                                              \
                 acc_a[p][0] += wa * xv;                                                            \
@@ -71,8 +93,8 @@ static inline float hsum(vec v) {
             for (int s = 1; s < S; s++) { acc_a[p][0] += acc_a[p][s]; acc_b[p][0] += acc_b[p][s]; }\
             float sa = hsum(acc_a[p][0]), sb = hsum(acc_b[p][0]);                                  \
             for (int64_t t = h; t < n; t++) {                                                      \
-                sa += w_a[t] * xs[p][t];                                                           \
-                sb += w_b[t] * xs[p][t];                                                           \
+                sa += scalar_w(w_a[t]) * xs[p][t];                                                     \
+                sb += scalar_w(w_b[t]) * xs[p][t];                                                     \
             }                                                                                      \
             res_a[p] = sa;                                                                         \
             res_b[p] = sb;                                                                         \
@@ -87,16 +109,16 @@ DEFINE_DOT2(6, 1)
 DEFINE_DOT2(7, 1)
 DEFINE_DOT2(8, 1)
 
-typedef void (*dot2_fn)(const float *, const float *, const float *const *, int64_t, int64_t, float *, float *);
+typedef void (*dot2_fn)(const wtype *, const wtype *, const float *const *, int64_t, int64_t, float *, float *);
 static const dot2_fn DOT2[MAX_GROUP + 1] = {0, dot2_1, dot2_2, dot2_3, dot2_4, dot2_5, dot2_6, dot2_7, dot2_8};
 
 /* act[p, i] = silu(x_p . w13[e, i]) * (x_p . w13[e, I + i]) for i in [i0, i1): x [T, H], w13 [E, 2I, H], act [P, I]. */
-void moe_gate_up(const float *x, const float *w13, float *act, const int64_t *offsets, const int64_t *pair_token,
+void moe_gate_up(const float *x, const wtype *w13, float *act, const int64_t *offsets, const int64_t *pair_token,
                  int64_t num_experts, int64_t H, int64_t I, int64_t i0, int64_t i1) {
     const float *xs[MAX_GROUP];
     float g[MAX_GROUP], u[MAX_GROUP];
     for (int64_t e = 0; e < num_experts; e++) {
-        const float *w = w13 + e * 2 * I * H;
+        const wtype *w = w13 + e * 2 * I * H;
         int64_t begin = offsets[e], end = offsets[e + 1];
         if (begin == end) continue;
         /* Rows outer: each weight row comes from memory once and serves every pair of this expert. */
@@ -113,12 +135,12 @@ void moe_gate_up(const float *x, const float *w13, float *act, const int64_t *of
 
 /* out[t, h] += sum over pairs p of token t: pair_weight[p] * (act_p . w2[e, h]) for h in [h0, h1).
  * act [P, I], w2 [E, H, I], out [T, H] (zeroed by the caller). Routing weight applied after the activation. */
-void moe_down(const float *act, const float *w2, float *out, const int64_t *offsets, const int64_t *pair_token,
+void moe_down(const float *act, const wtype *w2, float *out, const int64_t *offsets, const int64_t *pair_token,
               const float *pair_weight, int64_t num_experts, int64_t H, int64_t I, int64_t h0, int64_t h1) {
     const float *as[MAX_GROUP];
     float d0[MAX_GROUP], d1[MAX_GROUP];
     for (int64_t e = 0; e < num_experts; e++) {
-        const float *w = w2 + e * H * I;
+        const wtype *w = w2 + e * H * I;
         int64_t begin = offsets[e], end = offsets[e + 1];
         if (begin == end) continue;
         /* Two rows per pass share the loads of act; an odd last row is paired with itself. */
@@ -140,7 +162,7 @@ void moe_down(const float *act, const float *w2, float *out, const int64_t *offs
 
 /* The whole few-token MoE: gate/up split over I, then down split over H, on `threads` OpenMP threads
  * (torch's own runtime when loaded with torch, so its already-spinning workers are reused). */
-void moe_small(const float *x, const float *w13, const float *w2, float *act, float *out, const int64_t *offsets,
+void moe_small(const float *x, const wtype *w13, const wtype *w2, float *act, float *out, const int64_t *offsets,
                const int64_t *pair_token, const float *pair_weight, int64_t num_experts, int64_t H, int64_t I,
                int64_t threads) {
 #pragma omp parallel num_threads(threads) if (threads > 1)

@@ -5,7 +5,7 @@ from marserve_kernels import cpu_moe_native, grouped_moe, moe, moe_reference
 from marserve_kernels import cpu_moe
 from marserve_kernels.cpu_moe import gemm_moe
 
-NATIVE = cpu_moe_native.available()
+NATIVE = cpu_moe_native.available(torch.float32) and cpu_moe_native.available(torch.bfloat16)
 
 
 def small_moe(*args):
@@ -50,7 +50,7 @@ def test_paths_match_naive_loop(T, E, K, H, I, dtype):
     hidden, w13, w2, topk_weights, topk_ids = _case(T, E, K, H, I, dtype, seed=T * 100 + E)
     want = naive_loop(hidden.float(), w13.float(), w2.float(), topk_weights, topk_ids)
     tol = 1e-4 if dtype == torch.float32 else 5e-2
-    paths = [moe_reference, grouped_moe, moe, gemm_moe] + ([small_moe] if dtype == torch.float32 else [])
+    paths = [moe_reference, grouped_moe, moe, gemm_moe, small_moe]
     for fn in paths:
         got = fn(hidden, w13, w2, topk_weights, topk_ids).float()
         torch.testing.assert_close(got, want, atol=tol, rtol=tol, msg=lambda m: f"{fn.__name__}: {m}")
@@ -70,15 +70,17 @@ def test_native_kernel_splits_work_across_threads(threads):
 def test_moe_picks_native_for_few_tokens_and_gemms_for_many(monkeypatch):
     calls = []
     monkeypatch.setattr(cpu_moe_native, "small_moe", lambda *a, **k: calls.append("native") or moe_reference(*a))
-    monkeypatch.setattr(cpu_moe_native, "available", lambda: True)
+    monkeypatch.setattr(cpu_moe_native, "available", lambda dtype: dtype in (torch.float32, torch.bfloat16))
     monkeypatch.setattr(cpu_moe, "NATIVE_MAX_FLOPS", 0)  # decide by pairs per expert alone
     hidden, w13, w2, topk_weights, topk_ids = _case(2, 8, 2, 24, 40, torch.float32, seed=0)
     moe(hidden, w13, w2, topk_weights, topk_ids)
     assert calls == ["native"]
     many = _case(64, 8, 2, 24, 40, torch.float32, seed=1)  # 16 pairs per expert: GEMM territory
     moe(*many)
-    moe(*_case(2, 8, 2, 24, 40, torch.bfloat16, seed=2))  # the native kernel is fp32 only
+    moe(*_case(2, 8, 2, 24, 40, torch.float16, seed=2))  # the native kernel has fp32 and bf16 weights only
     assert calls == ["native"]
+    moe(*_case(2, 8, 2, 24, 40, torch.bfloat16, seed=3))
+    assert calls == ["native", "native"]
 
 
 def test_zero_tokens():
