@@ -92,9 +92,11 @@ def make_baby_checkpoint(path, model_type: str, *, mar: bool = False, affinity_s
     model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
     # Random init with std 0.02 makes every logit ~equal; larger weights give decisive, testable routing/tokens.
     with torch.no_grad():
-        for p in model.parameters():
+        for name, p in model.named_parameters():
             if p.dim() >= 2:
                 p.normal_(0.0, 0.15)
+            elif "norm" in name:  # norms too, so that a mixed-up norm weight shows in the logits
+                p.normal_(1.0, 0.2)
     model.eval()
     model.save_pretrained(path, max_shard_size="40KB" if sharded else "10GB")
     GenerationConfig(bos_token_id=ids["bos_token_id"], eos_token_id=ids["eos_token_id"],

@@ -40,11 +40,16 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in float32 (as the reference implementations do), scale in the input dtype.
-        dtype = x.dtype
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(dtype)
+        return rms_norm(x, self.weight, self.eps)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Normalise the last dim in float32 (as the reference implementations do), scale in x's dtype.
+    weight broadcasts against x's trailing dims (e.g. [heads, D] for per-head norms of different weights)."""
+    dtype = x.dtype
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(dtype)
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None, max_positions: int) -> tuple[torch.Tensor, float]:
@@ -163,16 +168,38 @@ class Attention(nn.Module):
             fused.bias = nn.Parameter(bias, requires_grad=False)
         self.qkv_proj = fused
         del self.q_proj, self.k_proj, self.v_proj
+        if self.qk_norm == "head":  # one norm over the q and k heads together: each head keeps its own weight
+            self.register_buffer("qk_norm_weight", torch.cat([self.q_norm.weight.detach().expand(self.num_heads, -1),
+                                                              self.k_norm.weight.detach().expand(self.num_kv_heads, -1)]))
         return True
+
+    def _fused_qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """q/k/v from the fused projection, with one norm and one rotary pass over q and k together."""
+        T, Hq, Hkv, D = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
+        qkv = self.qkv_proj(x)  # [T, (Hq + 2 Hkv) * D]
+        clip = self.clip_qkv
+        if self.qk_norm == "full":  # olmoe: norm the whole q and k projections, then clip
+            q, k, v = qkv.split([Hq * D, Hkv * D, Hkv * D], dim=-1)
+            qk = torch.cat([self.q_norm(q), self.k_norm(k)], dim=-1).view(T, Hq + Hkv, D)
+            if clip is not None:
+                qk, v = qk.clamp(-clip, clip), v.clamp(-clip, clip)
+        else:
+            if clip is not None:
+                qkv = qkv.clamp(-clip, clip)
+            qk = qkv[:, :(Hq + Hkv) * D].view(T, Hq + Hkv, D)
+            v = qkv[:, (Hq + Hkv) * D:]
+            if self.qk_norm == "head":
+                qk = rms_norm(qk, self.qk_norm_weight, self.q_norm.eps)
+        qk = apply_rope(qk, cos, sin)  # [T, Hq + Hkv, D]
+        return qk[:, :Hq], qk[:, Hq:], v.view(T, Hkv, D)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionMetadata) -> torch.Tensor:
         T = x.shape[0]
         if hasattr(self, "qkv_proj"):
-            q, k, v = self.qkv_proj(x).split(
-                [self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.num_kv_heads * self.head_dim],
-                dim=-1)
-        else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # [T, Hq*D], [T, Hkv*D] x2
+            q, k, v = self._fused_qkv(x, cos, sin)
+            out = attend(q, k, v, attn, self.layer_idx, self.scale)  # [T, Hq, D]
+            return self.o_proj(out.reshape(T, self.num_heads * self.head_dim))
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # [T, Hq*D], [T, Hkv*D] x2
         if self.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
         if self.clip_qkv is not None:

@@ -56,7 +56,9 @@ def test_packed_weight_gives_the_same_products(dtype, tol, tokens):
 def test_model_pack_for_cpu_keeps_logits_and_leaves_tied_weights(baby_checkpoint):
     from marserve.attention import AttentionMetadata
     from marserve.loader import load_model
-    for kind, kw in (("qwen2_moe", {}), ("mixtral", {"config_overrides": {"tie_word_embeddings": True}})):
+    cases = (("qwen2_moe", {}), ("qwen3_moe", {}), ("olmoe", {"config_overrides": {"clip_qkv": 0.5}}),
+             ("mixtral", {"config_overrides": {"tie_word_embeddings": True}}))
+    for kind, kw in cases:  # attention biases, per-head and whole-projection q/k norms, clipping, tied head
         model, cfg = load_model(baby_checkpoint(kind, **kw), dtype="float32")
         ids = torch.arange(3, 3 + 9)
         with torch.inference_mode():
