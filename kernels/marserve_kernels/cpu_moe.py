@@ -15,10 +15,11 @@ import torch.nn.functional as F
 from marserve_kernels import cpu_moe_native, cpu_threads
 from marserve_kernels.cpu_linear import linear
 
-# The native kernel wins while experts see few pairs (memory-bound) or the whole call is small (per-expert
-# GEMM overheads dominate). Measured on 2 threads: H1024 I2816 E32 top-2 crosses over at ~12-16 pairs
-# per expert; the shipped model's shape (H256 I256 E8 top-2) at ~0.4 GFLOP per call (T=512).
-NATIVE_MAX_PAIRS_PER_EXPERT = 12
+# The native kernel wins while experts see few pairs (memory-bound, or GEMMs too thin for oneDNN) or the
+# whole call is small (per-expert GEMM overheads dominate). Measured on 2 threads: H1024 I2816 E32 top-2
+# crosses over at ~40 pairs per expert (T=512: 62 vs 72 ms; T=1024: 114 vs 103 ms); the shipped model's
+# shape (H256 I256 E8 top-2) at ~0.4 GFLOP per call (T=512).
+NATIVE_MAX_PAIRS_PER_EXPERT = 32
 NATIVE_MAX_FLOPS = 3e8
 # Handing work to the worker threads costs ~0.1 ms; below this many FLOPs oneDNN's own threads do better.
 WORKERS_MIN_FLOPS = 64e6

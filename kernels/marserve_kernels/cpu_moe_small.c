@@ -41,7 +41,10 @@ typedef float wtype;
 static inline vec load_w(const wtype *p) { return *(const vec_u *)p; }
 static inline float scalar_w(wtype v) { return v; }
 #endif
-#define MAX_GROUP 8 /* pairs per pass over a weight row: 2*8 accumulators fit the registers */
+#define MAX_GROUP 8   /* pairs per pass over a weight row: 2*8 accumulators fit the registers */
+#define ROW_BLOCK 16  /* weight rows reused from L2 by every group of pairs */
+#define K_CHUNK 1024  /* floats of each act row per pass of the down kernel: a group's chunks fit L1 */
+#define L1_FLOATS 6144 /* 24 KiB: act rows of a group up to this size stay in L1 next to the weight rows */
 
 /* Keeps a loaded vector in a register: otherwise gcc re-loads it for every FMA that uses it, and the
  * loads, not the FMAs, become the bottleneck. */
@@ -121,20 +124,26 @@ void moe_gate_up(const float *x, const wtype *w13, float *act, const int64_t *of
         const wtype *w = w13 + e * 2 * I * H;
         int64_t begin = offsets[e], end = offsets[e + 1];
         if (begin == end) continue;
-        /* Rows outer: each weight row comes from memory once and serves every pair of this expert. */
-        for (int64_t i = i0; i < i1; i++) {
+        /* A block of rows comes from memory once; every group of pairs runs over it while it sits in L2,
+         * and each group's x rows stay in L1 for the whole block. */
+        for (int64_t blk = i0; blk < i1; blk += ROW_BLOCK) {
+            int64_t blk_end = blk + ROW_BLOCK < i1 ? blk + ROW_BLOCK : i1;
             for (int64_t p0 = begin; p0 < end; p0 += MAX_GROUP) {
                 int64_t nb = end - p0 < MAX_GROUP ? end - p0 : MAX_GROUP;
                 for (int64_t p = 0; p < nb; p++) xs[p] = x + pair_token[p0 + p] * H;
-                DOT2[nb](w + i * H, w + (I + i) * H, xs, H, H, g, u); /* prefetch the next rows */
-                for (int64_t p = 0; p < nb; p++) act[(p0 + p) * I + i] = g[p] / (1.f + expf(-g[p])) * u[p];
+                for (int64_t i = blk; i < blk_end; i++) {
+                    DOT2[nb](w + i * H, w + (I + i) * H, xs, H, H, g, u); /* prefetch the next rows */
+                    for (int64_t p = 0; p < nb; p++) act[(p0 + p) * I + i] = g[p] / (1.f + expf(-g[p])) * u[p];
+                }
             }
         }
     }
 }
 
 /* out[t, h] += sum over pairs p of token t: pair_weight[p] * (act_p . w2[e, h]) for h in [h0, h1).
- * act [P, I], w2 [E, H, I], out [T, H] (zeroed by the caller). Routing weight applied after the activation. */
+ * act [P, I], w2 [E, H, I], out [T, H] (zeroed by the caller). Routing weight applied after the activation.
+ * I is long (act rows of several pairs would not fit L1), so it is cut in K_CHUNK pieces whose partial
+ * dots are added to out directly. */
 void moe_down(const float *act, const wtype *w2, float *out, const int64_t *offsets, const int64_t *pair_token,
               const float *pair_weight, int64_t num_experts, int64_t H, int64_t I, int64_t h0, int64_t h1) {
     const float *as[MAX_GROUP];
@@ -143,17 +152,25 @@ void moe_down(const float *act, const wtype *w2, float *out, const int64_t *offs
         const wtype *w = w2 + e * H * I;
         int64_t begin = offsets[e], end = offsets[e + 1];
         if (begin == end) continue;
-        /* Two rows per pass share the loads of act; an odd last row is paired with itself. */
-        for (int64_t h = h0; h < h1; h += 2) {
-            int64_t h_b = h + 1 < h1 ? h + 1 : h;
+        for (int64_t blk = h0; blk < h1; blk += ROW_BLOCK) {
+            int64_t blk_end = blk + ROW_BLOCK < h1 ? blk + ROW_BLOCK : h1;
             for (int64_t p0 = begin; p0 < end; p0 += MAX_GROUP) {
                 int64_t nb = end - p0 < MAX_GROUP ? end - p0 : MAX_GROUP;
-                for (int64_t p = 0; p < nb; p++) as[p] = act + (p0 + p) * I;
-                DOT2[nb](w + h * I, w + h_b * I, as, I, 2 * I, d0, d1);
-                for (int64_t p = 0; p < nb; p++) {
-                    float *o = out + pair_token[p0 + p] * H;
-                    o[h] += pair_weight[p0 + p] * d0[p];
-                    if (h_b != h) o[h_b] += pair_weight[p0 + p] * d1[p];
+                /* Whole rows (one long stream) while the group's act rows fit L1 anyway. */
+                int64_t chunk = nb * I <= L1_FLOATS ? I : K_CHUNK;
+                for (int64_t c = 0; c < I; c += chunk) {
+                    int64_t len = I - c < chunk ? I - c : chunk;
+                    for (int64_t p = 0; p < nb; p++) as[p] = act + (p0 + p) * I + c;
+                    /* Two rows per pass share the loads of act; an odd last row is paired with itself. */
+                    for (int64_t h = blk; h < blk_end; h += 2) {
+                        int64_t h_b = h + 1 < blk_end ? h + 1 : h;
+                        DOT2[nb](w + h * I + c, w + h_b * I + c, as, len, 2 * I, d0, d1);
+                        for (int64_t p = 0; p < nb; p++) {
+                            float *o = out + pair_token[p0 + p] * H;
+                            o[h] += pair_weight[p0 + p] * d0[p];
+                            if (h_b != h) o[h_b] += pair_weight[p0 + p] * d1[p];
+                        }
+                    }
                 }
             }
         }

@@ -75,7 +75,7 @@ def test_moe_picks_native_for_few_tokens_and_gemms_for_many(monkeypatch):
     hidden, w13, w2, topk_weights, topk_ids = _case(2, 8, 2, 24, 40, torch.float32, seed=0)
     moe(hidden, w13, w2, topk_weights, topk_ids)
     assert calls == ["native"]
-    many = _case(64, 8, 2, 24, 40, torch.float32, seed=1)  # 16 pairs per expert: GEMM territory
+    many = _case(160, 8, 2, 24, 40, torch.float32, seed=1)  # 40 pairs per expert: GEMM territory
     moe(*many)
     moe(*_case(2, 8, 2, 24, 40, torch.float16, seed=2))  # the native kernel has fp32 and bf16 weights only
     assert calls == ["native"]
