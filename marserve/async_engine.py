@@ -100,6 +100,10 @@ class AsyncEngine:
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, 10)
 
+    def prepare(self, prompt, params: SamplingParams) -> tuple[str | None, list[int]]:
+        """Tokenize and check a request now, from the event loop: (text, token ids) or RequestError."""
+        return self.engine.prepare(prompt, params)
+
     async def generate(self, prompt, params: SamplingParams, request_id: str) -> AsyncIterator[RequestOutput]:
         """Cumulative outputs for this request as they grow; the last one has finished=True."""
         if not self.is_running:

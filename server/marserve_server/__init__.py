@@ -1,0 +1,5 @@
+"""marserve's OpenAI-compatible HTTP server (FastAPI + uvicorn) over the async engine."""
+
+from marserve_server.api_server import ServerConfig, build_app, serve
+
+__all__ = ["ServerConfig", "build_app", "serve"]

@@ -1,0 +1,68 @@
+"""`marserve serve [MODEL_DIR]`: the OpenAI-compatible HTTP server (flags named as vLLM names them)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+from marserve.commands.generate import resolve_model_dir
+from marserve.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model_dir", nargs="?", default=None,
+                   help="Hugging Face model directory (default: the bundled default model)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 for all interfaces)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--served-model-name", default=None,
+                   help="model name clients use (default: the directory name; marserve-default for the shipped model)")
+    p.add_argument("--api-key", default=os.environ.get("MARSERVE_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1 routes (default: $MARSERVE_API_KEY)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
+    p.add_argument("--max-num-seqs", type=int, default=64, help="sequences in one batch")
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="tokens computed in one step")
+    p.add_argument("--kv-cache-gb", type=float, default=1.0, help="memory for the paged KV cache")
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-queue-len", type=int, default=256, help="waiting requests beyond this get 429")
+    p.add_argument("--max-body-mb", type=float, default=4.0, help="larger request bodies get 413")
+    p.add_argument("--shutdown-grace", type=float, default=30.0,
+                   help="seconds running requests may take to finish after SIGTERM")
+    # Expert offloading arrives with the next milestone; the flags are here so deployments can be written now.
+    p.add_argument("--expert-cache-gb", type=float, default=None,
+                   help="fast-memory budget for experts (default: all experts resident)")
+    p.add_argument("--offload-tier", default="none", choices=["none", "cpu", "disk"],
+                   help="where experts outside the cache live (default: none, all resident)")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.expert_cache_gb is not None or args.offload_tier != "none":
+        raise ConfigError("expert offloading (--expert-cache-gb, --offload-tier) is not available yet: "
+                          "this version keeps every expert resident; leave both flags unset")
+    from marserve.async_engine import AsyncEngine
+    from marserve.engine_config import EngineConfig
+    from marserve_server import ServerConfig, serve
+    from marserve import DEFAULT_MODEL_DIR
+    model_dir = resolve_model_dir(args.model_dir)
+    default_name = "marserve-default" if model_dir.resolve() == DEFAULT_MODEL_DIR.resolve() else model_dir.resolve().name
+    try:
+        server_config = ServerConfig(model_name=args.served_model_name or default_name, host=args.host,
+                                     port=args.port, api_key=args.api_key or None, max_queue_len=args.max_queue_len,
+                                     max_body_bytes=int(args.max_body_mb * 2**20),
+                                     shutdown_grace_seconds=args.shutdown_grace, log_level=args.log_level)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    engine = AsyncEngine.from_config(EngineConfig(
+        model=model_dir, dtype=args.dtype, seed=args.seed, kv_cache_gb=args.kv_cache_gb, block_size=args.block_size,
+        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+        max_model_len=args.max_model_len, enable_prefix_caching=args.enable_prefix_caching))
+    logger.info("model %s loaded; listening on http://%s:%d (OpenAI API under /v1)", server_config.model_name,
+                args.host, args.port)
+    serve(engine, server_config)
+    return 0

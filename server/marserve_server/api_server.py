@@ -1,0 +1,188 @@
+"""The FastAPI app: thin routes over the serving layer, API-key and body-size guards, lifespan, graceful stop.
+
+build_app(engine, ServerConfig) -> app; serve(engine, ServerConfig) runs it with uvicorn. On SIGTERM
+the server stops accepting connections, answers 503 on /ready and to new requests on open
+connections, lets running requests finish for up to `shutdown_grace_seconds`, then exits.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+import marserve
+from marserve.async_engine import AsyncEngine
+from marserve_server import errors
+from marserve_server.metrics import ServerMetrics
+from marserve_server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, ModelCard,
+                                      ModelList, TokenizeRequest)
+from marserve_server.serving import ServerState
+from marserve_server.serving_chat import create_chat_completion, render_chat
+from marserve_server.serving_completions import create_completion
+
+logger = logging.getLogger(__name__)
+
+PROTECTED_PREFIXES = ("/v1/", "/tokenize", "/detokenize")
+
+
+@dataclass
+class ServerConfig:
+    model_name: str
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    max_queue_len: int = 256  # waiting requests beyond this are refused with 429
+    max_body_bytes: int = 4 * 2**20
+    shutdown_grace_seconds: float = 30.0
+    log_level: str = "info"
+
+    def __post_init__(self):
+        if self.max_queue_len < 0:
+            raise ValueError("max_queue_len must be >= 0")
+        if self.max_body_bytes < 1024:
+            raise ValueError("max_body_bytes must be at least 1024")
+
+
+class _Guard:
+    """Pure ASGI middleware (keeps streaming and disconnect detection intact): API key, then body size."""
+
+    def __init__(self, app, config: ServerConfig, metrics: ServerMetrics):
+        self.app, self.config, self.metrics = app, config, metrics
+
+    async def _reject(self, send, status: int, message: str, code: str, headers: dict | None = None):
+        self.metrics.observe_error(status)
+        body = json.dumps(errors.error_body(status, message, None, code)).encode()
+        raw_headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        raw_headers += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+        await send({"type": "http.response.start", "status": status, "headers": raw_headers})
+        await send({"type": "http.response.body", "body": body})
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        key = self.config.api_key
+        if key and scope["path"].startswith(PROTECTED_PREFIXES):
+            given = headers.get("authorization", "")
+            token = given[7:] if given.lower().startswith("bearer ") else ""
+            if not hmac.compare_digest(token.encode(), key.encode()):
+                return await self._reject(send, 401, "invalid or missing API key (Authorization: Bearer <key>)",
+                                          "invalid_api_key", {"WWW-Authenticate": "Bearer"})
+        limit = self.config.max_body_bytes
+        declared = headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            return await self._reject(send, 413, f"the request body is larger than {limit} bytes",
+                                      "request_too_large")
+        seen = 0
+
+        async def limited_receive():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise errors.APIError(413, f"the request body is larger than {limit} bytes",
+                                          code="request_too_large")
+            return message
+
+        return await self.app(scope, limited_receive, send)
+
+
+def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
+    metrics = ServerMetrics(engine, config.model_name)
+    state = ServerState(engine=engine, model_name=config.model_name, max_queue_len=config.max_queue_len,
+                        metrics=metrics)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await engine.start()
+        logger.info("serving %s (context %d tokens)", config.model_name, engine.max_model_len)
+        yield
+        state.draining = True
+        await engine.shutdown(grace_seconds=config.shutdown_grace_seconds)
+
+    app = FastAPI(title="marserve", version=marserve.__version__, lifespan=lifespan)
+    app.state.server = state
+    errors.install(app, on_error=metrics.observe_error)
+    app.add_middleware(_Guard, config=config, metrics=metrics)
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest, raw: Request):
+        return await create_completion(state, req, raw)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(req: ChatCompletionRequest, raw: Request):
+        return await create_chat_completion(state, req, raw)
+
+    @app.get("/v1/models")
+    async def models():
+        card = ModelCard(id=config.model_name, root=str(engine.config.model), max_model_len=engine.max_model_len)
+        return ModelList(data=[card]).model_dump()
+
+    @app.get("/health")
+    async def health():
+        if not engine.is_running:
+            return errors.error_response(503, "the engine loop is not running", code="engine_dead")
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/ready")
+    async def ready():
+        if state.draining or not engine.is_running:
+            return errors.error_response(503, "not ready (shutting down or engine stopped)", code="not_ready",
+                                         headers={"Retry-After": "5"})
+        return JSONResponse({"status": "ready"})
+
+    @app.get("/version")
+    async def version():
+        return {"version": marserve.__version__}
+
+    @app.get("/metrics")
+    async def prometheus_metrics():
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.post("/tokenize")
+    async def tokenize(req: TokenizeRequest):
+        state.check_model(req.model)
+        if req.messages is not None:
+            text = render_chat(state, req.messages, req.add_generation_prompt)
+            ids = engine.tokenizer(text, add_special_tokens=False)["input_ids"]
+        else:
+            ids = engine.tokenizer(req.prompt, add_special_tokens=req.add_special_tokens)["input_ids"]
+        return {"tokens": ids, "count": len(ids), "max_model_len": engine.max_model_len}
+
+    @app.post("/detokenize")
+    async def detokenize(req: DetokenizeRequest):
+        state.check_model(req.model)
+        vocab = engine.model_config.vocab_size
+        bad = next((t for t in req.tokens if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise errors.APIError(400, f"token id {bad} is outside the vocabulary [0, {vocab})", param="tokens")
+        return {"prompt": engine.tokenizer.decode(req.tokens)}
+
+    return app
+
+
+class _Server(uvicorn.Server):
+    """uvicorn, plus: mark the app as draining the moment a stop signal arrives."""
+
+    def __init__(self, config: uvicorn.Config, state: ServerState):
+        super().__init__(config)
+        self._state = state
+
+    def handle_exit(self, sig, frame) -> None:
+        self._state.draining = True
+        super().handle_exit(sig, frame)
+
+
+def serve(engine: AsyncEngine, config: ServerConfig) -> None:
+    app = build_app(engine, config)
+    uv = uvicorn.Config(app, host=config.host, port=config.port, log_level=config.log_level.lower(),
+                        timeout_graceful_shutdown=max(1, int(config.shutdown_grace_seconds)))
+    _Server(uv, app.state.server).run()

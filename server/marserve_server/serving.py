@@ -1,0 +1,154 @@
+"""What completions and chat share: model check, admission, OpenAI fields -> SamplingParams, running
+engine requests until done or until the client goes away, and server-sent events."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from fastapi import Request
+
+from marserve.async_engine import AsyncEngine
+from marserve.outputs import RequestOutput
+from marserve.sampling_params import SamplingParams
+from marserve_server.errors import APIError, error_body, from_exception
+from marserve_server.metrics import ServerMetrics
+from marserve_server.protocol import SamplingFields
+
+DISCONNECT_POLL_SECONDS = 0.25
+
+
+@dataclass
+class ServerState:
+    engine: AsyncEngine
+    model_name: str
+    max_queue_len: int
+    metrics: ServerMetrics
+    draining: bool = False
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    @property
+    def generation_defaults(self) -> dict:
+        return self.engine.engine.generation_defaults
+
+    def check_model(self, name: str | None) -> None:
+        if name is not None and name != self.model_name:
+            raise APIError(404, f"the model '{name}' does not exist; this server serves '{self.model_name}'",
+                           param="model", code="model_not_found")
+
+    def admit(self, new_requests: int = 1) -> None:
+        """Refuse work the server cannot take now: 503 while shutting down or dead, 429 with a full queue."""
+        if self.draining:
+            raise APIError(503, "the server is shutting down", code="shutting_down", headers={"Retry-After": "5"})
+        if not self.engine.is_running:
+            raise APIError(503, "the engine has stopped; this server cannot generate", code="engine_dead",
+                           headers={"Retry-After": "30"})
+        if self.engine.stats().num_waiting + new_requests > self.max_queue_len:
+            raise APIError(429, f"the request queue is full ({self.max_queue_len} waiting); retry shortly",
+                           code="queue_full", headers={"Retry-After": "1"})
+
+
+def sampling_params(req: SamplingFields, *, default_max_tokens: int | None, logprobs: int | None = None,
+                    prompt_logprobs: int | None = None, defaults: dict | None = None) -> SamplingParams:
+    """OpenAI fields -> SamplingParams; fields the request leaves out take the checkpoint's
+    generation_config.json values (`defaults`), as vLLM does, else SamplingParams' own."""
+    if req.response_format is not None and req.response_format.type != "text":
+        raise APIError(400, f"response_format type '{req.response_format.type}' is not supported; only 'text'",
+                       param="response_format")
+    max_tokens = req.max_completion_tokens or req.max_tokens or default_max_tokens
+    defaults = defaults or {}
+    optional = {}
+    for name in ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
+                 "repetition_penalty"):
+        value = getattr(req, name) if getattr(req, name) is not None else defaults.get(name)
+        if value is not None:
+            optional[name] = value
+    # SamplingParams checks ranges and names the parameter (SamplingParamsError -> 400).
+    return SamplingParams(n=req.n, max_tokens=max_tokens, min_tokens=req.min_tokens, seed=req.seed, stop=req.stop,
+                          stop_token_ids=req.stop_token_ids, include_stop_str_in_output=req.include_stop_str_in_output,
+                          ignore_eos=req.ignore_eos, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+                          skip_special_tokens=req.skip_special_tokens, **optional)
+
+
+async def _last(stream: AsyncIterator[RequestOutput]) -> RequestOutput:
+    out = None
+    async for out in stream:
+        pass
+    return out
+
+
+async def run_to_end(state: ServerState, raw: Request, jobs: list[tuple[dict, SamplingParams, str]]
+                     ) -> list[RequestOutput]:
+    """Run engine requests to completion; a client that disconnects aborts all of them at once."""
+    tasks = [asyncio.ensure_future(_last(state.engine.generate(prompt, params, rid))) for prompt, params, rid in jobs]
+    gathered = asyncio.gather(*tasks)
+    try:
+        while True:
+            done, _ = await asyncio.wait({gathered}, timeout=DISCONNECT_POLL_SECONDS)
+            if done:
+                outs = gathered.result()
+                break
+            if await raw.is_disconnected():  # nobody to answer: free the engine now (nginx's 499)
+                raise APIError(499, "the client closed the request", code="client_disconnected")
+    except BaseException:
+        for t in tasks:
+            t.cancel()  # closes each engine stream, which aborts its request and frees its blocks
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+    for out in outs:
+        state.metrics.observe_finished(out)
+        if out.error:
+            raise APIError(500, out.error, code="generation_failed")
+    return outs
+
+
+async def merged_streams(state: ServerState, jobs: list[tuple[dict, SamplingParams, str]]
+                         ) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """(job index, cumulative output) from all jobs as they arrive; closing this closes every engine stream."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, prompt, params, rid):
+        try:
+            async for out in state.engine.generate(prompt, params, rid):
+                await queue.put((i, out))
+        except Exception as e:  # noqa: BLE001 - delivered to the consumer, which reports it
+            await queue.put((i, e))
+        finally:
+            await queue.put((i, None))
+
+    tasks = [asyncio.ensure_future(pump(i, *job)) for i, job in enumerate(jobs)]
+    open_jobs = len(jobs)
+    try:
+        while open_jobs:
+            i, item = await queue.get()
+            if item is None:
+                open_jobs -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                if item.finished:
+                    state.metrics.observe_finished(item)
+                yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def sse(payload) -> str:
+    body = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
+    return f"data: {body}\n\n"
+
+
+def sse_error(e: BaseException) -> str:
+    err = from_exception(e)
+    return sse(error_body(err.status, err.message, err.param, err.code))
+
+
+def token_text(tokenizer, token_id: int) -> str:
+    return tokenizer.decode([token_id])

@@ -1,0 +1,154 @@
+"""POST /v1/completions: prompts (text or token ids, one or many) -> completions, whole or streamed."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from marserve.outputs import CompletionOutput, Logprob, RequestOutput
+from marserve_server.errors import APIError
+from marserve_server.protocol import (CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse,
+                                      UsageInfo, random_id)
+from marserve_server.serving import (ServerState, merged_streams, run_to_end, sampling_params, sse, sse_error,
+                                     token_text)
+
+DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
+
+
+def _prompts(req: CompletionRequest) -> list[str | list[int]]:
+    p = req.prompt
+    if isinstance(p, str):
+        return [p]
+    if p and all(isinstance(x, int) for x in p):
+        return [list(p)]
+    if not p:
+        raise APIError(400, "prompt must not be empty", param="prompt")
+    return list(p)
+
+
+def _check(req: CompletionRequest) -> None:
+    if req.suffix:
+        raise APIError(400, "suffix is not supported", param="suffix")
+    if req.best_of is not None and req.best_of != req.n:
+        raise APIError(400, "best_of other than n is not supported", param="best_of")
+
+
+def _jobs(state: ServerState, req: CompletionRequest, base_id: str):
+    params = sampling_params(req, default_max_tokens=DEFAULT_MAX_TOKENS, logprobs=req.logprobs,
+                             prompt_logprobs=req.logprobs if req.echo and req.logprobs is not None else None,
+                             defaults=state.generation_defaults)
+    jobs = []
+    for i, prompt in enumerate(_prompts(req)):
+        if isinstance(prompt, str):
+            text, ids = state.engine.prepare(prompt, params)  # 400s now, before anything is queued
+        else:
+            text, ids = state.engine.prepare({"prompt_token_ids": prompt}, params)
+            text = state.tokenizer.decode(ids)
+        jobs.append(({"prompt": text, "prompt_token_ids": ids}, params, f"{base_id}-{i}"))
+    return jobs
+
+
+def _logprobs(tokenizer, token_ids: list[int], entries: list[dict[int, Logprob] | None], k: int,
+              offset: int) -> CompletionLogprobs:
+    out = CompletionLogprobs()
+    for tok, entry in zip(token_ids, entries):
+        text = token_text(tokenizer, tok)
+        out.tokens.append(text)
+        out.text_offset.append(offset)
+        offset += len(text)
+        if entry is None:  # the first prompt token has no logprob
+            out.token_logprobs.append(None)
+            out.top_logprobs.append(None)
+            continue
+        out.token_logprobs.append(entry[tok].logprob)
+        top = sorted((lp for lp in entry.items() if lp[1].rank is not None and lp[1].rank <= k),
+                     key=lambda kv: kv[1].rank)
+        out.top_logprobs.append({token_text(tokenizer, t): lp.logprob for t, lp in top} if k else None)
+    return out
+
+
+def _choice(state: ServerState, req: CompletionRequest, index: int, res: RequestOutput,
+            o: CompletionOutput) -> CompletionChoice:
+    text = (res.prompt or "") + o.text if req.echo else o.text
+    logprobs = None
+    if req.logprobs is not None:
+        ids, entries = list(o.token_ids), list(o.logprobs or [])
+        if req.echo:
+            ids = list(res.prompt_token_ids) + ids
+            entries = list(res.prompt_logprobs or [None] * len(res.prompt_token_ids)) + entries
+        logprobs = _logprobs(state.tokenizer, ids, entries, req.logprobs, 0)
+    return CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=o.finish_reason,
+                            stop_reason=o.stop_reason)
+
+
+async def create_completion(state: ServerState, req: CompletionRequest, raw: Request):
+    state.check_model(req.model)
+    _check(req)
+    base_id = random_id("cmpl")
+    jobs = _jobs(state, req, base_id)
+    state.admit(len(jobs))
+    if req.stream:
+        return StreamingResponse(_stream(state, req, jobs, base_id), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+    results = await run_to_end(state, raw, jobs)
+    choices = [_choice(state, req, i * req.n + o.index, res, o) for i, res in enumerate(results) for o in res.outputs]
+    prompt_tokens = sum(len(r.prompt_token_ids) for r in results)
+    completion_tokens = sum(len(o.token_ids) for r in results for o in r.outputs)
+    body = CompletionResponse(id=base_id, model=state.model_name, choices=choices,
+                              usage=UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                                              total_tokens=prompt_tokens + completion_tokens))
+    return JSONResponse(body.model_dump())
+
+
+async def _stream(state: ServerState, req: CompletionRequest, jobs, base_id: str) -> AsyncIterator[str]:
+    created = int(time.time())
+    sent_text: dict[int, int] = {}  # choice index -> characters already sent
+    sent_tokens: dict[int, int] = {}
+    prompt_tokens = {i: len(job[0]["prompt_token_ids"]) for i, job in enumerate(jobs)}
+    completion_tokens: dict[int, int] = {}
+
+    def chunk(choices, usage=None):
+        body = {"id": base_id, "object": "text_completion", "created": created, "model": state.model_name,
+                "choices": choices}
+        if usage is not None:
+            body["usage"] = usage
+        return sse(body)
+
+    try:
+        if req.echo:
+            yield chunk([{"index": i * req.n + j, "text": job[0]["prompt"], "logprobs": None, "finish_reason": None}
+                         for i, job in enumerate(jobs) for j in range(req.n)])
+        async for i, res in merged_streams(state, jobs):
+            if res.error:
+                yield sse_error(APIError(500, res.error, code="generation_failed"))
+                break
+            choices = []
+            for o in res.outputs:
+                index = i * req.n + o.index
+                delta = o.text[sent_text.get(index, 0):]
+                new_ids = list(o.token_ids[sent_tokens.get(index, 0):])
+                if not delta and not new_ids and not o.finished:
+                    continue
+                logprobs = None
+                if req.logprobs is not None and new_ids:
+                    entries = (o.logprobs or [])[sent_tokens.get(index, 0):]
+                    logprobs = _logprobs(state.tokenizer, new_ids, entries, req.logprobs, sent_text.get(index, 0))
+                    logprobs = logprobs.model_dump()
+                sent_text[index] = len(o.text)
+                sent_tokens[index] = len(o.token_ids)
+                completion_tokens[index] = len(o.token_ids)
+                choices.append({"index": index, "text": delta, "logprobs": logprobs,
+                                "finish_reason": o.finish_reason if o.finished else None,
+                                "stop_reason": o.stop_reason if o.finished else None})
+            if choices:
+                yield chunk(choices)
+        else:
+            if req.stream_options is not None and req.stream_options.include_usage:
+                p, c = sum(prompt_tokens.values()), sum(completion_tokens.values())
+                yield chunk([], {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c})
+    except Exception as e:  # noqa: BLE001 - the status is already sent: report in the stream
+        yield sse_error(e)
+    yield sse("[DONE]")
