@@ -1,0 +1,231 @@
+"""The HTTP API against a real server on 127.0.0.1, through the official `openai` package and raw httpx."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import httpx
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from marserve import LLM, SamplingParams
+from tests.server.live_server import live_server
+
+PROMPTS = [f"prompt number {i}: the rivers of {'abcdefgh'[i % 8]}" for i in range(32)]
+
+
+@pytest.fixture(scope="module")
+def model_dir(baby_checkpoint):
+    return baby_checkpoint("qwen3_moe")
+
+
+@pytest.fixture(scope="module")
+def server(model_dir):
+    with live_server(model_dir, engine_kw={"max_model_len": 128}) as (base, app):
+        yield base, app
+
+
+@pytest.fixture(scope="module")
+def offline(model_dir):
+    return LLM(model_dir, dtype="float32", max_model_len=128)
+
+
+@pytest.fixture()
+def client(server):
+    return openai.OpenAI(base_url=server[0] + "/v1", api_key="unused", max_retries=0)
+
+
+def _greedy(llm, prompts, max_tokens):
+    return [o.outputs[0].text for o in llm.generate(prompts, SamplingParams(max_tokens=max_tokens, temperature=0,
+                                                                           ignore_eos=True))]
+
+
+def test_completion_matches_offline_and_reports_usage(client, offline):
+    want = _greedy(offline, [PROMPTS[0]], 12)[0]
+    r = client.completions.create(model="baby", prompt=PROMPTS[0], max_tokens=12, temperature=0,
+                                  extra_body={"ignore_eos": True})
+    assert r.choices[0].text == want and r.choices[0].finish_reason == "length"
+    n_prompt = len(offline.tokenizer(PROMPTS[0])["input_ids"])
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == (n_prompt, 12, n_prompt + 12)
+
+
+def test_streamed_completion_equals_whole_and_ends_with_usage(client):
+    kw = dict(model="baby", prompt=PROMPTS[1], max_tokens=10, temperature=0, extra_body={"ignore_eos": True})
+    whole = client.completions.create(**kw).choices[0].text
+    chunks = list(client.completions.create(stream=True, stream_options={"include_usage": True}, **kw))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == whole
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 10
+
+
+def test_chat_whole_and_streamed(client, offline):
+    messages = [{"role": "user", "content": "hello there"}]
+    text = offline.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    ids = offline.tokenizer(text, add_special_tokens=False)["input_ids"]
+    want = offline.generate([{"prompt_token_ids": ids}], SamplingParams(max_tokens=8, temperature=0,
+                                                                        ignore_eos=True))[0].outputs[0].text
+    r = client.chat.completions.create(model="baby", messages=messages, max_tokens=8, temperature=0,
+                                       extra_body={"ignore_eos": True})
+    assert r.choices[0].message.role == "assistant" and r.choices[0].message.content == want
+    assert r.usage.prompt_tokens == len(ids)
+    stream = client.chat.completions.create(model="baby", messages=messages, max_tokens=8, temperature=0,
+                                            stream=True, extra_body={"ignore_eos": True})
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == want
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_parameters_n_logprobs_echo_stop_seed(client):
+    r = client.completions.create(model="baby", prompt=PROMPTS[2], max_tokens=5, temperature=1.0, n=3, seed=7,
+                                  logprobs=2, echo=True, extra_body={"ignore_eos": True})
+    assert sorted(c.index for c in r.choices) == [0, 1, 2]
+    for c in r.choices:
+        assert c.text.startswith(PROMPTS[2])
+        lp = c.logprobs
+        assert lp.token_logprobs[0] is None and len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs)
+        assert all(v <= 0 for v in lp.token_logprobs[1:])
+        assert all(len(t) <= 3 for t in lp.top_logprobs[1:])  # the chosen token may add one to the top 2
+    again = client.completions.create(model="baby", prompt=PROMPTS[2], max_tokens=5, temperature=1.0, n=3, seed=7,
+                                      extra_body={"ignore_eos": True})
+    assert [c.text for c in again.choices] == [c.text[len(PROMPTS[2]):] for c in r.choices]
+    full = client.completions.create(model="baby", prompt=PROMPTS[3], max_tokens=16, temperature=0,
+                                     extra_body={"ignore_eos": True}).choices[0].text
+    stop = full[6:9]
+    if stop.strip():
+        cut = client.completions.create(model="baby", prompt=PROMPTS[3], max_tokens=16, temperature=0, stop=[stop],
+                                        extra_body={"ignore_eos": True}).choices[0]
+        assert cut.text == full[:full.find(stop)] and cut.finish_reason == "stop"
+    chat = client.chat.completions.create(model="baby", messages=[{"role": "user", "content": "hi"}], max_tokens=3,
+                                          temperature=0, logprobs=True, top_logprobs=2,
+                                          extra_body={"ignore_eos": True})
+    content = chat.choices[0].logprobs.content
+    assert len(content) == 3 and all(len(t.top_logprobs) == 2 and t.logprob <= 0 for t in content)
+
+
+def test_32_concurrent_streams_match_offline(server, offline):
+    want = _greedy(offline, PROMPTS, 8)
+    aclient = openai.AsyncOpenAI(base_url=server[0] + "/v1", api_key="unused", max_retries=0)
+
+    async def one(prompt):
+        text = ""
+        async for chunk in await aclient.completions.create(model="baby", prompt=prompt, max_tokens=8, temperature=0,
+                                                            stream=True, extra_body={"ignore_eos": True}):
+            text += chunk.choices[0].text if chunk.choices else ""
+        return text
+
+    async def main():
+        return await asyncio.gather(*(one(p) for p in PROMPTS))
+
+    assert asyncio.run(main()) == want
+
+
+def test_disconnect_aborts_and_the_next_request_is_served(server, client):
+    base, app = server
+    engine = app.state.server.engine
+    with httpx.stream("POST", f"{base}/v1/completions", json={"prompt": PROMPTS[4], "max_tokens": 100,
+                                                              "temperature": 0, "ignore_eos": True,
+                                                              "stream": True}, timeout=30) as r:
+        next(r.iter_lines())  # the first event: the request is running
+    bm = engine.engine.scheduler.block_manager
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and (engine.stats().num_running or bm.num_free_blocks != bm.num_blocks):
+        time.sleep(0.02)
+    assert engine.stats().num_running == 0 and bm.num_free_blocks == bm.num_blocks
+    t0 = time.monotonic()
+    client.completions.create(model="baby", prompt="next", max_tokens=2, temperature=0)
+    assert time.monotonic() - t0 < 5
+
+
+def _error(r: httpx.Response, status: int, param=None, code=None):
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    if param is not None:
+        assert err["param"] == param
+    if code is not None:
+        assert err["code"] == code
+    assert "Traceback" not in r.text
+    return err
+
+
+def test_every_error_has_its_status_and_shape(server):
+    base, app = server
+    post = lambda path, body, **kw: httpx.post(base + path, json=body, timeout=10, **kw)  # noqa: E731
+    _error(post("/v1/completions", {"prompt": "x", "temperature": -1}), 400, param="temperature")
+    _error(post("/v1/completions", {"prompt": "x", "max_tokens": "many"}), 400, param="max_tokens")
+    _error(post("/v1/completions", {"prompt": "word " * 300}), 400, param="prompt", code="context_length_exceeded")
+    _error(post("/v1/completions", {"prompt": "x", "max_tokens": 500}), 400, code="context_length_exceeded")
+    _error(post("/v1/completions", {"prompt": ""}), 400, param="prompt")
+    _error(post("/v1/completions", {"prompt": "x", "n": 17}), 400, param="n")
+    _error(post("/v1/completions", {"prompt": [10**9]}), 400, param="prompt")
+    _error(post("/v1/chat/completions", {"messages": []}), 400, param="messages")
+    _error(post("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                                         "response_format": {"type": "json_schema"}}), 400, param="response_format")
+    _error(post("/v1/completions", {"prompt": "x", "model": "gpt-4"}), 404, param="model", code="model_not_found")
+    _error(httpx.post(base + "/v1/completions", content=b"{not json", timeout=10,
+                      headers={"content-type": "application/json"}), 400)
+    _error(httpx.post(base + "/v1/completions", content=b"x" * (5 * 2**20), timeout=10), 413,
+           code="request_too_large")
+    _error(httpx.get(base + "/no/such/route"), 404)
+    state = app.state.server
+    state.max_queue_len = 0
+    try:
+        r = post("/v1/completions", {"prompt": "x"})
+        _error(r, 429, code="queue_full")
+        assert r.headers["retry-after"]
+    finally:
+        state.max_queue_len = 256
+
+
+def test_api_key(model_dir):
+    with live_server(model_dir, api_key="sekrit") as (base, _):
+        _error(httpx.post(base + "/v1/completions", json={"prompt": "x"}), 401, code="invalid_api_key")
+        _error(httpx.get(base + "/v1/models", headers={"Authorization": "Bearer wrong"}), 401)
+        ok = openai.OpenAI(base_url=base + "/v1", api_key="sekrit", max_retries=0)
+        assert ok.models.list().data[0].id == "baby"
+        assert httpx.get(base + "/health").status_code == 200  # probes need no key
+
+
+def test_metrics_parse_and_move(server, client):
+    base, _ = server
+
+    def sample(name):
+        text = httpx.get(base + "/metrics").text
+        families = {f.name: f for f in text_string_to_metric_families(text)}
+        return families, sum(s.value for s in families[name].samples if s.name.endswith(("_total", "_count"))
+                             or s.name == name)
+
+    before, gen_before = sample("marserve:generation_tokens")
+    client.completions.create(model="baby", prompt="count me", max_tokens=4, temperature=0,
+                              extra_body={"ignore_eos": True})
+    after, gen_after = sample("marserve:generation_tokens")
+    assert gen_after - gen_before == 4
+    for name in ("marserve:num_requests_running", "marserve:num_requests_waiting", "marserve:kv_cache_usage_perc",
+                 "marserve:prompt_tokens", "marserve:num_preemptions", "marserve:prefix_cache_hits",
+                 "marserve:time_to_first_token_seconds", "marserve:inter_token_latency_seconds",
+                 "marserve:e2e_request_latency_seconds", "marserve:expert_cache_hits",
+                 "marserve:expert_cache_bytes_moved", "marserve:expert_prefetch_precision"):
+        assert name in after, name
+    ttft_count = lambda fams: next(s.value for s in fams["marserve:time_to_first_token_seconds"].samples  # noqa: E731
+                                   if s.name.endswith("_count"))
+    assert ttft_count(after) > ttft_count(before)
+
+
+def test_models_tokenize_detokenize_version_health(server, offline):
+    base, _ = server
+    models = httpx.get(base + "/v1/models").json()
+    assert models["data"][0]["id"] == "baby" and models["data"][0]["max_model_len"] == 128
+    tok = httpx.post(base + "/tokenize", json={"prompt": "hello world"}).json()
+    assert tok["tokens"] == offline.tokenizer("hello world")["input_ids"] and tok["count"] == len(tok["tokens"])
+    assert httpx.post(base + "/detokenize", json={"tokens": tok["tokens"]}).json()["prompt"] == \
+        offline.tokenizer.decode(tok["tokens"])
+    chat = httpx.post(base + "/tokenize", json={"messages": [{"role": "user", "content": "hi"}]}).json()
+    assert chat["count"] > 0
+    _error(httpx.post(base + "/detokenize", json={"tokens": [-5]}), 400, param="tokens")
+    assert httpx.get(base + "/version").json()["version"]
+    assert httpx.get(base + "/health").json() == {"status": "ok"}
+    assert httpx.get(base + "/ready").status_code == 200
+    assert json.loads(httpx.get(base + "/openapi.json").text)["paths"]
