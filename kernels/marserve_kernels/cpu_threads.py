@@ -17,6 +17,7 @@ import torch
 
 _pool: ThreadPoolExecutor | None = None
 _pool_size = 0
+_pool_pid = 0
 _omp_set_num_threads = None
 _checked = False
 
@@ -49,12 +50,13 @@ def _init_worker():
 
 
 def pool(workers: int) -> ThreadPoolExecutor:
-    global _pool, _pool_size
-    if _pool is None or _pool_size != workers:
-        if _pool is not None:
+    global _pool, _pool_size, _pool_pid
+    if _pool is None or _pool_size != workers or _pool_pid != os.getpid():
+        if _pool is not None and _pool_pid == os.getpid():
             _pool.shutdown(wait=False)
+        # A forked child inherits the pool object but not its threads: it must build its own.
         _pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="marserve-moe", initializer=_init_worker)
-        _pool_size = workers
+        _pool_size, _pool_pid = workers, os.getpid()
     return _pool
 
 

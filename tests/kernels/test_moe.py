@@ -114,3 +114,4 @@ def test_gemm_path_on_worker_threads_under_inference_mode(threads):
     finally:
         torch.set_num_threads(old)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
