@@ -19,7 +19,10 @@ from marserve_kernels.cpu_linear import linear
 # whole call is small (per-expert GEMM overheads dominate). Measured on 2 threads: H1024 I2816 E32 top-2
 # crosses over at ~40 pairs per expert (T=512: 62 vs 72 ms; T=1024: 114 vs 103 ms); the shipped model's
 # shape (H256 I256 E8 top-2) at ~0.4 GFLOP per call (T=512).
-NATIVE_MAX_PAIRS_PER_EXPERT = 32
+# With bf16 weights oneDNN's GEMMs use the CPU's bf16 dot products (twice the fp32 FMA rate) while the native
+# kernel widens to fp32, so they win earlier: H1024 bf16 crosses at ~12 (T=128: 18.5 vs 22.9 ms native/GEMM;
+# T=256: 31.0 vs 27.1 ms).
+NATIVE_MAX_PAIRS_PER_EXPERT = {torch.float32: 32, torch.bfloat16: 12}
 NATIVE_MAX_FLOPS = 3e8
 # Handing work to the worker threads costs ~0.1 ms; below this many FLOPs oneDNN's own threads do better.
 WORKERS_MIN_FLOPS = 64e6
@@ -38,7 +41,7 @@ def grouped_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     if T == 0:
         return torch.zeros_like(hidden)
     flops = 6 * T * K * hidden.shape[1] * (w13.shape[1] // 2)
-    few_pairs = T * K <= NATIVE_MAX_PAIRS_PER_EXPERT * E or flops <= NATIVE_MAX_FLOPS
+    few_pairs = T * K <= NATIVE_MAX_PAIRS_PER_EXPERT.get(w13.dtype, 0) * E or flops <= NATIVE_MAX_FLOPS
     if few_pairs and _can_use_native(hidden, w13, w2):
         return cpu_moe_native.small_moe(hidden, w13, w2, topk_weights, topk_ids)
     return gemm_moe(hidden, w13, w2, topk_weights, topk_ids)
