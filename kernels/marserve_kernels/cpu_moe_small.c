@@ -42,7 +42,7 @@ static inline vec load_w(const wtype *p) { return *(const vec_u *)p; }
 static inline float scalar_w(wtype v) { return v; }
 #endif
 #define MAX_GROUP 8   /* pairs per pass over a weight row: 2*8 accumulators fit the registers */
-#define ROW_BLOCK 16  /* weight rows reused from L2 by every group of pairs */
+#define ROW_BLOCK 16  /* weight rows reused from L2 by every group of pairs; = LANES (one SiLU vector) */
 #define K_CHUNK 1024  /* floats of each act row per pass of the down kernel: a group's chunks fit L1 */
 #define L1_FLOATS 6144 /* 24 KiB: act rows of a group up to this size stay in L1 next to the weight rows */
 
@@ -57,6 +57,28 @@ static inline float hsum(vec v) {
              __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
     quarter b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
     return (b[0] + b[2]) + (b[1] + b[3]);
+}
+
+typedef int32_t ivec __attribute__((vector_size(64)));
+
+/* e^x on 16 lanes (Cephes-style: 2^k * polynomial on the reduced argument, ~1 ulp): scalar expf per value
+ * would cost more than the dot products it follows once an expert has several pairs. */
+static inline vec vexp(vec x) {
+    const vec hi = (vec){0} + 88.3762626647949f, lo = (vec){0} - 87.3365478515625f;
+    ivec over = x > hi, under = x < lo;
+    x = (vec)(((ivec)x & ~over) | ((ivec)hi & over));
+    x = (vec)(((ivec)x & ~under) | ((ivec)lo & under));
+    const vec magic = (vec){0} + 12582912.f; /* 1.5 * 2^23: adding it rounds to an integer */
+    vec k = (x * 1.44269504088896341f + magic) - magic;
+    vec r = x - k * 0.693359375f + k * 2.12194440e-4f;
+    vec p = 1.9875691500e-4f * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.f;
+    ivec bits = (__builtin_convertvector(k, ivec) + 127) << 23;
+    return p * (vec)bits;
 }
 
 /* res_a[p] = w_a . xs[p] and res_b[p] = w_b . xs[p] for p < NB: two weight rows share every load of x.
@@ -120,6 +142,7 @@ void moe_gate_up(const float *x, const wtype *w13, float *act, const int64_t *of
                  int64_t num_experts, int64_t H, int64_t I, int64_t i0, int64_t i1) {
     const float *xs[MAX_GROUP];
     float g[MAX_GROUP], u[MAX_GROUP];
+    float g_blk[MAX_GROUP][ROW_BLOCK] __attribute__((aligned(64))), u_blk[MAX_GROUP][ROW_BLOCK] __attribute__((aligned(64)));
     for (int64_t e = 0; e < num_experts; e++) {
         const wtype *w = w13 + e * 2 * I * H;
         int64_t begin = offsets[e], end = offsets[e + 1];
@@ -133,7 +156,21 @@ void moe_gate_up(const float *x, const wtype *w13, float *act, const int64_t *of
                 for (int64_t p = 0; p < nb; p++) xs[p] = x + pair_token[p0 + p] * H;
                 for (int64_t i = blk; i < blk_end; i++) {
                     DOT2[nb](w + i * H, w + (I + i) * H, xs, H, H, g, u); /* prefetch the next rows */
-                    for (int64_t p = 0; p < nb; p++) act[(p0 + p) * I + i] = g[p] / (1.f + expf(-g[p])) * u[p];
+                    for (int64_t p = 0; p < nb; p++) {
+                        g_blk[p][i - blk] = g[p];
+                        u_blk[p][i - blk] = u[p];
+                    }
+                }
+                /* SiLU(gate) * up for the whole block at once: one vector per pair. */
+                for (int64_t p = 0; p < nb; p++) {
+                    float *dst = act + (p0 + p) * I + blk;
+                    if (blk_end - blk == LANES) {
+                        vec gv = *(const vec *)g_blk[p], uv = *(const vec *)u_blk[p];
+                        *(vec_u *)dst = gv / (1.f + vexp(-gv)) * uv;
+                    } else {
+                        for (int64_t j = 0; j < blk_end - blk; j++)
+                            dst[j] = g_blk[p][j] / (1.f + expf(-g_blk[p][j])) * u_blk[p][j];
+                    }
                 }
             }
         }

@@ -83,6 +83,19 @@ def test_moe_picks_native_for_few_tokens_and_gemms_for_many(monkeypatch):
     assert calls == ["native", "native"]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_large_activations_saturate_silu_exactly(dtype):
+    # Gate values far beyond the vector exp's clamps (|g| ~ 100s): SiLU must give ~0 and ~g, never inf/nan.
+    hidden, w13, w2, topk_weights, topk_ids = _case(12, 4, 2, 32, 48, dtype, seed=7)
+    hidden = hidden * 40
+    want = naive_loop(hidden.float(), w13.float(), w2.float(), topk_weights, topk_ids)
+    for fn in (moe, small_moe):
+        got = fn(hidden, w13, w2, topk_weights, topk_ids).float()
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, want, atol=1e-3 * want.abs().max().item(), rtol=1e-3 if dtype == torch.float32
+                                   else 5e-2)
+
+
 def test_zero_tokens():
     _, w13, w2, _, _ = _case(1, 4, 2, 24, 40, torch.float32, seed=0)
     out = moe(torch.empty(0, 24), w13, w2, torch.empty(0, 2), torch.empty(0, 2, dtype=torch.long))
