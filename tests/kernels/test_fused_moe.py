@@ -1,0 +1,110 @@
+"""The Triton MoE kernels (under TRITON_INTERPRET=1 on CPU) against their torch references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import marserve_kernels
+from marserve_kernels.fused_moe_config import config_file_name, default_config, get_config
+from marserve_kernels.fused_moe_triton import fused_moe
+from marserve_kernels.moe_align import moe_align_block_size, moe_align_block_size_reference
+from marserve_kernels.reference import moe_reference
+
+TOL = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}
+
+
+def _routing(T, E, K, g, skip_experts=()):
+    allowed = torch.tensor([e for e in range(E) if e not in skip_experts])
+    ids = torch.stack([allowed[torch.randperm(len(allowed), generator=g)[:K]] for _ in range(T)])
+    weights = torch.softmax(torch.randn(T, K, generator=g), -1)
+    return ids, weights
+
+
+@pytest.mark.parametrize("T,E,K,block_m", [(1, 4, 1, 4), (5, 5, 2, 4), (13, 8, 3, 16), (33, 6, 6, 8), (3, 9, 8, 16)])
+def test_moe_align_matches_reference(T, E, K, block_m):
+    g = torch.Generator().manual_seed(T * 100 + E)
+    ids, _ = _routing(T, E, K, g, skip_experts=(E - 1,))  # one expert gets no pair at all
+    got = moe_align_block_size(ids, E, block_m)
+    want = moe_align_block_size_reference(ids, E, block_m)
+    n = int(want[2])
+    assert int(got[2]) == n and n % block_m == 0
+    assert torch.equal(got[1], want[1])  # the expert of every row block (-1 past the end)
+    P = ids.numel()
+    for b in range(n // block_m):  # same pairs per block (atomics may order them differently)
+        rows = slice(b * block_m, (b + 1) * block_m)
+        assert sorted(got[0][rows].tolist()) == sorted(want[0][rows].tolist())
+    assert (got[0][n:] == P).all()
+    flat = ids.reshape(-1)
+    real = want[0][:n][want[0][:n] < P].long()
+    expert_of_row = want[1].repeat_interleave(block_m)[:n][want[0][:n] < P]
+    assert torch.equal(flat[real], expert_of_row.long())  # each pair sits in its expert's blocks
+    assert sorted(real.tolist()) == list(range(P))  # every pair exactly once
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("T,E,K", [(1, 4, 1), (7, 5, 2), (19, 8, 3), (4, 8, 8)])
+def test_fused_moe_matches_reference(dtype, T, E, K):
+    g = torch.Generator().manual_seed(T + 10 * E + K)
+    H, I = 40, 24  # not multiples of the block sizes: edge masks are exercised
+    x = torch.randn(T, H, generator=g).to(dtype)
+    w13 = (torch.randn(E, 2 * I, H, generator=g) / H**0.5).to(dtype)
+    w2 = (torch.randn(E, H, I, generator=g) / I**0.5).to(dtype)
+    ids, weights = _routing(T, E, K, g, skip_experts=(1,) if E - 1 >= K else ())
+    got = fused_moe(x, w13, w2, weights, ids)
+    want = moe_reference(x.float(), w13.float(), w2.float(), weights, ids)
+    assert got.dtype == dtype and got.shape == (T, H)
+    tol = TOL[dtype]
+    torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol)
+
+
+def test_router_weight_on_input_and_empty_batch():
+    g = torch.Generator().manual_seed(3)
+    T, H, I, E = 6, 32, 16, 4
+    x = torch.randn(T, H, generator=g)
+    w13 = torch.randn(E, 2 * I, H, generator=g) / H**0.5
+    w2 = torch.randn(E, H, I, generator=g) / I**0.5
+    ids, _ = _routing(T, E, 1, g)
+    weights = torch.rand(T, 1, generator=g)
+    got = fused_moe(x, w13, w2, weights, ids, apply_router_weight_on_input=True)
+    want = moe_reference(x * weights, w13, w2, torch.ones_like(weights), ids)  # the weight scales the input
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError):
+        fused_moe(x, w13, w2, torch.rand(T, 2), torch.zeros(T, 2, dtype=torch.long), apply_router_weight_on_input=True)
+    assert fused_moe(x[:0], w13, w2, weights[:0], ids[:0]).shape == (0, H)
+
+
+def test_configs_nearest_token_count_and_default(tmp_path):
+    import json
+    name = config_file_name(8, 24, "cpu", torch.float32)
+    (tmp_path / name).write_text(json.dumps({"1": {"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 16, "BLOCK_SIZE_K": 16},
+                                             "64": {"BLOCK_SIZE_M": 32, "BLOCK_SIZE_N": 64, "BLOCK_SIZE_K": 32}}))
+    assert get_config(8, 24, torch.float32, 3, "cpu", config_dir=tmp_path)["BLOCK_SIZE_M"] == 16
+    assert get_config(8, 24, torch.float32, 50, "cpu", config_dir=tmp_path)["BLOCK_SIZE_M"] == 32
+    assert get_config(8, 99, torch.float32, 50, "cpu", config_dir=tmp_path) == default_config(50, 8, "cpu")
+    assert default_config(4096, 8)["BLOCK_SIZE_M"] > default_config(1, 8)["BLOCK_SIZE_M"]
+    x, w13, w2 = torch.randn(5, 32), torch.randn(8, 48, 32) / 6, torch.randn(8, 32, 24) / 5
+    ids, weights = torch.randint(0, 8, (5, 2)), torch.rand(5, 2)
+    cfg = {"BLOCK_SIZE_M": 32, "BLOCK_SIZE_N": 16, "BLOCK_SIZE_K": 16}  # any config gives the same result
+    torch.testing.assert_close(fused_moe(x, w13, w2, weights, ids, config=cfg),
+                               moe_reference(x, w13, w2, weights, ids), rtol=1e-4, atol=1e-4)
+
+
+def test_tuning_refuses_without_a_gpu(capsys):
+    from marserve_kernels import tune
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: tuning would run")
+    assert tune.main(["--experts", "4", "--hidden", "8", "--intermediate", "8"]) == 2
+    assert "no CUDA GPU" in capsys.readouterr().err
+
+
+def test_backend_override(monkeypatch):
+    x, w13, w2 = torch.randn(3, 16), torch.randn(4, 16, 16) / 4, torch.randn(4, 16, 8) / 3
+    ids, weights = torch.randint(0, 4, (3, 2)), torch.rand(3, 2)
+    want = moe_reference(x, w13, w2, weights, ids)
+    for backend in ("triton", "cpu", "reference"):
+        monkeypatch.setenv("MARSERVE_MOE_BACKEND", backend)
+        torch.testing.assert_close(marserve_kernels.moe(x, w13, w2, weights, ids), want, rtol=1e-4, atol=1e-4)
+    monkeypatch.setenv("MARSERVE_MOE_BACKEND", "cuda-magic")
+    with pytest.raises(ValueError):
+        marserve_kernels.moe(x, w13, w2, weights, ids)

@@ -1,0 +1,19 @@
+"""A whole model run with the Triton MoE path (interpreter) gives the same greedy tokens as the CPU path."""
+
+import pytest
+
+from marserve import LLM, SamplingParams
+
+PROMPTS = ["The quick brown fox", "rivers and mountains", "a b c"]
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen2_moe"])
+def test_triton_moe_path_gives_the_cpu_paths_tokens(baby_checkpoint, monkeypatch, model_type):
+    path = baby_checkpoint(model_type)
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    runs = {}
+    for backend in ("cpu", "triton"):
+        monkeypatch.setenv("MARSERVE_MOE_BACKEND", backend)
+        llm = LLM(path, dtype="float32")
+        runs[backend] = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params)]
+    assert runs["triton"] == runs["cpu"]
