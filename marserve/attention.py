@@ -7,6 +7,7 @@ Hq=query heads, Hkv=key/value heads, D=head dim.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -62,8 +63,37 @@ def _dense_attend(q, k, v, query_lens: list[int], scale: float) -> torch.Tensor:
     return torch.cat(outs, 0)
 
 
+def _use_triton(q: torch.Tensor) -> bool:
+    forced = os.environ.get("MARSERVE_ATTENTION_BACKEND", "").strip().lower()
+    if forced:
+        if forced not in ("triton", "torch"):
+            raise ValueError(f"MARSERVE_ATTENTION_BACKEND={forced!r}: expected triton or torch")
+        return forced == "triton"
+    return q.device.type == "cuda"
+
+
+def _triton_paged_attend(q, k, v, meta: AttentionMetadata, layer_idx: int, scale: float) -> torch.Tensor:
+    """GPU: marserve_kernels' Triton paged attention (also runs on CPU under TRITON_INTERPRET=1, for tests)."""
+    from marserve_kernels.paged_attention import paged_attention_decode, paged_attention_prefill, write_kv_cache
+    k_cache, v_cache = meta.kv_caches[layer_idx]
+    write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
+    plan = meta.__dict__.get("_triton_plan")
+    if plan is None:  # the same for every layer of the pass
+        lens = torch.tensor(meta.query_lens, dtype=torch.int32, device=q.device)
+        starts = torch.zeros(len(meta.query_lens) + 1, dtype=torch.int32, device=q.device)
+        starts[1:] = torch.cumsum(lens, 0)
+        totals = torch.tensor(meta.context_lens, dtype=torch.int32, device=q.device) + lens
+        plan = meta.__dict__["_triton_plan"] = (starts, totals)
+    starts, totals = plan
+    if all(n == 1 for n in meta.query_lens):
+        return paged_attention_decode(q, k_cache, v_cache, meta.block_tables, totals, scale)
+    return paged_attention_prefill(q, k_cache, v_cache, meta.block_tables, starts, totals, scale)
+
+
 def _paged_attend(q, k, v, meta: AttentionMetadata, layer_idx: int, scale: float) -> torch.Tensor:
     """Write this pass's k/v into their cache slots, then attend each sequence over its blocks."""
+    if _use_triton(q):
+        return _triton_paged_attend(q, k, v, meta, layer_idx, scale)
     k_cache, v_cache = meta.kv_caches[layer_idx]  # [N_blocks, block_size, Hkv, D]
     num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
     k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, k.to(k_cache.dtype))

@@ -1,0 +1,173 @@
+"""Attention over a paged KV cache in Triton (GPU; on CPU only under TRITON_INTERPRET=1), with torch references.
+
+Cache layout (marserve/attention.py): per layer k_cache, v_cache [N_blocks, block_size, Hkv, D];
+token j of a sequence lives in block block_tables[s, j // block_size] at offset j % block_size.
+- write_kv_cache: each new token's k/v into its slot (slot = block * block_size + offset).
+- paged_attention_decode: one query per sequence over its whole cached context.
+- paged_attention_prefill: a chunk of new queries per sequence (positions context - new .. context - 1),
+  causal over the cached prefix and the chunk itself: chunked prefill and prefix-cache hits.
+Both stream the sequence's KV blocks with an online softmax (running max and sum, fp32), GQA by
+mapping query head h to KV head h // (Hq / Hkv). Legend: B sequences, T new tokens, Hq/Hkv heads,
+D head dim, S block size.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
+
+# ---- torch references ----------------------------------------------------------------------------
+
+def _gather(cache: torch.Tensor, table: torch.Tensor, length: int) -> torch.Tensor:
+    blocks = -(-length // cache.shape[1])
+    return cache[table[:blocks].long()].flatten(0, 1)[:length]  # [L, Hkv, D]
+
+
+def _attend(q, k, v, visible, scale):
+    """q [n, Hq, D], k/v [L, Hkv, D], visible [n, L] -> [n, Hq, D] (fp32 math)."""
+    group = q.shape[1] // k.shape[1]
+    k = k.float().repeat_interleave(group, dim=1)
+    v = v.float().repeat_interleave(group, dim=1)
+    scores = torch.einsum("nhd,lhd->hnl", q.float(), k) * scale
+    scores = scores.masked_fill(~visible[None], float("-inf"))
+    return torch.einsum("hnl,lhd->nhd", scores.softmax(-1), v)
+
+
+def write_kv_cache_reference(k, v, k_cache, v_cache, slot_mapping) -> None:
+    Hkv, D = k_cache.shape[2], k_cache.shape[3]
+    k_cache.view(-1, Hkv, D)[slot_mapping.long()] = k.to(k_cache.dtype)
+    v_cache.view(-1, Hkv, D)[slot_mapping.long()] = v.to(v_cache.dtype)
+
+
+def paged_attention_decode_reference(q, k_cache, v_cache, block_tables, context_lens, scale) -> torch.Tensor:
+    out = torch.empty_like(q)
+    for s in range(q.shape[0]):
+        L = int(context_lens[s])
+        k, v = _gather(k_cache, block_tables[s], L), _gather(v_cache, block_tables[s], L)
+        out[s] = _attend(q[s:s + 1], k, v, torch.ones(1, L, dtype=torch.bool, device=q.device), scale)[0]
+    return out
+
+
+def paged_attention_prefill_reference(q, k_cache, v_cache, block_tables, query_start_loc, context_lens,
+                                      scale) -> torch.Tensor:
+    out = torch.empty_like(q)
+    for s in range(block_tables.shape[0]):
+        a, b = int(query_start_loc[s]), int(query_start_loc[s + 1])
+        L, n = int(context_lens[s]), b - a
+        k, v = _gather(k_cache, block_tables[s], L), _gather(v_cache, block_tables[s], L)
+        q_pos = torch.arange(L - n, L, device=q.device)
+        visible = torch.arange(L, device=q.device)[None, :] <= q_pos[:, None]
+        out[a:b] = _attend(q[a:b], k, v, visible, scale)
+    return out
+
+
+# ---- Triton --------------------------------------------------------------------------------------
+
+if triton is not None:
+    @triton.jit
+    def _write_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, row: tl.constexpr, BLOCK: tl.constexpr):
+        t = tl.program_id(0)
+        slot = tl.load(slot_ptr + t).to(tl.int64)
+        offs = tl.arange(0, BLOCK)
+        m = offs < row
+        tl.store(kc_ptr + slot * row + offs, tl.load(k_ptr + t * row + offs, mask=m), mask=m)
+        tl.store(vc_ptr + slot * row + offs, tl.load(v_ptr + t * row + offs, mask=m), mask=m)
+
+    @triton.jit
+    def _paged_attn_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, tables_ptr, qstart_ptr, ctx_ptr, scale,
+                           max_blocks, Hq: tl.constexpr, Hkv: tl.constexpr, D: tl.constexpr, S: tl.constexpr,
+                           BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
+        """One program: BLOCK_Q queries of one sequence, one query head. Decode is BLOCK_Q = 1, n = 1."""
+        seq, head, qblock = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        q_first = tl.load(qstart_ptr + seq)
+        n_new = tl.load(qstart_ptr + seq + 1) - q_first
+        if qblock * BLOCK_Q >= n_new:
+            return
+        L = tl.load(ctx_ptr + seq)  # tokens in the cache for this sequence, the new ones included
+        kv_head = head // (Hq // Hkv)
+        qi = qblock * BLOCK_Q + tl.arange(0, BLOCK_Q)  # query index within the chunk
+        q_ok = qi < n_new
+        q_pos = L - n_new + qi  # absolute positions of the queries
+        d = tl.arange(0, BLOCK_D)
+        d_ok = d < D
+        q = tl.load(q_ptr + ((q_first + qi)[:, None] * Hq + head) * D + d[None, :],
+                    mask=q_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)  # [BQ, BD]
+        m_i = tl.full((BLOCK_Q,), float("-inf"), tl.float32)
+        l_i = tl.zeros((BLOCK_Q,), tl.float32)
+        acc = tl.zeros((BLOCK_Q, BLOCK_D), tl.float32)
+        last = tl.max(tl.where(q_ok, q_pos, 0), 0)  # keys beyond the last query's position are never seen
+        s_off = tl.arange(0, BLOCK_S)
+        for b in range(0, tl.cdiv(last + 1, S)):
+            block = tl.load(tables_ptr + seq * max_blocks + b).to(tl.int64)
+            k_pos = b * S + s_off  # [BS]
+            k_ok = (s_off < S) & (k_pos < L)
+            base = ((block * S + s_off)[:, None] * Hkv + kv_head) * D + d[None, :]
+            k = tl.load(kc_ptr + base, mask=k_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)  # [BS, BD]
+            v = tl.load(vc_ptr + base, mask=k_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+            scores = tl.sum(q[:, None, :] * k[None, :, :], 2) * scale  # [BQ, BS]
+            visible = k_ok[None, :] & (k_pos[None, :] <= q_pos[:, None]) & q_ok[:, None]
+            scores = tl.where(visible, scores, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(scores, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet
+            p = tl.exp(scores - m_safe[:, None])
+            alpha = tl.exp(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], 1)
+            m_i = m_new
+        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        tl.store(out_ptr + ((q_first + qi)[:, None] * Hq + head) * D + d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=q_ok[:, None] & d_ok[None, :])
+
+
+def _need_triton():
+    if triton is None:
+        raise RuntimeError("Triton is not installed; use the *_reference functions or marserve.attention")
+
+
+def write_kv_cache(k, v, k_cache, v_cache, slot_mapping) -> None:
+    """k/v [T, Hkv, D] into their slots of k_cache/v_cache [N, S, Hkv, D]."""
+    _need_triton()
+    T = k.shape[0]
+    if T == 0:
+        return
+    row = k_cache.shape[2] * k_cache.shape[3]
+    _write_kv_kernel[(T,)](k.to(k_cache.dtype).contiguous(), v.to(v_cache.dtype).contiguous(), k_cache, v_cache,
+                           slot_mapping.contiguous(), row=row, BLOCK=triton.next_power_of_2(row))
+
+
+def _launch(q, k_cache, v_cache, block_tables, query_start_loc, context_lens, scale, block_q, max_q):
+    B = block_tables.shape[0]
+    Hq, D = q.shape[1], q.shape[2]
+    S, Hkv = k_cache.shape[1], k_cache.shape[2]
+    if Hq % Hkv:
+        raise ValueError(f"{Hq} query heads are not a multiple of {Hkv} KV heads")
+    out = torch.empty_like(q)
+    tables = block_tables.to(torch.int32).contiguous()
+    grid = (B, Hq, triton.cdiv(max(max_q, 1), block_q))
+    _paged_attn_kernel[grid](q.contiguous(), k_cache, v_cache, out, tables, query_start_loc.to(torch.int32),
+                             context_lens.to(torch.int32), float(scale), tables.shape[1], Hq=Hq, Hkv=Hkv, D=D, S=S,
+                             BLOCK_Q=block_q, BLOCK_D=triton.next_power_of_2(D), BLOCK_S=triton.next_power_of_2(S))
+    return out
+
+
+def paged_attention_decode(q, k_cache, v_cache, block_tables, context_lens, scale) -> torch.Tensor:
+    """q [B, Hq, D] (one new token per sequence, already in the cache) -> [B, Hq, D]."""
+    _need_triton()
+    B = q.shape[0]
+    starts = torch.arange(B + 1, dtype=torch.int32, device=q.device)
+    return _launch(q, k_cache, v_cache, block_tables, starts, context_lens, scale, block_q=1, max_q=1)
+
+
+def paged_attention_prefill(q, k_cache, v_cache, block_tables, query_start_loc, context_lens, scale,
+                            block_q: int = 16) -> torch.Tensor:
+    """q [T, Hq, D]: sequence s's new tokens are q[query_start_loc[s]:query_start_loc[s+1]], the last of
+    its context_lens[s] cached tokens (written already) -> [T, Hq, D], causal."""
+    _need_triton()
+    max_q = int((query_start_loc[1:] - query_start_loc[:-1]).max()) if block_tables.shape[0] else 0
+    return _launch(q, k_cache, v_cache, block_tables, query_start_loc, context_lens, scale, block_q, max_q)
