@@ -139,6 +139,24 @@ def test_disconnect_aborts_and_the_next_request_is_served(server, client):
     assert time.monotonic() - t0 < 5
 
 
+def test_a_non_streaming_client_that_gives_up_is_aborted(server):
+    base, app = server
+    engine = app.state.server.engine
+    before = engine.stats().generation_tokens_total
+    with pytest.raises(httpx.ReadTimeout):  # the client hangs up long before 16 x 100 tokens are done
+        httpx.post(f"{base}/v1/completions", json={"prompt": PROMPTS[5], "max_tokens": 100, "n": 16,
+                                                   "temperature": 0, "ignore_eos": True}, timeout=0.15)
+    bm = engine.engine.scheduler.block_manager
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and (engine.stats().num_running or bm.num_free_blocks != bm.num_blocks):
+        time.sleep(0.02)
+    assert engine.stats().num_running == 0 and bm.num_free_blocks == bm.num_blocks
+    generated = engine.stats().generation_tokens_total
+    time.sleep(0.3)
+    assert engine.stats().generation_tokens_total == generated  # nothing is generated for nobody
+    assert generated - before < 16 * 100  # it was stopped, not finished
+
+
 def _error(r: httpx.Response, status: int, param=None, code=None):
     assert r.status_code == status, r.text
     err = r.json()["error"]
