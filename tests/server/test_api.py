@@ -139,9 +139,16 @@ def test_disconnect_aborts_and_the_next_request_is_served(server, client):
     assert time.monotonic() - t0 < 5
 
 
-def test_a_non_streaming_client_that_gives_up_is_aborted(server):
+def test_a_non_streaming_client_that_gives_up_is_aborted(server, monkeypatch):
     base, app = server
     engine = app.state.server.engine
+    real_step = engine.engine.step
+
+    def slow_step():  # 100 steps now take > 2 s: long enough to see the abort cut the request short
+        time.sleep(0.02)
+        return real_step()
+
+    monkeypatch.setattr(engine.engine, "step", slow_step)
     before = engine.stats().generation_tokens_total
     with pytest.raises(httpx.ReadTimeout):  # the client hangs up long before 16 x 100 tokens are done
         httpx.post(f"{base}/v1/completions", json={"prompt": PROMPTS[5], "max_tokens": 100, "n": 16,
