@@ -73,6 +73,8 @@ def _build(variant: str, defines: list[str]) -> ctypes.CDLL | None:
     p, i64 = ctypes.c_void_p, ctypes.c_int64
     lib.moe_small.argtypes = [p, p, p, p, p, p, p, p, i64, i64, i64, i64]
     lib.moe_small.restype = None
+    lib.moe_routed.argtypes = [p, p, p, p, p, p, i64, i64, i64, i64, i64, i64]
+    lib.moe_routed.restype = ctypes.c_int
     lib.read_sum.argtypes = [p, i64, i64]
     lib.read_sum.restype = ctypes.c_double
     return lib
@@ -99,22 +101,20 @@ def small_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_we
     T, K = topk_ids.shape
     E, two_i, H = w13.shape
     inter = two_i // 2
-    flat_ids = topk_ids.reshape(-1)  # [P]
-    order = torch.argsort(flat_ids, stable=True)  # pairs grouped by expert
-    offsets = torch.zeros(E + 1, dtype=torch.int64)
-    torch.cumsum(torch.bincount(flat_ids, minlength=E), 0, out=offsets[1:])  # [E+1]
-    pair_token = (order // K).contiguous()  # [P]
-    pair_weight = topk_weights.reshape(-1).to(torch.float32).index_select(0, order)  # [P]
     x = hidden.to(torch.float32).contiguous()  # [T, H]: activations are fp32 inside the kernel
-    act = torch.empty(T * K, inter, dtype=torch.float32)  # [P, I]
+    ids = topk_ids.to(torch.int64).contiguous()  # [T, K]
+    weights = topk_weights.to(torch.float32).contiguous()  # [T, K]
     out = torch.zeros(T, H, dtype=torch.float32)  # [T, H]
     if threads is None:
         # Below ~256 KB of weights per thread, waking another thread costs more than it saves.
         touched_bytes = min(T * K, E) * 3 * H * inter * w13.element_size()
         threads = max(1, min(torch.get_num_threads(), touched_bytes // SPLIT_BYTES))
-    _libs[w13.dtype].moe_small(x.data_ptr(), w13.data_ptr(), w2.data_ptr(), act.data_ptr(), out.data_ptr(),
-                               offsets.data_ptr(), pair_token.data_ptr(), pair_weight.data_ptr(), E, H, inter,
-                               threads)
+    rc = _libs[w13.dtype].moe_routed(x.data_ptr(), w13.data_ptr(), w2.data_ptr(), out.data_ptr(), ids.data_ptr(),
+                                     weights.data_ptr(), T, K, E, H, inter, threads)
+    if rc == -1:
+        raise ValueError(f"topk_ids holds an expert id outside 0..{E - 1}")
+    if rc != 0:
+        raise MemoryError("native MoE kernel: out of memory for its work buffers")
     return out.to(hidden.dtype)
 
 

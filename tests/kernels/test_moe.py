@@ -96,6 +96,13 @@ def test_large_activations_saturate_silu_exactly(dtype):
                                    else 5e-2)
 
 
+def test_native_kernel_rejects_expert_ids_out_of_range():
+    hidden, w13, w2, topk_weights, topk_ids = _case(3, 4, 2, 24, 40, torch.float32, seed=8)
+    topk_ids[1, 0] = 4
+    with pytest.raises(ValueError, match="outside 0..3"):
+        small_moe(hidden, w13, w2, topk_weights, topk_ids)
+
+
 def test_zero_tokens():
     _, w13, w2, _, _ = _case(1, 4, 2, 24, 40, torch.float32, seed=0)
     out = moe(torch.empty(0, 24), w13, w2, torch.empty(0, 2), torch.empty(0, 2, dtype=torch.long))
