@@ -1,14 +1,13 @@
-"""Builds cpu_moe_small.c for this machine at first use and runs it: the few-token fp32 MoE path.
+"""Builds cpu_moe_small.c for this machine at first use and runs it: the few-token MoE path (fp32/bf16 weights).
 
 Why native code: on this project's AMD CPUs, MKL's and oneDNN's GEMMs with 2-16 rows reach 3-25 GB/s of
-the ~38 GB/s the memory gives, and decode has exactly such shapes (a few tokens per touched expert).
-The C kernel streams each touched expert's rows once and dots them with all of its tokens in L1.
-The library is compiled with the system C compiler (`cc -O3 -march=native`, once per weight dtype: fp32
-and bf16) into a per-machine cache;
-without a compiler (or with MARSERVE_NATIVE_MOE=0) `available()` is False and callers use torch.
-Threads: OpenMP inside the kernel (gate/up split over I, a barrier, down split over H); the library links
-libgomp by soname, so it shares the runtime torch already loaded. Legend: T=tokens, K=experts per token, P=T*K pairs, E=experts,
-H=hidden, I=expert intermediate.
+the ~50 GB/s the memory gives, and decode has exactly such shapes (a few tokens per touched expert).
+The C kernel streams each touched expert's rows once and dots them with all of its pairs in L1.
+The library is compiled with the system C compiler (`cc -O3 -march=native -fopenmp`, once per weight
+dtype) into a per-machine cache; without a compiler (or with MARSERVE_NATIVE_MOE=0) `available()` is
+False and callers use torch. Threads: OpenMP inside the kernel (gate/up split over I, a barrier, down
+split over H); the library links libgomp by soname, so it shares the runtime torch already loaded.
+Legend: T=tokens, K=experts per token, P=T*K pairs, E=experts, H=hidden, I=expert intermediate.
 """
 
 from __future__ import annotations
