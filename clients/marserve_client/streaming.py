@@ -45,32 +45,46 @@ def _decode(data: str, cls):
     return cls.model_validate(obj)
 
 
+_DONE = object()
+
+
+def _event(line: str | None, decoder: SSEDecoder, cls):
+    """A line (None = end of input) -> a decoded chunk, _DONE, or None (nothing complete yet)."""
+    data = decoder.flush() if line is None else decoder.feed(line.rstrip("\r"))
+    if data is None:
+        return None
+    return _DONE if data == "[DONE]" else _decode(data, cls)
+
+
 def iter_events(lines: Iterable[str], cls) -> Iterator:
     decoder = SSEDecoder()
-    for line in lines:
-        data = decoder.feed(line.rstrip("\r"))
-        if data is None:
-            continue
-        if data == "[DONE]":
+    for line in _with_end(lines):
+        item = _event(line, decoder, cls)
+        if item is _DONE:
             return
-        yield _decode(data, cls)
-    data = decoder.flush()
-    if data is not None and data != "[DONE]":
-        yield _decode(data, cls)
+        if item is not None:
+            yield item
+
+
+def _with_end(lines):
+    yield from lines
+    yield None
 
 
 async def aiter_events(lines: AsyncIterator[str], cls) -> AsyncIterator:
     decoder = SSEDecoder()
-    async for line in lines:
-        data = decoder.feed(line.rstrip("\r"))
-        if data is None:
-            continue
-        if data == "[DONE]":
+
+    async def with_end():
+        async for line in lines:
+            yield line
+        yield None
+
+    async for line in with_end():
+        item = _event(line, decoder, cls)
+        if item is _DONE:
             return
-        yield _decode(data, cls)
-    data = decoder.flush()
-    if data is not None and data != "[DONE]":
-        yield _decode(data, cls)
+        if item is not None:
+            yield item
 
 
 class Stream:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -138,6 +139,40 @@ async def merged_streams(state: ServerState, jobs: list[tuple[dict, SamplingPara
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class StreamChunks:
+    """One streamed response: its chunks' fixed fields, and how much of each choice was already sent."""
+
+    def __init__(self, base_id: str, obj: str, model: str):
+        self.head = {"id": base_id, "object": obj, "created": int(time.time()), "model": model}
+        self.sent_text: dict[int, int] = {}
+        self.sent_tokens: dict[int, int] = {}
+
+    def chunk(self, choices: list[dict], usage: dict | None = None) -> str:
+        body = dict(self.head, choices=choices)
+        if usage is not None:
+            body["usage"] = usage
+        return sse(body)
+
+    def advance(self, index: int, o) -> tuple[str, int, int] | None:
+        """(new text, first new token's index, first new character's offset) for choice `index`, or None
+        when nothing new is there to send."""
+        text_at, token_at = self.sent_text.get(index, 0), self.sent_tokens.get(index, 0)
+        delta = o.text[text_at:]
+        if not delta and len(o.token_ids) == token_at and not o.finished:
+            return None
+        self.sent_text[index], self.sent_tokens[index] = len(o.text), len(o.token_ids)
+        return delta, token_at, text_at
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(self.sent_tokens.values())
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
 
 
 def sse(payload) -> str:

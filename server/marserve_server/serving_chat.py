@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import AsyncIterator
 
 from fastapi import Request
@@ -13,8 +12,8 @@ from marserve_server.errors import APIError
 from marserve_server.protocol import (ChatChoice, ChatCompletionRequest, ChatCompletionResponse, ChatLogprobs,
                                       ChatMessage, ChatResponseMessage, TokenLogprob, TopLogprob, UsageInfo,
                                       random_id)
-from marserve_server.serving import (ServerState, merged_streams, run_to_end, sampling_params, sse, sse_error,
-                                     token_text)
+from marserve_server.serving import (ServerState, StreamChunks, merged_streams, run_to_end, sampling_params, sse,
+                                     sse_error, token_text, usage)
 
 
 def message_dicts(messages: list[ChatMessage]) -> list[dict]:
@@ -96,46 +95,30 @@ async def create_chat_completion(state: ServerState, req: ChatCompletionRequest,
 
 
 async def _stream(state: ServerState, req: ChatCompletionRequest, jobs, base_id: str) -> AsyncIterator[str]:
-    created = int(time.time())
-    sent_text: dict[int, int] = {}
-    sent_tokens: dict[int, int] = {}
-
-    def chunk(choices, usage=None):
-        body = {"id": base_id, "object": "chat.completion.chunk", "created": created, "model": state.model_name,
-                "choices": choices}
-        if usage is not None:
-            body["usage"] = usage
-        return sse(body)
-
+    out = StreamChunks(base_id, "chat.completion.chunk", state.model_name)
     try:
-        yield chunk([{"index": j, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                      "finish_reason": None} for j in range(req.n)])
-        completion_tokens = 0
+        yield out.chunk([{"index": j, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                          "finish_reason": None} for j in range(req.n)])
         async for _, res in merged_streams(state, jobs):
             if res.error:
                 yield sse_error(APIError(500, res.error, code="generation_failed"))
                 break
             choices = []
             for o in res.outputs:
-                j = o.index
-                delta = o.text[sent_text.get(j, 0):]
-                start = sent_tokens.get(j, 0)
-                if not delta and len(o.token_ids) == start and not o.finished:
+                step = out.advance(o.index, o)
+                if step is None:
                     continue
-                logprobs = _choice_logprobs(state, req, o, start)
-                sent_text[j], sent_tokens[j] = len(o.text), len(o.token_ids)
-                choices.append({"index": j, "delta": {"content": delta} if delta else {},
+                delta, token_at, _ = step
+                logprobs = _choice_logprobs(state, req, o, token_at)
+                choices.append({"index": o.index, "delta": {"content": delta} if delta else {},
                                 "logprobs": logprobs.model_dump() if logprobs else None,
                                 "finish_reason": o.finish_reason if o.finished else None,
                                 "stop_reason": o.stop_reason if o.finished else None})
-            completion_tokens = sum(sent_tokens.values())
             if choices:
-                yield chunk(choices)
+                yield out.chunk(choices)
         else:
             if req.stream_options is not None and req.stream_options.include_usage:
-                p = len(jobs[0][0]["prompt_token_ids"])
-                yield chunk([], {"prompt_tokens": p, "completion_tokens": completion_tokens,
-                                 "total_tokens": p + completion_tokens})
+                yield out.chunk([], usage(len(jobs[0][0]["prompt_token_ids"]), out.completion_tokens))
     except Exception as e:  # noqa: BLE001 - the status is already sent: report in the stream
         yield sse_error(e)
     yield sse("[DONE]")

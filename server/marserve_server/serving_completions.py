@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import AsyncIterator
 
 from fastapi import Request
@@ -12,8 +11,8 @@ from marserve.outputs import CompletionOutput, Logprob, RequestOutput
 from marserve_server.errors import APIError
 from marserve_server.protocol import (CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse,
                                       UsageInfo, random_id)
-from marserve_server.serving import (ServerState, merged_streams, run_to_end, sampling_params, sse, sse_error,
-                                     token_text)
+from marserve_server.serving import (ServerState, StreamChunks, merged_streams, run_to_end, sampling_params, sse,
+                                     sse_error, token_text, usage)
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
 
@@ -104,23 +103,11 @@ async def create_completion(state: ServerState, req: CompletionRequest, raw: Req
 
 
 async def _stream(state: ServerState, req: CompletionRequest, jobs, base_id: str) -> AsyncIterator[str]:
-    created = int(time.time())
-    sent_text: dict[int, int] = {}  # choice index -> characters already sent
-    sent_tokens: dict[int, int] = {}
-    prompt_tokens = {i: len(job[0]["prompt_token_ids"]) for i, job in enumerate(jobs)}
-    completion_tokens: dict[int, int] = {}
-
-    def chunk(choices, usage=None):
-        body = {"id": base_id, "object": "text_completion", "created": created, "model": state.model_name,
-                "choices": choices}
-        if usage is not None:
-            body["usage"] = usage
-        return sse(body)
-
+    out = StreamChunks(base_id, "text_completion", state.model_name)
     try:
         if req.echo:
-            yield chunk([{"index": i * req.n + j, "text": job[0]["prompt"], "logprobs": None, "finish_reason": None}
-                         for i, job in enumerate(jobs) for j in range(req.n)])
+            yield out.chunk([{"index": i * req.n + j, "text": job[0]["prompt"], "logprobs": None,
+                              "finish_reason": None} for i, job in enumerate(jobs) for j in range(req.n)])
         async for i, res in merged_streams(state, jobs):
             if res.error:
                 yield sse_error(APIError(500, res.error, code="generation_failed"))
@@ -128,27 +115,23 @@ async def _stream(state: ServerState, req: CompletionRequest, jobs, base_id: str
             choices = []
             for o in res.outputs:
                 index = i * req.n + o.index
-                delta = o.text[sent_text.get(index, 0):]
-                new_ids = list(o.token_ids[sent_tokens.get(index, 0):])
-                if not delta and not new_ids and not o.finished:
+                step = out.advance(index, o)
+                if step is None:
                     continue
+                delta, token_at, text_at = step
                 logprobs = None
-                if req.logprobs is not None and new_ids:
-                    entries = (o.logprobs or [])[sent_tokens.get(index, 0):]
-                    logprobs = _logprobs(state.tokenizer, new_ids, entries, req.logprobs, sent_text.get(index, 0))
-                    logprobs = logprobs.model_dump()
-                sent_text[index] = len(o.text)
-                sent_tokens[index] = len(o.token_ids)
-                completion_tokens[index] = len(o.token_ids)
+                if req.logprobs is not None and len(o.token_ids) > token_at:
+                    logprobs = _logprobs(state.tokenizer, list(o.token_ids[token_at:]),
+                                         (o.logprobs or [])[token_at:], req.logprobs, text_at).model_dump()
                 choices.append({"index": index, "text": delta, "logprobs": logprobs,
                                 "finish_reason": o.finish_reason if o.finished else None,
                                 "stop_reason": o.stop_reason if o.finished else None})
             if choices:
-                yield chunk(choices)
+                yield out.chunk(choices)
         else:
             if req.stream_options is not None and req.stream_options.include_usage:
-                p, c = sum(prompt_tokens.values()), sum(completion_tokens.values())
-                yield chunk([], {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c})
+                prompt_tokens = sum(len(job[0]["prompt_token_ids"]) for job in jobs)
+                yield out.chunk([], usage(prompt_tokens, out.completion_tokens))
     except Exception as e:  # noqa: BLE001 - the status is already sent: report in the stream
         yield sse_error(e)
     yield sse("[DONE]")

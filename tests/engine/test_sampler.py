@@ -1,6 +1,5 @@
 import math
 
-import pytest
 import torch
 
 from marserve.sampler import Sampler, apply_penalties, truncation_mask
