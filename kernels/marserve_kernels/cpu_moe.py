@@ -4,16 +4,22 @@ Decode (a few (token, slot) pairs per touched expert) is memory-bound: cpu_moe_s
 expert's rows once and dots them with all of its pairs, near the machine's read bandwidth. Prefill (many
 pairs per expert) is compute-bound: pairs are sorted by expert and each active expert runs two large
 contiguous GEMMs through oneDNN (marserve_kernels.cpu_linear), with the activation done in place.
+Opt-in, pack_experts() adds oneDNN-blocked copies of the expert weights for that GEMM path (~15% faster
+many-token calls, twice the expert memory; the plain weights stay for the native kernel).
 Legend: T=tokens, K=experts per token, P=T*K (token, slot) pairs, E=experts, H=hidden, I=expert intermediate.
 """
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 
-from marserve_kernels import cpu_moe_native, cpu_threads
+from marserve_kernels import cpu_linear, cpu_moe_native, cpu_threads
 from marserve_kernels.cpu_linear import linear
+
+logger = logging.getLogger(__name__)
 
 # The native kernel wins while experts see few pairs (memory-bound, or GEMMs too thin for oneDNN) or the
 # whole call is small (per-expert GEMM overheads dominate). Measured on 2 threads: H1024 I2816 E32 top-2
@@ -47,6 +53,44 @@ def grouped_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     return gemm_moe(hidden, w13, w2, topk_weights, topk_ids)
 
 
+# (w13 pointer, w2 pointer) -> (w13, w2, their versions, per-expert packed w13, per-expert packed w2).
+# Holding w13/w2 keeps their memory from being reused by other tensors while the entry exists.
+_packed: dict[tuple[int, int], tuple] = {}
+
+
+def pack_experts(w13: torch.Tensor, w2: torch.Tensor) -> int:
+    """Opt-in: keep oneDNN-blocked copies of every expert's weights for many-token calls; returns the bytes added.
+
+    GEMMs on blocked weights skip oneDNN's per-call repacking: measured ~99% vs ~86% of the fp32 peak at
+    128 rows per expert. It doubles the expert memory (the plain tensors stay: the few-token kernel reads
+    them), so it is never done implicitly. Modifying w13/w2 in place afterwards drops the copies.
+    """
+    if not (w13.device.type == "cpu" and cpu_linear.can_pack(w13[0]) and cpu_linear.can_pack(w2[0])):
+        raise ValueError(f"cannot pack {w13.dtype} expert weights on {w13.device} with this torch build")
+    p13 = [cpu_linear.pack(w13[e]) for e in range(w13.shape[0])]
+    p2 = [cpu_linear.pack(w2[e]) for e in range(w2.shape[0])]
+    _packed[(w13.data_ptr(), w2.data_ptr())] = (w13, w2, w13._version, w2._version, p13, p2)
+    added = (w13.numel() + w2.numel()) * w13.element_size()
+    logger.info("packed %d experts for the CPU GEMM path: +%.1f MB", w13.shape[0], added / 1e6)
+    return added
+
+
+def unpack_experts(w13: torch.Tensor, w2: torch.Tensor) -> None:
+    """Drop the blocked copies pack_experts() made for these weights (no-op if none)."""
+    _packed.pop((w13.data_ptr(), w2.data_ptr()), None)
+
+
+def _packed_for(w13: torch.Tensor, w2: torch.Tensor):
+    entry = _packed.get((w13.data_ptr(), w2.data_ptr()))
+    if entry is None:
+        return None
+    p_w13, p_w2, v13, v2, p13, p2 = entry
+    if p_w13.shape != w13.shape or p_w2.shape != w2.shape or (w13._version, w2._version) != (v13, v2):
+        unpack_experts(w13, w2)  # stale: the weights changed since they were packed
+        return None
+    return p13, p2
+
+
 def gemm_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
              topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
     """Pairs sorted by expert, one gate/up GEMM and one down GEMM per active expert; any dtype/device.
@@ -67,14 +111,17 @@ def gemm_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
             jobs.append((e, start, n))
         start += n
 
+    packed = _packed_for(w13, w2) if hidden.device.type == "cpu" else None
+    w13_of, w2_of = packed if packed is not None and packed[0][0].dtype == hidden.dtype else (w13, w2)
+
     def run_experts(part):
         # Gather, GEMMs, activation, routing weight and scatter all per expert, so they run on the workers too.
         for e, first, n in part:
             pairs = order[first:first + n]  # [n] positions in (token, slot) order
-            gate_up = linear(hidden.index_select(0, token_of[first:first + n]), w13[e])  # [n, 2I]
+            gate_up = linear(hidden.index_select(0, token_of[first:first + n]), w13_of[e])  # [n, 2I]
             gate = F.silu(gate_up[:, :inter], inplace=True)  # in place: no [n, I] temporary
             act = gate.mul_(gate_up[:, inter:])  # [n, I] (strided view into gate_up)
-            out = linear(act, w2[e])  # [n, H]
+            out = linear(act, w2_of[e])  # [n, H]
             out.mul_(pair_weight.index_select(0, pairs).unsqueeze(1))  # routing weight after the activation
             y.index_copy_(0, pairs, out)
 

@@ -82,6 +82,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: 2 repeats, small limit measurements (figures are then rough)")
     parser.add_argument("--skip-naive", action="store_true", help="skip the naive loop")
+    parser.add_argument("--no-packed", action="store_true",
+                        help="skip the T >= 256 rows re-timed with pack_experts() (opt-in blocked expert copies)")
 
 
 def _transformers_experts(shape: MoeShape, w13: torch.Tensor, w2: torch.Tensor, implementation: str):
@@ -168,17 +170,19 @@ def _routing(shape: MoeShape, tokens: int, g: torch.Generator) -> tuple[torch.Te
     return weights / weights.sum(-1, keepdim=True), ids
 
 
-def bench_shape(shape: MoeShape, tokens: list[int], repeats: int, limits, skip_naive: bool) -> list[dict]:
+def bench_shape(shape: MoeShape, tokens: list[int], repeats: int, limits, skip_naive: bool,
+                packed: bool = False) -> list[dict]:
     import marserve_kernels
     g = torch.Generator().manual_seed(0)
     H, I, E = shape.hidden, shape.intermediate, shape.num_experts
     w13 = torch.randn(E, 2 * I, H, generator=g) / H ** 0.5  # [E, 2I, H]
     w2 = torch.randn(E, H, I, generator=g) / I ** 0.5  # [E, H, I]
     hf = {impl: _transformers_experts(shape, w13, w2, impl) for impl in ("eager", "grouped_mm")}
-    rows = []
+    rows, inputs = [], {}
     for T in tokens:
         x = torch.randn(T, H, generator=g)  # [T, H]
         weights, ids = _routing(shape, T, g)
+        inputs[T] = (x, weights, ids)
         with torch.inference_mode():
             want = naive_moe(x, w13, w2, weights, ids)
             got = marserve_kernels.moe(x, w13, w2, weights, ids)
@@ -205,6 +209,24 @@ def bench_shape(shape: MoeShape, tokens: list[int], repeats: int, limits, skip_n
               f"{nbytes / 1e6:7.1f} MB -> {r['bandwidth_share']:4.0%} of bandwidth | "
               f"{r['flops'] / 1e9:6.2f} GFLOP -> {r['matmul_share']:4.0%} of matmul peak"
               + ("" if gemm_ms is None else f" (its bare GEMMs alone: {r['bare_gemms_share']:4.0%})"), flush=True)
+    big = [r for r in rows if r["tokens"] >= 256]
+    if packed and big:
+        from marserve_kernels import cpu_moe
+        added = cpu_moe.pack_experts(w13, w2)
+        try:
+            for r in big:
+                x, weights, ids = inputs[r["tokens"]]
+                with torch.inference_mode():
+                    torch.testing.assert_close(marserve_kernels.moe(x, w13, w2, weights, ids),
+                                               naive_moe(x, w13, w2, weights, ids), atol=1e-3, rtol=1e-3)
+                    ms = _best_ms(lambda: marserve_kernels.moe(x, w13, w2, weights, ids), repeats)
+                r.update(packed_ms=ms, packed_extra_bytes=added,
+                         packed_matmul_share=shape.flops(r["tokens"]) / (ms * 1e-3) / 1e9 / limits.matmul_gflops)
+                print(f"  T={r['tokens']:5d}: ours with pack_experts() (opt-in, +{added / 1e6:.0f} MB) {ms:9.2f} ms "
+                      f"({r['transformers_ms'] / ms:5.2f}x transformers) -> "
+                      f"{r['packed_matmul_share']:4.0%} of matmul peak", flush=True)
+        finally:
+            cpu_moe.unpack_experts(w13, w2)
     return rows
 
 
@@ -233,7 +255,7 @@ def run(args) -> int:
         print(f"shape {shape.name}: H={shape.hidden} I={shape.intermediate} E={shape.num_experts} "
               f"K={shape.top_k} ({shape.model_type} experts module), "
               f"{shape.expert_bytes(4) / 1e6:.1f} MB per expert")
-        results += bench_shape(shape, tokens, repeats, limits, args.skip_naive)
+        results += bench_shape(shape, tokens, repeats, limits, args.skip_naive, packed=not args.no_packed)
     print("command: marserve bench moe " + " ".join(shlex.quote(a) for a in sys.argv[3:]))
     print(json.dumps({"limits": limits.__dict__, "results": results}))
     return 0

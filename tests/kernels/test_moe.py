@@ -103,6 +103,27 @@ def test_native_kernel_rejects_expert_ids_out_of_range():
         small_moe(hidden, w13, w2, topk_weights, topk_ids)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_experts_give_the_same_result_and_follow_weight_changes(dtype):
+    if not cpu_moe.cpu_linear.can_pack(torch.empty(2, 2, dtype=dtype)):
+        pytest.skip("this torch build has no oneDNN weight packing")
+    hidden, w13, w2, topk_weights, topk_ids = _case(40, 4, 2, 32, 48, dtype, seed=9)
+    tol = 1e-4 if dtype == torch.float32 else 5e-2
+    want = naive_loop(hidden.float(), w13.float(), w2.float(), topk_weights, topk_ids)
+    assert cpu_moe.pack_experts(w13, w2) == (w13.numel() + w2.numel()) * w13.element_size()
+    try:
+        assert cpu_moe._packed_for(w13, w2) is not None
+        got = gemm_moe(hidden, w13, w2, topk_weights, topk_ids).float()
+        torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+        with torch.no_grad():
+            w2.mul_(2)  # in place: the packed copies are stale and must not be used
+        got = gemm_moe(hidden, w13, w2, topk_weights, topk_ids).float()
+        torch.testing.assert_close(got, 2 * want, atol=2 * tol, rtol=tol)
+        assert cpu_moe._packed_for(w13, w2) is None
+    finally:
+        cpu_moe.unpack_experts(w13, w2)
+
+
 def test_zero_tokens():
     _, w13, w2, _, _ = _case(1, 4, 2, 24, 40, torch.float32, seed=0)
     out = moe(torch.empty(0, 24), w13, w2, torch.empty(0, 2), torch.empty(0, 2, dtype=torch.long))
