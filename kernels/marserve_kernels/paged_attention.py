@@ -3,7 +3,8 @@
 Cache layout (marserve/attention.py): per layer k_cache, v_cache [N_blocks, block_size, Hkv, D];
 token j of a sequence lives in block block_tables[s, j // block_size] at offset j % block_size.
 - write_kv_cache: each new token's k/v into its slot (slot = block * block_size + offset).
-- paged_attention_decode: one query per sequence over its whole cached context.
+- paged_attention_decode: one query per sequence over its whole cached context; with partition_size,
+  split-K (flash-decoding): partitions of the context in parallel programs, merged by a reduction kernel.
 - paged_attention_prefill: a chunk of new queries per sequence (positions context - new .. context - 1),
   causal over the cached prefix and the chunk itself: chunked prefill and prefix-cache hits.
 Both stream the sequence's KV blocks with an online softmax (running max and sum, fp32), GQA by
@@ -124,6 +125,81 @@ if triton is not None:
         tl.store(out_ptr + ((q_first + qi)[:, None] * Hq + head) * D + d[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=q_ok[:, None] & d_ok[None, :])
 
+    @triton.jit
+    def _decode_partition_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
+                                 tables_ptr, ctx_ptr, scale, max_blocks, num_parts,
+                                 Hq: tl.constexpr, Hkv: tl.constexpr, D: tl.constexpr, S: tl.constexpr,
+                                 BLOCKS_PER_PART: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
+                                 BLOCK_S: tl.constexpr, IS_SINGLE: tl.constexpr):
+        """One program: one sequence, one KV head with all its G = Hq / Hkv query heads (each K/V tile is
+        read once for the group), one partition of BLOCKS_PER_PART cache blocks. IS_SINGLE (one partition
+        covers every context): write the output; otherwise the partition's (max, sum, unnormalised acc)."""
+        seq, kv_head, part = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        L = tl.load(ctx_ptr + seq)
+        first = part * BLOCKS_PER_PART
+        end = tl.minimum(first + BLOCKS_PER_PART, tl.cdiv(L, S))
+        G: tl.constexpr = Hq // Hkv
+        g = tl.arange(0, BLOCK_G)
+        g_ok = g < G
+        # Empty when the sequence ends before this partition: nothing is stored, the reduction skips it.
+        g_used = g_ok & (g * 0 + first * S < L)
+        heads = kv_head * G + g  # [BG] query heads served by this KV head
+        d = tl.arange(0, BLOCK_D)
+        d_ok = d < D
+        q = tl.load(q_ptr + (seq * Hq + heads)[:, None] * D + d[None, :],
+                    mask=g_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)  # [BG, BD]
+        m_i = tl.full((BLOCK_G,), float("-inf"), tl.float32)
+        l_i = tl.zeros((BLOCK_G,), tl.float32)
+        acc = tl.zeros((BLOCK_G, BLOCK_D), tl.float32)
+        s_off = tl.arange(0, BLOCK_S)
+        for b in range(first, end):
+            block = tl.load(tables_ptr + seq * max_blocks + b).to(tl.int64)
+            k_ok = (s_off < S) & (b * S + s_off < L)
+            base = ((block * S + s_off)[:, None] * Hkv + kv_head) * D + d[None, :]
+            k = tl.load(kc_ptr + base, mask=k_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)  # [BS, BD]
+            v = tl.load(vc_ptr + base, mask=k_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+            scores = tl.sum(q[:, None, :] * k[None, :, :], 2) * scale  # [BG, BS]
+            scores = tl.where(k_ok[None, :], scores, float("-inf"))
+            # Every block in range holds at least one key (b < cdiv(L, S)), so m_new is finite.
+            m_new = tl.maximum(m_i, tl.max(scores, 1))
+            p = tl.exp(scores - m_new[:, None])
+            alpha = tl.exp(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], 1)
+            m_i = m_new
+        row = seq * Hq + heads  # [BG]
+        if IS_SINGLE:
+            out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # an empty context gives zeros
+            tl.store(out_ptr + row[:, None] * D + d[None, :], out.to(out_ptr.dtype.element_ty),
+                     mask=g_ok[:, None] & d_ok[None, :])
+        else:
+            tl.store(part_m_ptr + row * num_parts + part, m_i, mask=g_used)
+            tl.store(part_l_ptr + row * num_parts + part, l_i, mask=g_used)
+            tl.store(part_acc_ptr + (row * num_parts + part)[:, None] * D + d[None, :], acc,
+                     mask=g_used[:, None] & d_ok[None, :])
+
+    @triton.jit
+    def _decode_reduce_kernel(out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, ctx_ptr, num_parts,
+                              Hq: tl.constexpr, PART_TOKENS: tl.constexpr, D: tl.constexpr, BLOCK_P: tl.constexpr,
+                              BLOCK_D: tl.constexpr):
+        """One program per (sequence, query head): rescale each partition to the global max and sum."""
+        row = tl.program_id(0)  # seq * Hq + head
+        seq = row // Hq
+        L = tl.load(ctx_ptr + seq)
+        p = tl.arange(0, BLOCK_P)
+        p_ok = p < tl.cdiv(L, PART_TOKENS)  # partitions past the sequence's end were never written
+        m = tl.load(part_m_ptr + row * num_parts + p, mask=p_ok, other=float("-inf"))  # [BP]
+        l = tl.load(part_l_ptr + row * num_parts + p, mask=p_ok, other=0.0)
+        m_all = tl.max(m, 0)
+        w = tl.where(p_ok, tl.exp(m - tl.where(m_all == float("-inf"), 0.0, m_all)), 0.0)  # [BP]
+        d = tl.arange(0, BLOCK_D)
+        d_ok = d < D
+        acc = tl.load(part_acc_ptr + (row * num_parts + p)[:, None] * D + d[None, :],
+                      mask=p_ok[:, None] & d_ok[None, :], other=0.0)  # [BP, BD]
+        total = tl.sum(w * l, 0)
+        out = tl.sum(w[:, None] * acc, 0) / tl.where(total == 0.0, 1.0, total)
+        tl.store(out_ptr + row * D + d, out.to(out_ptr.dtype.element_ty), mask=d_ok)
+
 
 def _need_triton():
     if triton is None:
@@ -156,9 +232,16 @@ def _launch(q, k_cache, v_cache, block_tables, query_start_loc, context_lens, sc
     return out
 
 
-def paged_attention_decode(q, k_cache, v_cache, block_tables, context_lens, scale) -> torch.Tensor:
-    """q [B, Hq, D] (one new token per sequence, already in the cache) -> [B, Hq, D]."""
+def paged_attention_decode(q, k_cache, v_cache, block_tables, context_lens, scale,
+                           partition_size: int | None = None) -> torch.Tensor:
+    """q [B, Hq, D] (one new token per sequence, already in the cache) -> [B, Hq, D].
+
+    partition_size (tokens, a multiple of the block size) selects the split-K path: each sequence's
+    context is cut into partitions attended by separate programs, then merged by a reduction kernel,
+    so a few long sequences still fill the GPU. None: one program per (sequence, query head)."""
     _need_triton()
+    if partition_size is not None:
+        return _decode_split(q, k_cache, v_cache, block_tables, context_lens, scale, partition_size)
     B = q.shape[0]
     starts = torch.arange(B + 1, dtype=torch.int32, device=q.device)
     return _launch(q, k_cache, v_cache, block_tables, starts, context_lens, scale, block_q=1, max_q=1)
@@ -171,3 +254,38 @@ def paged_attention_prefill(q, k_cache, v_cache, block_tables, query_start_loc, 
     _need_triton()
     max_q = int((query_start_loc[1:] - query_start_loc[:-1]).max()) if block_tables.shape[0] else 0
     return _launch(q, k_cache, v_cache, block_tables, query_start_loc, context_lens, scale, block_q, max_q)
+
+
+def _decode_split(q, k_cache, v_cache, block_tables, context_lens, scale, partition_size: int) -> torch.Tensor:
+    """Split-K decode (flash-decoding): programs over (sequence, KV head, partition), then a merge."""
+    B, Hq, D = q.shape
+    S, Hkv = k_cache.shape[1], k_cache.shape[2]
+    if Hq % Hkv:
+        raise ValueError(f"{Hq} query heads are not a multiple of {Hkv} KV heads")
+    if partition_size <= 0 or partition_size % S:
+        raise ValueError(f"partition_size={partition_size} must be a positive multiple of the block size {S}")
+    out = torch.empty_like(q)
+    if B == 0:
+        return out
+    blocks_per_part = partition_size // S
+    tables = block_tables.to(torch.int32).contiguous()
+    # The table width bounds every context, so the partition count needs no device-to-host sync.
+    num_parts = triton.cdiv(tables.shape[1], blocks_per_part)
+    q, ctx = q.contiguous(), context_lens.to(torch.int32).contiguous()
+    single = num_parts == 1
+    # fp32 partials: per (sequence, query head, partition) the running max, the sum and the unnormalised acc.
+    part_m = part_l = part_acc = out  # unused placeholders when one partition covers everything
+    if not single:
+        part_m = torch.empty(B, Hq, num_parts, dtype=torch.float32, device=q.device)
+        part_l = torch.empty_like(part_m)
+        part_acc = torch.empty(B, Hq, num_parts, D, dtype=torch.float32, device=q.device)
+    block_d = triton.next_power_of_2(D)
+    _decode_partition_kernel[(B, Hkv, num_parts)](
+        q, k_cache, v_cache, out, part_m, part_l, part_acc, tables, ctx, float(scale), tables.shape[1], num_parts,
+        Hq=Hq, Hkv=Hkv, D=D, S=S, BLOCKS_PER_PART=blocks_per_part, BLOCK_G=triton.next_power_of_2(Hq // Hkv),
+        BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(S), IS_SINGLE=single)
+    if not single:
+        _decode_reduce_kernel[(B * Hq,)](out, part_m, part_l, part_acc, ctx, num_parts, Hq=Hq,
+                                         PART_TOKENS=partition_size, D=D,
+                                         BLOCK_P=triton.next_power_of_2(num_parts), BLOCK_D=block_d)
+    return out

@@ -89,3 +89,33 @@ def test_a_model_run_on_triton_paged_attention_gives_the_same_tokens(baby_checkp
         llm = LLM(path, dtype="float32", block_size=4, max_num_batched_tokens=9)  # chunked prefill + decode
         runs[backend] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
     assert runs["triton"] == runs["torch"]
+
+
+@pytest.mark.parametrize("dtype,S,Hq,Hkv,partition", [
+    (torch.float32, 4, 8, 2, 8),      # many partitions, GQA 4
+    (torch.float32, 16, 4, 1, 16),    # one block per partition, all query heads on one KV head
+    (torch.float32, 16, 4, 4, 4096),  # one partition covers every context: the no-reduction path
+    (torch.float16, 4, 4, 2, 12),     # a partition of 3 blocks (not a power of two)
+    (torch.bfloat16, 16, 8, 4, 32),
+])
+def test_split_k_decode_matches_reference(dtype, S, Hq, Hkv, partition):
+    g = torch.Generator().manual_seed(S * 100 + partition)
+    lens, D = [1, 5, 37, 70], 24  # the short sequences leave most partitions empty
+    k_cache, v_cache, tables = _setup(lens, S, Hkv, D, dtype, g)
+    tables = torch.cat([tables, torch.zeros(len(lens), 2, dtype=torch.int32)], 1)  # padding past every context
+    q = torch.randn(len(lens), Hq, D, generator=g).to(dtype)
+    ctx = torch.tensor(lens, dtype=torch.int32)
+    got = paged_attention_decode(q, k_cache, v_cache, tables, ctx, D**-0.5, partition_size=partition)
+    want = paged_attention_decode_reference(q, k_cache, v_cache, tables, ctx, D**-0.5)
+    torch.testing.assert_close(got.float(), want.float(), rtol=TOL[dtype], atol=TOL[dtype])
+
+
+def test_split_k_decode_rejects_bad_shapes_and_takes_an_empty_batch():
+    k_cache = v_cache = torch.zeros(4, 4, 2, 8)
+    q, tables, ctx = torch.zeros(1, 4, 8), torch.zeros(1, 2, dtype=torch.int32), torch.ones(1, dtype=torch.int32)
+    with pytest.raises(ValueError, match="multiple of the block size"):
+        paged_attention_decode(q, k_cache, v_cache, tables, ctx, 1.0, partition_size=6)
+    with pytest.raises(ValueError, match="not a multiple"):
+        paged_attention_decode(torch.zeros(1, 3, 8), k_cache, v_cache, tables, ctx, 1.0, partition_size=4)
+    empty = paged_attention_decode(q[:0], k_cache, v_cache, tables[:0], ctx[:0], 1.0, partition_size=4)
+    assert empty.shape == (0, 4, 8)
