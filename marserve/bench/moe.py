@@ -152,15 +152,21 @@ def _flush_caches() -> None:
     _FLUSH.sum()
 
 
-def _best_ms(fn, repeats: int) -> float:
-    fn()  # warm-up: first-call allocations, oneDNN primitive creation
-    best = float("inf")
+def _best_ms_each(fns: dict, repeats: int) -> dict:
+    """name -> best ms over `repeats` rounds; each round times every fn once, in turn, caches flushed before each.
+
+    Interleaving matters on a shared machine: a burst of someone else's work then slows every side alike.
+    """
+    for fn in fns.values():
+        fn()  # warm-up: first-call allocations, oneDNN primitive creation
+    best = dict.fromkeys(fns, float("inf"))
     for _ in range(repeats):
-        _flush_caches()
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best * 1e3
+        for name, fn in fns.items():
+            _flush_caches()
+            t0 = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - t0)
+    return {name: t * 1e3 for name, t in best.items()}
 
 
 def _routing(shape: MoeShape, tokens: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -170,8 +176,8 @@ def _routing(shape: MoeShape, tokens: int, g: torch.Generator) -> tuple[torch.Te
     return weights / weights.sum(-1, keepdim=True), ids
 
 
-def bench_shape(shape: MoeShape, tokens: list[int], repeats: int, limits, skip_naive: bool,
-                packed: bool = False) -> list[dict]:
+def bench_shape(shape: MoeShape, tokens: list[int], repeats: int, skip_naive: bool, packed: bool = False) -> list[dict]:
+    """Raw times per T (ms) for every side; shares of the machine's limits are added by the caller."""
     import marserve_kernels
     g = torch.Generator().manual_seed(0)
     H, I, E = shape.hidden, shape.intermediate, shape.num_experts
@@ -183,32 +189,23 @@ def bench_shape(shape: MoeShape, tokens: list[int], repeats: int, limits, skip_n
         x = torch.randn(T, H, generator=g)  # [T, H]
         weights, ids = _routing(shape, T, g)
         inputs[T] = (x, weights, ids)
+        fns = {"ours": lambda: marserve_kernels.moe(x, w13, w2, weights, ids)}
+        fns.update({impl: (lambda f=f: f(x, weights, ids)) for impl, f in hf.items()})
+        if not skip_naive:
+            fns["naive"] = lambda: naive_moe(x, w13, w2, weights, ids)
+        if T >= 256:
+            fns["bare_gemms"] = bare_gemms(x, w13, w2, ids)
         with torch.inference_mode():
-            want = naive_moe(x, w13, w2, weights, ids)
-            got = marserve_kernels.moe(x, w13, w2, weights, ids)
-            torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-3)  # never time a wrong answer
-            ours = _best_ms(lambda: marserve_kernels.moe(x, w13, w2, weights, ids), repeats)
-            hf_ms = {impl: _best_ms(lambda f=f: f(x, weights, ids), repeats) for impl, f in hf.items()}
-            naive = None if skip_naive else _best_ms(lambda: naive_moe(x, w13, w2, weights, ids), repeats)
-            gemm_ms = _best_ms(bare_gemms(x, w13, w2, ids), repeats) if T >= 256 else None
-        hf_impl = min(hf_ms, key=hf_ms.get)
+            torch.testing.assert_close(marserve_kernels.moe(x, w13, w2, weights, ids),
+                                       naive_moe(x, w13, w2, weights, ids), atol=1e-3, rtol=1e-3)  # never time a wrong answer
+            ms = _best_ms_each(fns, repeats)
+        hf_impl = min(hf, key=ms.get)
         touched = int(ids.unique().numel())
-        nbytes = touched * shape.expert_bytes(w13.element_size())
-        rows.append(dict(shape=shape.name, tokens=T, ours_ms=ours, transformers_ms=hf_ms[hf_impl],
-                         transformers_impl=hf_impl, transformers_all_ms=hf_ms, naive_ms=naive,
-                         touched_experts=touched, weight_bytes=nbytes, flops=shape.flops(T),
-                         bandwidth_share=nbytes / (ours * 1e-3) / 1e9 / limits.bandwidth_gbs,
-                         matmul_share=shape.flops(T) / (ours * 1e-3) / 1e9 / limits.matmul_gflops,
-                         bare_gemms_ms=gemm_ms,
-                         bare_gemms_share=None if gemm_ms is None else
-                         shape.flops(T) / (gemm_ms * 1e-3) / 1e9 / limits.matmul_gflops))
-        r = rows[-1]
-        naive_txt = "" if naive is None else f" | naive {naive:9.2f} ms ({naive / ours:5.2f}x)"
-        print(f"  T={T:5d}: ours {ours:9.2f} ms | transformers {r['transformers_ms']:9.2f} ms [{hf_impl}] "
-              f"({r['transformers_ms'] / ours:5.2f}x){naive_txt} | {touched:3d} experts, "
-              f"{nbytes / 1e6:7.1f} MB -> {r['bandwidth_share']:4.0%} of bandwidth | "
-              f"{r['flops'] / 1e9:6.2f} GFLOP -> {r['matmul_share']:4.0%} of matmul peak"
-              + ("" if gemm_ms is None else f" (its bare GEMMs alone: {r['bare_gemms_share']:4.0%})"), flush=True)
+        rows.append(dict(shape=shape.name, tokens=T, ours_ms=ms["ours"], transformers_ms=ms[hf_impl],
+                         transformers_impl=hf_impl, transformers_all_ms={i: ms[i] for i in hf},
+                         naive_ms=ms.get("naive"), bare_gemms_ms=ms.get("bare_gemms"), touched_experts=touched,
+                         weight_bytes=touched * shape.expert_bytes(w13.element_size()), flops=shape.flops(T)))
+        print(f"  measured T={T}", flush=True)
     big = [r for r in rows if r["tokens"] >= 256]
     if packed and big:
         from marserve_kernels import cpu_moe
@@ -219,15 +216,37 @@ def bench_shape(shape: MoeShape, tokens: list[int], repeats: int, limits, skip_n
                 with torch.inference_mode():
                     torch.testing.assert_close(marserve_kernels.moe(x, w13, w2, weights, ids),
                                                naive_moe(x, w13, w2, weights, ids), atol=1e-3, rtol=1e-3)
-                    ms = _best_ms(lambda: marserve_kernels.moe(x, w13, w2, weights, ids), repeats)
-                r.update(packed_ms=ms, packed_extra_bytes=added,
-                         packed_matmul_share=shape.flops(r["tokens"]) / (ms * 1e-3) / 1e9 / limits.matmul_gflops)
-                print(f"  T={r['tokens']:5d}: ours with pack_experts() (opt-in, +{added / 1e6:.0f} MB) {ms:9.2f} ms "
-                      f"({r['transformers_ms'] / ms:5.2f}x transformers) -> "
-                      f"{r['packed_matmul_share']:4.0%} of matmul peak", flush=True)
+                    fns = {"packed": lambda: marserve_kernels.moe(x, w13, w2, weights, ids)}
+                    fns.update({impl: (lambda f=f: f(x, weights, ids)) for impl, f in hf.items()})
+                    ms = _best_ms_each(fns, repeats)
+                r.update(packed_ms=ms["packed"], packed_extra_bytes=added, packed_transformers_ms=min(ms[i] for i in hf))
+                print(f"  measured T={r['tokens']} with pack_experts()", flush=True)
         finally:
             cpu_moe.unpack_experts(w13, w2)
     return rows
+
+
+def _print_rows(rows: list[dict], limits) -> None:
+    for r in rows:
+        ours, T = r["ours_ms"], r["tokens"]
+        r["bandwidth_share"] = r["weight_bytes"] / (ours * 1e-3) / 1e9 / limits.bandwidth_gbs
+        r["matmul_share"] = r["flops"] / (ours * 1e-3) / 1e9 / limits.matmul_gflops
+        naive_txt = "" if r["naive_ms"] is None else f" | naive {r['naive_ms']:9.2f} ms ({r['naive_ms'] / ours:5.2f}x)"
+        line = (f"  T={T:5d}: ours {ours:9.2f} ms | transformers {r['transformers_ms']:9.2f} ms "
+                f"[{r['transformers_impl']}] ({r['transformers_ms'] / ours:5.2f}x){naive_txt} | "
+                f"{r['touched_experts']:3d} experts, {r['weight_bytes'] / 1e6:7.1f} MB -> "
+                f"{r['bandwidth_share']:4.0%} of bandwidth | {r['flops'] / 1e9:6.2f} GFLOP -> "
+                f"{r['matmul_share']:4.0%} of matmul peak")
+        if r["bare_gemms_ms"] is not None:
+            r["bare_gemms_share"] = r["flops"] / (r["bare_gemms_ms"] * 1e-3) / 1e9 / limits.matmul_gflops
+            line += f" (its bare GEMMs alone: {r['bare_gemms_share']:4.0%})"
+        print(line)
+        if "packed_ms" in r:
+            r["packed_matmul_share"] = r["flops"] / (r["packed_ms"] * 1e-3) / 1e9 / limits.matmul_gflops
+            print(f"  T={T:5d}: ours with pack_experts() (opt-in, +{r['packed_extra_bytes'] / 1e6:.0f} MB) "
+                  f"{r['packed_ms']:9.2f} ms | transformers {r['packed_transformers_ms']:9.2f} ms "
+                  f"({r['packed_transformers_ms'] / r['packed_ms']:5.2f}x) | "
+                  f"{r['packed_matmul_share']:4.0%} of matmul peak")
 
 
 def _native_read_gbs(buffer_mb: int) -> float:
@@ -236,26 +255,37 @@ def _native_read_gbs(buffer_mb: int) -> float:
     return cpu_moe_native.read_bandwidth_gbs(buffer_mb) if cpu_moe_native.available() else 0.0
 
 
+def _limits(quick: bool):
+    limits = measure(repeats=2, buffer_mb=64, matmul_n=512) if quick else measure()
+    limits.bandwidth_gbs = max(limits.bandwidth_gbs, _native_read_gbs(64 if quick else 512))
+    return limits
+
+
 def run(args) -> int:
     torch.set_num_threads(args.threads)
     repeats = 2 if args.quick else args.repeats
     shapes = [parse_shape(s) for s in args.shapes.split(",")]
     tokens = [int(t) for t in args.tokens.split(",")]
-    limits = measure(repeats=2, buffer_mb=64, matmul_n=512) if args.quick else measure()
-    print(f"machine: {limits.describe()}")
-    limits.bandwidth_gbs = max(limits.bandwidth_gbs, _native_read_gbs(64 if args.quick else 512))
-    print(f"bandwidth used for the shares: {limits.bandwidth_gbs:.1f} GB/s, the best of torch's read above and "
-          "the native kernel's own vector loads over the same size of buffer")
+    before = _limits(args.quick)
+    results = {}
+    for shape in shapes:
+        print(f"shape {shape.name}: measuring ...", flush=True)
+        results[shape] = bench_shape(shape, tokens, repeats, args.skip_naive, packed=not args.no_packed)
+    # Limits measured before and after the timings; the best of each is the machine's limit.
+    limits = _limits(args.quick)
+    for field in ("bandwidth_gbs", "matmul_gflops", "copy_gbs", "mkl_gflops", "onednn_gflops"):
+        setattr(limits, field, max(getattr(limits, field), getattr(before, field)))
+    print(f"machine (best of before and after the timings): {limits.describe()}; the read bandwidth is the "
+          "best of torch's sum and the native kernel's own loads over the same buffer")
     print("timed: expert computation only, same weights and routing on every side (router excluded); "
           "ratios are transformers/ours and naive/ours; transformers = the faster of its 'eager' and "
-          "'grouped_mm' experts implementations; fp32; caches flushed before each timed call; best of "
-          f"{repeats}")
-    results = []
-    for shape in shapes:
+          "'grouped_mm' experts implementations; fp32; every side timed in turn in each round, caches "
+          f"flushed before each timed call; best of {repeats} rounds")
+    for shape, rows in results.items():
         print(f"shape {shape.name}: H={shape.hidden} I={shape.intermediate} E={shape.num_experts} "
               f"K={shape.top_k} ({shape.model_type} experts module), "
               f"{shape.expert_bytes(4) / 1e6:.1f} MB per expert")
-        results += bench_shape(shape, tokens, repeats, limits, args.skip_naive, packed=not args.no_packed)
+        _print_rows(rows, limits)
     print("command: marserve bench moe " + " ".join(shlex.quote(a) for a in sys.argv[3:]))
-    print(json.dumps({"limits": limits.__dict__, "results": results}))
+    print(json.dumps({"limits": limits.__dict__, "results": [r for rows in results.values() for r in rows]}))
     return 0
