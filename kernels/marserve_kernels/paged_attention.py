@@ -14,6 +14,8 @@ D head dim, S block size.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 try:
@@ -83,8 +85,11 @@ if triton is not None:
     @triton.jit
     def _paged_attn_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, tables_ptr, qstart_ptr, ctx_ptr, scale,
                            max_blocks, Hq: tl.constexpr, Hkv: tl.constexpr, D: tl.constexpr, S: tl.constexpr,
-                           BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
-        """One program: BLOCK_Q queries of one sequence, one query head. Decode is BLOCK_Q = 1, n = 1."""
+                           BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+                           USE_DOT: tl.constexpr = False, DOT_FP32: tl.constexpr = False):
+        """One program: BLOCK_Q queries of one sequence, one query head. Decode is BLOCK_Q = 1, n = 1.
+        USE_DOT (every tile side >= 16): the two products as tl.dot (tensor cores on a GPU) instead of
+        broadcast-and-sum; DOT_FP32: their operands in fp32 (fp32 inputs, or bf16 under the interpreter)."""
         seq, head, qblock = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         q_first = tl.load(qstart_ptr + seq)
         n_new = tl.load(qstart_ptr + seq + 1) - q_first
@@ -98,7 +103,9 @@ if triton is not None:
         d = tl.arange(0, BLOCK_D)
         d_ok = d < D
         q = tl.load(q_ptr + ((q_first + qi)[:, None] * Hq + head) * D + d[None, :],
-                    mask=q_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)  # [BQ, BD]
+                    mask=q_ok[:, None] & d_ok[None, :], other=0.0)  # [BQ, BD]
+        if not USE_DOT or DOT_FP32:
+            q = q.to(tl.float32)
         m_i = tl.full((BLOCK_Q,), float("-inf"), tl.float32)
         l_i = tl.zeros((BLOCK_Q,), tl.float32)
         acc = tl.zeros((BLOCK_Q, BLOCK_D), tl.float32)
@@ -109,9 +116,20 @@ if triton is not None:
             k_pos = b * S + s_off  # [BS]
             k_ok = (s_off < S) & (k_pos < L)
             base = ((block * S + s_off)[:, None] * Hkv + kv_head) * D + d[None, :]
-            k = tl.load(kc_ptr + base, mask=k_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)  # [BS, BD]
-            v = tl.load(vc_ptr + base, mask=k_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-            scores = tl.sum(q[:, None, :] * k[None, :, :], 2) * scale  # [BQ, BS]
+            k = tl.load(kc_ptr + base, mask=k_ok[:, None] & d_ok[None, :], other=0.0)  # [BS, BD]
+            v = tl.load(vc_ptr + base, mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+            if USE_DOT:
+                if DOT_FP32:  # "ieee": fp32 inputs must not be rounded to tf32
+                    k = k.to(tl.float32)
+                    v = v.to(tl.float32)
+                    scores = tl.dot(q, tl.trans(k), input_precision="ieee")
+                else:
+                    scores = tl.dot(q, tl.trans(k))  # fp16/bf16 operands, fp32 accumulation
+            else:
+                k = k.to(tl.float32)
+                v = v.to(tl.float32)
+                scores = tl.sum(q[:, None, :] * k[None, :, :], 2)
+            scores = scores * scale  # [BQ, BS]
             visible = k_ok[None, :] & (k_pos[None, :] <= q_pos[:, None]) & q_ok[:, None]
             scores = tl.where(visible, scores, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(scores, 1))
@@ -119,7 +137,14 @@ if triton is not None:
             p = tl.exp(scores - m_safe[:, None])
             alpha = tl.exp(m_i - m_safe)
             l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], 1)
+            if USE_DOT:
+                if DOT_FP32:
+                    pv = tl.dot(p, v, input_precision="ieee")
+                else:
+                    pv = tl.dot(p.to(v.dtype), v)
+            else:
+                pv = tl.sum(p[:, :, None] * v[None, :, :], 1)  # [BQ, BD]
+            acc = acc * alpha[:, None] + pv
             m_i = m_new
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
         tl.store(out_ptr + ((q_first + qi)[:, None] * Hq + head) * D + d[None, :],
@@ -226,9 +251,13 @@ def _launch(q, k_cache, v_cache, block_tables, query_start_loc, context_lens, sc
     out = torch.empty_like(q)
     tables = block_tables.to(torch.int32).contiguous()
     grid = (B, Hq, triton.cdiv(max(max_q, 1), block_q))
+    block_d, block_s = triton.next_power_of_2(D), triton.next_power_of_2(S)
+    use_dot = min(block_q, block_d, block_s) >= 16  # tl.dot's smallest tile side
+    # Triton's interpreter computes bf16 tl.dot wrongly (see docs/kernels.md): fp32 operands there.
+    dot_fp32 = q.dtype == torch.float32 or (q.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1")
     _paged_attn_kernel[grid](q.contiguous(), k_cache, v_cache, out, tables, query_start_loc.to(torch.int32),
                              context_lens.to(torch.int32), float(scale), tables.shape[1], Hq=Hq, Hkv=Hkv, D=D, S=S,
-                             BLOCK_Q=block_q, BLOCK_D=triton.next_power_of_2(D), BLOCK_S=triton.next_power_of_2(S))
+                             BLOCK_Q=block_q, BLOCK_D=block_d, BLOCK_S=block_s, USE_DOT=use_dot, DOT_FP32=dot_fp32)
     return out
 
 

@@ -119,3 +119,19 @@ def test_split_k_decode_rejects_bad_shapes_and_takes_an_empty_batch():
         paged_attention_decode(torch.zeros(1, 3, 8), k_cache, v_cache, tables, ctx, 1.0, partition_size=4)
     empty = paged_attention_decode(q[:0], k_cache, v_cache, tables[:0], ctx[:0], 1.0, partition_size=4)
     assert empty.shape == (0, 4, 8)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("block_q", [16, 8])  # 16 with 16-token blocks: the tl.dot path; 8: broadcast-and-sum
+def test_prefill_dot_and_sum_paths_match_reference(dtype, block_q):
+    g = torch.Generator().manual_seed(block_q)
+    S, Hq, Hkv, D = 16, 4, 2, 24  # D pads to 32 inside the kernel
+    new, cached = [7, 1, 20, 3, 17], [0, 9, 5, 30, 16]  # chunks spanning 1..3 query tiles, after cached prefixes
+    lens = [n + c for n, c in zip(new, cached)]
+    k_cache, v_cache, tables = _setup(lens, S, Hkv, D, dtype, g)
+    q = torch.randn(sum(new), Hq, D, generator=g).to(dtype)
+    starts = torch.tensor([0] + list(torch.cumsum(torch.tensor(new), 0)), dtype=torch.int32)
+    ctx = torch.tensor(lens, dtype=torch.int32)
+    got = paged_attention_prefill(q, k_cache, v_cache, tables, starts, ctx, D**-0.5, block_q=block_q)
+    want = paged_attention_prefill_reference(q, k_cache, v_cache, tables, starts, ctx, D**-0.5)
+    torch.testing.assert_close(got.float(), want.float(), rtol=TOL[dtype], atol=TOL[dtype])
