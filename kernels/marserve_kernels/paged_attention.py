@@ -226,6 +226,12 @@ if triton is not None:
         tl.store(out_ptr + row * D + d, out.to(out_ptr.dtype.element_ty), mask=d_ok)
 
 
+def _as_index(x: torch.Tensor) -> torch.Tensor:
+    """int32 and int64 index tensors go to the kernels as they are: a cast would be one more device
+    copy per layer (the model runner builds int64 block tables)."""
+    return (x if x.dtype in (torch.int32, torch.int64) else x.to(torch.int32)).contiguous()
+
+
 def _need_triton():
     if triton is None:
         raise RuntimeError("Triton is not installed; use the *_reference functions or marserve.attention")
@@ -249,14 +255,14 @@ def _launch(q, k_cache, v_cache, block_tables, query_start_loc, context_lens, sc
     if Hq % Hkv:
         raise ValueError(f"{Hq} query heads are not a multiple of {Hkv} KV heads")
     out = torch.empty_like(q)
-    tables = block_tables.to(torch.int32).contiguous()
+    tables = _as_index(block_tables)
     grid = (B, Hq, triton.cdiv(max(max_q, 1), block_q))
     block_d, block_s = triton.next_power_of_2(D), triton.next_power_of_2(S)
     use_dot = min(block_q, block_d, block_s) >= 16  # tl.dot's smallest tile side
     # Triton's interpreter computes bf16 tl.dot wrongly (see docs/kernels.md): fp32 operands there.
     dot_fp32 = q.dtype == torch.float32 or (q.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1")
-    _paged_attn_kernel[grid](q.contiguous(), k_cache, v_cache, out, tables, query_start_loc.to(torch.int32),
-                             context_lens.to(torch.int32), float(scale), tables.shape[1], Hq=Hq, Hkv=Hkv, D=D, S=S,
+    _paged_attn_kernel[grid](q.contiguous(), k_cache, v_cache, out, tables, _as_index(query_start_loc),
+                             _as_index(context_lens), float(scale), tables.shape[1], Hq=Hq, Hkv=Hkv, D=D, S=S,
                              BLOCK_Q=block_q, BLOCK_D=block_d, BLOCK_S=block_s, USE_DOT=use_dot, DOT_FP32=dot_fp32)
     return out
 
@@ -277,11 +283,17 @@ def paged_attention_decode(q, k_cache, v_cache, block_tables, context_lens, scal
 
 
 def paged_attention_prefill(q, k_cache, v_cache, block_tables, query_start_loc, context_lens, scale,
-                            block_q: int = 16) -> torch.Tensor:
+                            block_q: int = 16, max_query_len: int | None = None) -> torch.Tensor:
     """q [T, Hq, D]: sequence s's new tokens are q[query_start_loc[s]:query_start_loc[s+1]], the last of
-    its context_lens[s] cached tokens (written already) -> [T, Hq, D], causal."""
+    its context_lens[s] cached tokens (written already) -> [T, Hq, D], causal.
+
+    max_query_len (the longest chunk), when the caller knows it on the host, sizes the grid without
+    reading query_start_loc back from the device (a sync per layer on a GPU)."""
     _need_triton()
-    max_q = int((query_start_loc[1:] - query_start_loc[:-1]).max()) if block_tables.shape[0] else 0
+    if max_query_len is not None:
+        max_q = max_query_len
+    else:
+        max_q = int((query_start_loc[1:] - query_start_loc[:-1]).max()) if block_tables.shape[0] else 0
     return _launch(q, k_cache, v_cache, block_tables, query_start_loc, context_lens, scale, block_q, max_q)
 
 
@@ -297,10 +309,10 @@ def _decode_split(q, k_cache, v_cache, block_tables, context_lens, scale, partit
     if B == 0:
         return out
     blocks_per_part = partition_size // S
-    tables = block_tables.to(torch.int32).contiguous()
+    tables = _as_index(block_tables)
     # The table width bounds every context, so the partition count needs no device-to-host sync.
     num_parts = triton.cdiv(tables.shape[1], blocks_per_part)
-    q, ctx = q.contiguous(), context_lens.to(torch.int32).contiguous()
+    q, ctx = q.contiguous(), _as_index(context_lens)
     single = num_parts == 1
     # fp32 partials: per (sequence, query head, partition) the running max, the sum and the unnormalised acc.
     part_m = part_l = part_acc = out  # unused placeholders when one partition covers everything

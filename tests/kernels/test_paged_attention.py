@@ -135,3 +135,24 @@ def test_prefill_dot_and_sum_paths_match_reference(dtype, block_q):
     got = paged_attention_prefill(q, k_cache, v_cache, tables, starts, ctx, D**-0.5, block_q=block_q)
     want = paged_attention_prefill_reference(q, k_cache, v_cache, tables, starts, ctx, D**-0.5)
     torch.testing.assert_close(got.float(), want.float(), rtol=TOL[dtype], atol=TOL[dtype])
+
+
+def test_int64_index_tensors_and_a_host_max_query_len_give_the_same_results():
+    """The model runner's int64 block tables go in without a cast; max_query_len skips the device read."""
+    g = torch.Generator().manual_seed(11)
+    S, Hq, Hkv, D = 4, 4, 2, 16
+    new, cached = [5, 1, 9], [3, 12, 0]
+    lens = [n + c for n, c in zip(new, cached)]
+    k_cache, v_cache, tables = _setup(lens, S, Hkv, D, torch.float32, g)
+    q = torch.randn(sum(new), Hq, D, generator=g)
+    starts = torch.tensor([0] + list(torch.cumsum(torch.tensor(new), 0)), dtype=torch.int32)
+    ctx = torch.tensor(lens, dtype=torch.int32)
+    want = paged_attention_prefill_reference(q, k_cache, v_cache, tables, starts, ctx, 0.3)
+    got = paged_attention_prefill(q, k_cache, v_cache, tables.long(), starts.long(), ctx.long(), 0.3, block_q=4,
+                                  max_query_len=max(new))
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    qd = torch.randn(len(lens), Hq, D, generator=g)
+    want = paged_attention_decode_reference(qd, k_cache, v_cache, tables, ctx, 0.3)
+    for partition in (None, 4):
+        got = paged_attention_decode(qd, k_cache, v_cache, tables.long(), ctx.long(), 0.3, partition_size=partition)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
