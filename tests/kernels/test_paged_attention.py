@@ -78,15 +78,18 @@ def test_write_and_attend_equal_the_cpu_paged_path():
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
-def test_a_model_run_on_triton_paged_attention_gives_the_same_tokens(baby_checkpoint, monkeypatch):
+# hidden 64 -> head dim 16: with 16-token blocks the prefill takes its tl.dot path; hidden 32 (head dim 8) does not.
+@pytest.mark.parametrize("hidden,block_size,budget", [(32, 4, 9), (64, 16, 20)])
+def test_a_model_run_on_triton_paged_attention_gives_the_same_tokens(baby_checkpoint, monkeypatch, hidden,
+                                                                     block_size, budget):
     from marserve import LLM, SamplingParams
-    path = baby_checkpoint("qwen3_moe")
+    path = baby_checkpoint("qwen3_moe", hidden_size=hidden)
     prompts = ["The quick brown fox", "rivers and mountains and seas", "a"]
     params = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)
     runs = {}
     for backend in ("torch", "triton"):
         monkeypatch.setenv("MARSERVE_ATTENTION_BACKEND", backend)
-        llm = LLM(path, dtype="float32", block_size=4, max_num_batched_tokens=9)  # chunked prefill + decode
+        llm = LLM(path, dtype="float32", block_size=block_size, max_num_batched_tokens=budget)  # chunked prefill
         runs[backend] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
     assert runs["triton"] == runs["torch"]
 
