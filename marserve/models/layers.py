@@ -46,6 +46,8 @@ class RMSNorm(nn.Module):
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Normalise the last dim in float32 (as the reference implementations do), scale in x's dtype.
     weight broadcasts against x's trailing dims (e.g. [heads, D] for per-head norms of different weights)."""
+    if x.dtype == torch.float32 and weight.dtype == torch.float32 and weight.dim() == 1:
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)  # one fused op, the same values in float32
     dtype = x.dtype
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
