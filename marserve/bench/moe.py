@@ -266,17 +266,19 @@ def run(args) -> int:
     repeats = 2 if args.quick else args.repeats
     shapes = [parse_shape(s) for s in args.shapes.split(",")]
     tokens = [int(t) for t in args.tokens.split(",")]
-    before = _limits(args.quick)
+    samples = [_limits(args.quick)]
     results = {}
     for shape in shapes:
         print(f"shape {shape.name}: measuring ...", flush=True)
         results[shape] = bench_shape(shape, tokens, repeats, args.skip_naive, packed=not args.no_packed)
-    # Limits measured before and after the timings; the best of each is the machine's limit.
-    limits = _limits(args.quick)
+        samples.append(_limits(args.quick))
+    # Limits measured before, between and after the timings; the best of each is the machine's limit
+    # (a share of a limit measured while someone else was using the machine would flatter us).
+    limits = samples[0]
     for field in ("bandwidth_gbs", "matmul_gflops", "copy_gbs", "mkl_gflops", "onednn_gflops"):
-        setattr(limits, field, max(getattr(limits, field), getattr(before, field)))
-    print(f"machine (best of before and after the timings): {limits.describe()}; the read bandwidth is the "
-          "best of torch's sum and the native kernel's own loads over the same buffer")
+        setattr(limits, field, max(getattr(s, field) for s in samples))
+    print(f"machine (best of {len(samples)} measurements around the timings): {limits.describe()}; the read "
+          "bandwidth is the best of torch's sum and the native kernel's own loads over the same buffer")
     print("timed: expert computation only, same weights and routing on every side (router excluded); "
           "ratios are transformers/ours and naive/ours; transformers = the faster of its 'eager' and "
           "'grouped_mm' experts implementations; fp32; every side timed in turn in each round, caches "
