@@ -86,32 +86,38 @@ if triton is not None:
     def _paged_attn_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, tables_ptr, qstart_ptr, ctx_ptr, scale,
                            max_blocks, Hq: tl.constexpr, Hkv: tl.constexpr, D: tl.constexpr, S: tl.constexpr,
                            BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+                           HEADS: tl.constexpr = 1, BLOCK_H: tl.constexpr = 1,
                            USE_DOT: tl.constexpr = False, DOT_FP32: tl.constexpr = False):
-        """One program: BLOCK_Q queries of one sequence, one query head. Decode is BLOCK_Q = 1, n = 1.
-        USE_DOT (every tile side >= 16): the two products as tl.dot (tensor cores on a GPU) instead of
-        broadcast-and-sum; DOT_FP32: their operands in fp32 (fp32 inputs, or bf16 under the interpreter)."""
-        seq, head, qblock = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        """One program: BLOCK_Q queries of one sequence times HEADS query heads sharing one KV head
+        (HEADS = 1: one query head; HEADS = Hq / Hkv: the whole group, so each K/V tile is loaded once
+        for it). Its rows are (query, head) pairs, BLOCK_H (HEADS padded to a power of two) per query.
+        Decode is BLOCK_Q = 1, n = 1. USE_DOT (every tile side >= 16): the two products as tl.dot
+        (tensor cores on a GPU) instead of broadcast-and-sum; DOT_FP32: their operands in fp32 (fp32
+        inputs, or bf16 under the interpreter)."""
+        seq, head_group, qblock = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         q_first = tl.load(qstart_ptr + seq)
         n_new = tl.load(qstart_ptr + seq + 1) - q_first
         if qblock * BLOCK_Q >= n_new:
             return
         L = tl.load(ctx_ptr + seq)  # tokens in the cache for this sequence, the new ones included
-        kv_head = head // (Hq // Hkv)
-        qi = qblock * BLOCK_Q + tl.arange(0, BLOCK_Q)  # query index within the chunk
-        q_ok = qi < n_new
+        kv_head = head_group * HEADS // (Hq // Hkv)
+        r = tl.arange(0, BLOCK_Q * BLOCK_H)  # rows: (query, head) pairs
+        qi = qblock * BLOCK_Q + r // BLOCK_H  # query index within the chunk
+        head = head_group * HEADS + r % BLOCK_H
+        q_ok = (qi < n_new) & (r % BLOCK_H < HEADS)
         q_pos = L - n_new + qi  # absolute positions of the queries
         d = tl.arange(0, BLOCK_D)
         d_ok = d < D
-        q = tl.load(q_ptr + ((q_first + qi)[:, None] * Hq + head) * D + d[None, :],
-                    mask=q_ok[:, None] & d_ok[None, :], other=0.0)  # [BQ, BD]
+        row_off = ((q_first + qi) * Hq + head)[:, None] * D + d[None, :]  # [BM, BD]
+        q = tl.load(q_ptr + row_off, mask=q_ok[:, None] & d_ok[None, :], other=0.0)  # [BM, BD]
         if not USE_DOT or DOT_FP32:
             q = q.to(tl.float32)
-        m_i = tl.full((BLOCK_Q,), float("-inf"), tl.float32)
-        l_i = tl.zeros((BLOCK_Q,), tl.float32)
-        acc = tl.zeros((BLOCK_Q, BLOCK_D), tl.float32)
+        m_i = tl.full((BLOCK_Q * BLOCK_H,), float("-inf"), tl.float32)
+        l_i = tl.zeros((BLOCK_Q * BLOCK_H,), tl.float32)
+        acc = tl.zeros((BLOCK_Q * BLOCK_H, BLOCK_D), tl.float32)
         last = tl.max(tl.where(q_ok, q_pos, 0), 0)  # keys beyond the last query's position are never seen
         s_off = tl.arange(0, BLOCK_S)
-        for b in range(0, tl.cdiv(last + 1, S)):
+        for b in range(tl.cdiv(last + 1, S)):
             block = tl.load(tables_ptr + seq * max_blocks + b).to(tl.int64)
             k_pos = b * S + s_off  # [BS]
             k_ok = (s_off < S) & (k_pos < L)
@@ -129,7 +135,7 @@ if triton is not None:
                 k = k.to(tl.float32)
                 v = v.to(tl.float32)
                 scores = tl.sum(q[:, None, :] * k[None, :, :], 2)
-            scores = scores * scale  # [BQ, BS]
+            scores = scores * scale  # [BM, BS]
             visible = k_ok[None, :] & (k_pos[None, :] <= q_pos[:, None]) & q_ok[:, None]
             scores = tl.where(visible, scores, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(scores, 1))
@@ -143,12 +149,11 @@ if triton is not None:
                 else:
                     pv = tl.dot(p.to(v.dtype), v)
             else:
-                pv = tl.sum(p[:, :, None] * v[None, :, :], 1)  # [BQ, BD]
+                pv = tl.sum(p[:, :, None] * v[None, :, :], 1)  # [BM, BD]
             acc = acc * alpha[:, None] + pv
             m_i = m_new
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-        tl.store(out_ptr + ((q_first + qi)[:, None] * Hq + head) * D + d[None, :],
-                 out.to(out_ptr.dtype.element_ty), mask=q_ok[:, None] & d_ok[None, :])
+        tl.store(out_ptr + row_off, out.to(out_ptr.dtype.element_ty), mask=q_ok[:, None] & d_ok[None, :])
 
     @triton.jit
     def _decode_partition_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
@@ -248,7 +253,8 @@ def write_kv_cache(k, v, k_cache, v_cache, slot_mapping) -> None:
                            slot_mapping.contiguous(), row=row, BLOCK=triton.next_power_of_2(row))
 
 
-def _launch(q, k_cache, v_cache, block_tables, query_start_loc, context_lens, scale, block_q, max_q):
+def _launch(q, k_cache, v_cache, block_tables, query_start_loc, context_lens, scale, block_q, max_q,
+            group_heads=False):
     B = block_tables.shape[0]
     Hq, D = q.shape[1], q.shape[2]
     S, Hkv = k_cache.shape[1], k_cache.shape[2]
@@ -256,14 +262,17 @@ def _launch(q, k_cache, v_cache, block_tables, query_start_loc, context_lens, sc
         raise ValueError(f"{Hq} query heads are not a multiple of {Hkv} KV heads")
     out = torch.empty_like(q)
     tables = _as_index(block_tables)
-    grid = (B, Hq, triton.cdiv(max(max_q, 1), block_q))
+    heads = Hq // Hkv if group_heads else 1
+    block_h = triton.next_power_of_2(heads)
+    grid = (B, Hq // heads, triton.cdiv(max(max_q, 1), block_q))
     block_d, block_s = triton.next_power_of_2(D), triton.next_power_of_2(S)
-    use_dot = min(block_q, block_d, block_s) >= 16  # tl.dot's smallest tile side
+    use_dot = min(block_q * block_h, block_d, block_s) >= 16  # tl.dot's smallest tile side
     # Triton's interpreter computes bf16 tl.dot wrongly (see docs/kernels.md): fp32 operands there.
     dot_fp32 = q.dtype == torch.float32 or (q.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1")
     _paged_attn_kernel[grid](q.contiguous(), k_cache, v_cache, out, tables, _as_index(query_start_loc),
                              _as_index(context_lens), float(scale), tables.shape[1], Hq=Hq, Hkv=Hkv, D=D, S=S,
-                             BLOCK_Q=block_q, BLOCK_D=block_d, BLOCK_S=block_s, USE_DOT=use_dot, DOT_FP32=dot_fp32)
+                             BLOCK_Q=block_q, BLOCK_D=block_d, BLOCK_S=block_s, HEADS=heads, BLOCK_H=block_h,
+                             USE_DOT=use_dot, DOT_FP32=dot_fp32)
     return out
 
 
@@ -283,9 +292,13 @@ def paged_attention_decode(q, k_cache, v_cache, block_tables, context_lens, scal
 
 
 def paged_attention_prefill(q, k_cache, v_cache, block_tables, query_start_loc, context_lens, scale,
-                            block_q: int = 16, max_query_len: int | None = None) -> torch.Tensor:
+                            block_q: int = 16, max_query_len: int | None = None,
+                            group_heads: bool = True) -> torch.Tensor:
     """q [T, Hq, D]: sequence s's new tokens are q[query_start_loc[s]:query_start_loc[s+1]], the last of
     its context_lens[s] cached tokens (written already) -> [T, Hq, D], causal.
+
+    block_q queries per program; group_heads: a program takes them for all Hq / Hkv query heads of one
+    KV head (rows = block_q * heads), so K/V are read once per group instead of once per query head.
 
     max_query_len (the longest chunk), when the caller knows it on the host, sizes the grid without
     reading query_start_loc back from the device (a sync per layer on a GPU)."""
@@ -294,7 +307,8 @@ def paged_attention_prefill(q, k_cache, v_cache, block_tables, query_start_loc, 
         max_q = max_query_len
     else:
         max_q = int((query_start_loc[1:] - query_start_loc[:-1]).max()) if block_tables.shape[0] else 0
-    return _launch(q, k_cache, v_cache, block_tables, query_start_loc, context_lens, scale, block_q, max_q)
+    return _launch(q, k_cache, v_cache, block_tables, query_start_loc, context_lens, scale, block_q, max_q,
+                   group_heads)
 
 
 def _decode_split(q, k_cache, v_cache, block_tables, context_lens, scale, partition_size: int) -> torch.Tensor:

@@ -40,7 +40,7 @@ def test_decode_matches_reference(dtype, S, Hq, Hkv):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("S,Hq,Hkv", [(4, 4, 2), (16, 4, 1)])
+@pytest.mark.parametrize("S,Hq,Hkv", [(4, 4, 2), (16, 4, 1), (4, 6, 2)])  # groups of 2, 4, 3 query heads
 def test_prefill_chunks_match_reference(dtype, S, Hq, Hkv):
     g = torch.Generator().manual_seed(S + Hq)
     D = 16
@@ -100,6 +100,7 @@ def test_a_model_run_on_triton_paged_attention_gives_the_same_tokens(baby_checkp
     (torch.float32, 16, 4, 4, 4096),  # one partition covers every context: the no-reduction path
     (torch.float16, 4, 4, 2, 12),     # a partition of 3 blocks (not a power of two)
     (torch.bfloat16, 16, 8, 4, 32),
+    (torch.float32, 4, 6, 2, 8),      # a group of 3 query heads, padded to 4 rows
 ])
 def test_split_k_decode_matches_reference(dtype, S, Hq, Hkv, partition):
     g = torch.Generator().manual_seed(S * 100 + partition)
@@ -125,8 +126,13 @@ def test_split_k_decode_rejects_bad_shapes_and_takes_an_empty_batch():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("block_q", [16, 8])  # 16 with 16-token blocks: the tl.dot path; 8: broadcast-and-sum
-def test_prefill_dot_and_sum_paths_match_reference(dtype, block_q):
+@pytest.mark.parametrize("block_q,group_heads", [
+    (16, False),  # 16 rows with 16-token blocks: the tl.dot path, one query head per program
+    (8, True),    # 8 queries x 2 heads of a KV group = 16 rows: tl.dot, K/V shared by the group
+    (4, True),    # 4 x 2 = 8 rows: broadcast-and-sum
+    (8, False),
+])
+def test_prefill_dot_and_sum_paths_match_reference(dtype, block_q, group_heads):
     g = torch.Generator().manual_seed(block_q)
     S, Hq, Hkv, D = 16, 4, 2, 24  # D pads to 32 inside the kernel
     new, cached = [7, 1, 20, 3, 17], [0, 9, 5, 30, 16]  # chunks spanning 1..3 query tiles, after cached prefixes
@@ -135,7 +141,8 @@ def test_prefill_dot_and_sum_paths_match_reference(dtype, block_q):
     q = torch.randn(sum(new), Hq, D, generator=g).to(dtype)
     starts = torch.tensor([0] + list(torch.cumsum(torch.tensor(new), 0)), dtype=torch.int32)
     ctx = torch.tensor(lens, dtype=torch.int32)
-    got = paged_attention_prefill(q, k_cache, v_cache, tables, starts, ctx, D**-0.5, block_q=block_q)
+    got = paged_attention_prefill(q, k_cache, v_cache, tables, starts, ctx, D**-0.5, block_q=block_q,
+                                  group_heads=group_heads)
     want = paged_attention_prefill_reference(q, k_cache, v_cache, tables, starts, ctx, D**-0.5)
     torch.testing.assert_close(got.float(), want.float(), rtol=TOL[dtype], atol=TOL[dtype])
 
