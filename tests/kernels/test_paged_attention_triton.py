@@ -1,4 +1,7 @@
-"""Triton paged attention (interpreter) against its torch references and marserve.attention's CPU path."""
+"""Triton paged attention (interpreter) against its torch references and marserve.attention's CPU path.
+
+Named *_triton: tests/runner/test_paged_attention.py exists, and pytest (rootdir imports, no packages)
+refuses two test modules with one basename."""
 
 from __future__ import annotations
 
