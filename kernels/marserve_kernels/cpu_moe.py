@@ -75,6 +75,15 @@ def pack_experts(w13: torch.Tensor, w2: torch.Tensor) -> int:
     return added
 
 
+def use_packed_experts(enabled: bool) -> None:
+    """Switch the use of pack_experts() copies off or on (they stay in memory): for side-by-side timing."""
+    global _use_packed
+    _use_packed = enabled
+
+
+_use_packed = True
+
+
 def unpack_experts(w13: torch.Tensor, w2: torch.Tensor) -> None:
     """Drop the blocked copies pack_experts() made for these weights (no-op if none)."""
     _packed.pop((w13.data_ptr(), w2.data_ptr()), None)
@@ -111,7 +120,7 @@ def gemm_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
             jobs.append((e, start, n))
         start += n
 
-    packed = _packed_for(w13, w2) if hidden.device.type == "cpu" else None
+    packed = _packed_for(w13, w2) if hidden.device.type == "cpu" and _use_packed else None
     w13_of, w2_of = packed if packed is not None and packed[0][0].dtype == hidden.dtype else (w13, w2)
 
     def run_experts(part):

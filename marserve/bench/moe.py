@@ -178,52 +178,60 @@ def _routing(shape: MoeShape, tokens: int, g: torch.Generator) -> tuple[torch.Te
 
 def bench_shape(shape: MoeShape, tokens: list[int], repeats: int, skip_naive: bool, packed: bool = False) -> list[dict]:
     """Raw times per T (ms) for every side; shares of the machine's limits are added by the caller."""
-    import marserve_kernels
     g = torch.Generator().manual_seed(0)
     H, I, E = shape.hidden, shape.intermediate, shape.num_experts
     w13 = torch.randn(E, 2 * I, H, generator=g) / H ** 0.5  # [E, 2I, H]
     w2 = torch.randn(E, H, I, generator=g) / I ** 0.5  # [E, H, I]
     hf = {impl: _transformers_experts(shape, w13, w2, impl) for impl in ("eager", "grouped_mm")}
-    rows, inputs = [], {}
-    for T in tokens:
-        x = torch.randn(T, H, generator=g)  # [T, H]
-        weights, ids = _routing(shape, T, g)
-        inputs[T] = (x, weights, ids)
-        fns = {"ours": lambda: marserve_kernels.moe(x, w13, w2, weights, ids)}
-        fns.update({impl: (lambda f=f: f(x, weights, ids)) for impl, f in hf.items()})
-        if not skip_naive:
-            fns["naive"] = lambda: naive_moe(x, w13, w2, weights, ids)
-        if T >= 256:
-            fns["bare_gemms"] = bare_gemms(x, w13, w2, ids)
-        with torch.inference_mode():
-            torch.testing.assert_close(marserve_kernels.moe(x, w13, w2, weights, ids),
-                                       naive_moe(x, w13, w2, weights, ids), atol=1e-3, rtol=1e-3)  # never time a wrong answer
-            ms = _best_ms_each(fns, repeats)
-        hf_impl = min(hf, key=ms.get)
-        touched = int(ids.unique().numel())
-        rows.append(dict(shape=shape.name, tokens=T, ours_ms=ms["ours"], transformers_ms=ms[hf_impl],
-                         transformers_impl=hf_impl, transformers_all_ms={i: ms[i] for i in hf},
-                         naive_ms=ms.get("naive"), bare_gemms_ms=ms.get("bare_gemms"), touched_experts=touched,
-                         weight_bytes=touched * shape.expert_bytes(w13.element_size()), flops=shape.flops(T)))
-        print(f"  measured T={T}", flush=True)
-    big = [r for r in rows if r["tokens"] >= 256]
-    if packed and big:
-        from marserve_kernels import cpu_moe
+    from marserve_kernels import cpu_moe
+    rows = []
+    added = 0
+    if packed and max(tokens) >= 256:
         added = cpu_moe.pack_experts(w13, w2)
-        try:
-            for r in big:
-                x, weights, ids = inputs[r["tokens"]]
-                with torch.inference_mode():
-                    torch.testing.assert_close(marserve_kernels.moe(x, w13, w2, weights, ids),
-                                               naive_moe(x, w13, w2, weights, ids), atol=1e-3, rtol=1e-3)
-                    fns = {"packed": lambda: marserve_kernels.moe(x, w13, w2, weights, ids)}
-                    fns.update({impl: (lambda f=f: f(x, weights, ids)) for impl, f in hf.items()})
-                    ms = _best_ms_each(fns, repeats)
-                r.update(packed_ms=ms["packed"], packed_extra_bytes=added, packed_transformers_ms=min(ms[i] for i in hf))
-                print(f"  measured T={r['tokens']} with pack_experts()", flush=True)
-        finally:
+    try:
+        for T in tokens:
+            rows.append(_bench_tokens(shape, T, g, w13, w2, hf, repeats, skip_naive, added))
+            print(f"  measured T={T}", flush=True)
+    finally:
+        if added:
             cpu_moe.unpack_experts(w13, w2)
+            cpu_moe.use_packed_experts(True)
     return rows
+
+
+def _bench_tokens(shape, T, g, w13, w2, hf, repeats, skip_naive, packed_bytes) -> dict:
+    import marserve_kernels
+    from marserve_kernels import cpu_moe
+    x = torch.randn(T, shape.hidden, generator=g)  # [T, H]
+    weights, ids = _routing(shape, T, g)
+
+    def ours(use_packed: bool):
+        cpu_moe.use_packed_experts(use_packed)
+        return marserve_kernels.moe(x, w13, w2, weights, ids)
+
+    fns = {"ours": lambda: ours(False)}
+    fns.update({impl: (lambda f=f: f(x, weights, ids)) for impl, f in hf.items()})
+    if not skip_naive:
+        fns["naive"] = lambda: naive_moe(x, w13, w2, weights, ids)
+    if T >= 256:
+        fns["bare_gemms"] = bare_gemms(x, w13, w2, ids)
+        if packed_bytes:
+            fns["packed"] = lambda: ours(True)
+    with torch.inference_mode():
+        want = naive_moe(x, w13, w2, weights, ids)
+        for name in ("ours", "packed"):  # never time a wrong answer
+            if name in fns:
+                torch.testing.assert_close(fns[name](), want, atol=1e-3, rtol=1e-3)
+        ms = _best_ms_each(fns, repeats)
+    hf_impl = min(hf, key=ms.get)
+    touched = int(ids.unique().numel())
+    row = {"shape": shape.name, "tokens": T, "ours_ms": ms["ours"], "transformers_ms": ms[hf_impl],
+           "transformers_impl": hf_impl, "transformers_all_ms": {i: ms[i] for i in hf},
+           "naive_ms": ms.get("naive"), "bare_gemms_ms": ms.get("bare_gemms"), "touched_experts": touched,
+           "weight_bytes": touched * shape.expert_bytes(w13.element_size()), "flops": shape.flops(T)}
+    if "packed" in ms:
+        row.update(packed_ms=ms["packed"], packed_extra_bytes=packed_bytes)
+    return row
 
 
 def _print_rows(rows: list[dict], limits) -> None:
@@ -244,8 +252,7 @@ def _print_rows(rows: list[dict], limits) -> None:
         if "packed_ms" in r:
             r["packed_matmul_share"] = r["flops"] / (r["packed_ms"] * 1e-3) / 1e9 / limits.matmul_gflops
             print(f"  T={T:5d}: ours with pack_experts() (opt-in, +{r['packed_extra_bytes'] / 1e6:.0f} MB) "
-                  f"{r['packed_ms']:9.2f} ms | transformers {r['packed_transformers_ms']:9.2f} ms "
-                  f"({r['packed_transformers_ms'] / r['packed_ms']:5.2f}x) | "
+                  f"{r['packed_ms']:9.2f} ms ({r['transformers_ms'] / r['packed_ms']:5.2f}x transformers) -> "
                   f"{r['packed_matmul_share']:4.0%} of matmul peak")
 
 

@@ -1,8 +1,6 @@
 import pytest
 import torch
-
-from marserve_kernels import cpu_moe_native, grouped_moe, moe, moe_reference
-from marserve_kernels import cpu_moe
+from marserve_kernels import cpu_moe, cpu_moe_native, grouped_moe, moe, moe_reference
 from marserve_kernels.cpu_moe import gemm_moe
 
 NATIVE = cpu_moe_native.available(torch.float32) and cpu_moe_native.available(torch.bfloat16)
@@ -53,7 +51,7 @@ def test_paths_match_naive_loop(T, E, K, H, I, dtype):
     paths = [moe_reference, grouped_moe, moe, gemm_moe, small_moe]
     for fn in paths:
         got = fn(hidden, w13, w2, topk_weights, topk_ids).float()
-        torch.testing.assert_close(got, want, atol=tol, rtol=tol, msg=lambda m: f"{fn.__name__}: {m}")
+        torch.testing.assert_close(got, want, atol=tol, rtol=tol, msg=lambda m, name=fn.__name__: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
