@@ -44,8 +44,9 @@ def _attend(q, k, v, visible, scale):
 
 def write_kv_cache_reference(k, v, k_cache, v_cache, slot_mapping) -> None:
     Hkv, D = k_cache.shape[2], k_cache.shape[3]
-    k_cache.view(-1, Hkv, D)[slot_mapping.long()] = k.to(k_cache.dtype)
-    v_cache.view(-1, Hkv, D)[slot_mapping.long()] = v.to(v_cache.dtype)
+    keep = slot_mapping >= 0  # negative slots are padding tokens
+    k_cache.view(-1, Hkv, D)[slot_mapping[keep].long()] = k[keep].to(k_cache.dtype)
+    v_cache.view(-1, Hkv, D)[slot_mapping[keep].long()] = v[keep].to(v_cache.dtype)
 
 
 def paged_attention_decode_reference(q, k_cache, v_cache, block_tables, context_lens, scale) -> torch.Tensor:
@@ -78,7 +79,7 @@ if triton is not None:
         t = tl.program_id(0)
         slot = tl.load(slot_ptr + t).to(tl.int64)
         offs = tl.arange(0, BLOCK)
-        m = offs < row
+        m = (offs < row) & (offs * 0 + slot >= 0)  # a negative slot marks a padding token: nothing is written
         tl.store(kc_ptr + slot * row + offs, tl.load(k_ptr + t * row + offs, mask=m), mask=m)
         tl.store(vc_ptr + slot * row + offs, tl.load(v_ptr + t * row + offs, mask=m), mask=m)
 
@@ -243,7 +244,8 @@ def _need_triton():
 
 
 def write_kv_cache(k, v, k_cache, v_cache, slot_mapping) -> None:
-    """k/v [T, Hkv, D] into their slots of k_cache/v_cache [N, S, Hkv, D]."""
+    """k/v [T, Hkv, D] into their slots of k_cache/v_cache [N, S, Hkv, D]; tokens whose slot is negative
+    (padding, e.g. a batch padded to a captured CUDA-graph size) are skipped."""
     _need_triton()
     T = k.shape[0]
     if T == 0:
@@ -264,9 +266,12 @@ def _launch(q, k_cache, v_cache, block_tables, query_start_loc, context_lens, sc
     tables = _as_index(block_tables)
     heads = Hq // Hkv if group_heads else 1
     block_h = triton.next_power_of_2(heads)
-    grid = (B, Hq // heads, triton.cdiv(max(max_q, 1), block_q))
     block_d, block_s = triton.next_power_of_2(D), triton.next_power_of_2(S)
     use_dot = min(block_q * block_h, block_d, block_s) >= 16  # tl.dot's smallest tile side
+    if not use_dot:
+        # Broadcast-and-sum holds a [rows, block, D] product: keep rows at block_q, as with one head.
+        block_q = max(1, block_q // block_h)
+    grid = (B, Hq // heads, triton.cdiv(max(max_q, 1), block_q))
     # Triton's interpreter computes bf16 tl.dot wrongly (see docs/kernels.md): fp32 operands there.
     dot_fp32 = q.dtype == torch.float32 or (q.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1")
     _paged_attn_kernel[grid](q.contiguous(), k_cache, v_cache, out, tables, _as_index(query_start_loc),

@@ -169,3 +169,19 @@ def test_int64_index_tensors_and_a_host_max_query_len_give_the_same_results():
     for partition in (None, 4):
         got = paged_attention_decode(qd, k_cache, v_cache, tables.long(), ctx.long(), 0.3, partition_size=partition)
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_write_kv_cache_skips_negative_slots_and_casts_to_the_cache_dtype(dtype):
+    g = torch.Generator().manual_seed(3)
+    # Each cache is a view past a guard block, where an unskipped slot -1 would land.
+    k_buf, v_buf = torch.zeros(7, 4, 2, 8, dtype=dtype), torch.zeros(7, 4, 2, 8, dtype=dtype)
+    k_cache, v_cache = k_buf[1:], v_buf[1:]
+    k, v = torch.randn(5, 2, 8, generator=g), torch.randn(5, 2, 8, generator=g)  # fp32 into a `dtype` cache
+    slots = torch.tensor([13, -1, 0, 23, -1])
+    write_kv_cache(k, v, k_cache, v_cache, slots)
+    ref_k, ref_v = torch.zeros_like(k_cache), torch.zeros_like(v_cache)
+    write_kv_cache_reference(k, v, ref_k, ref_v, slots)
+    assert torch.equal(k_cache, ref_k) and torch.equal(v_cache, ref_v)
+    assert torch.equal(k_cache[3, 1], k[0].to(dtype)) and int((k_cache != 0).any(-1).any(-1).sum()) == 3
+    assert not k_buf[0].any() and not v_buf[0].any()
