@@ -138,7 +138,8 @@ def test_split_k_decode_rejects_bad_shapes_and_takes_an_empty_batch():
 def test_prefill_dot_and_sum_paths_match_reference(dtype, block_q, group_heads):
     g = torch.Generator().manual_seed(block_q)
     S, Hq, Hkv, D = 16, 4, 2, 24  # D pads to 32 inside the kernel
-    new, cached = [7, 1, 20, 3, 17], [0, 9, 5, 30, 16]  # chunks spanning 1..3 query tiles, after cached prefixes
+    # chunks spanning 1..3 query tiles after cached prefixes, and a sequence with no new token this pass
+    new, cached = [7, 1, 20, 0, 3, 17], [0, 9, 5, 16, 30, 16]
     lens = [n + c for n, c in zip(new, cached)]
     k_cache, v_cache, tables = _setup(lens, S, Hkv, D, dtype, g)
     q = torch.randn(sum(new), Hq, D, generator=g).to(dtype)
