@@ -87,7 +87,8 @@ def _triton_paged_attend(q, k, v, meta: AttentionMetadata, layer_idx: int, scale
     starts, totals = plan
     if all(n == 1 for n in meta.query_lens):
         return paged_attention_decode(q, k_cache, v_cache, meta.block_tables, totals, scale)
-    return paged_attention_prefill(q, k_cache, v_cache, meta.block_tables, starts, totals, scale)
+    return paged_attention_prefill(q, k_cache, v_cache, meta.block_tables, starts, totals, scale,
+                                   max_query_len=max(meta.query_lens))  # known on the host: no device read
 
 
 def _paged_attend(q, k, v, meta: AttentionMetadata, layer_idx: int, scale: float) -> torch.Tensor:
