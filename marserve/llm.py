@@ -6,6 +6,8 @@ All prompts go into the continuous-batching engine at once; results come back in
 from __future__ import annotations
 
 import itertools
+import sys
+import time
 from pathlib import Path
 
 from tqdm import tqdm
@@ -34,8 +36,10 @@ class LLM:
         return SamplingParams(**{k: v for k, v in self.generation_defaults.items() if k != "eos_token_ids"})
 
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
-                 use_tqdm: bool = False) -> list[RequestOutput]:
-        """prompts: a string, a list of strings, token-id lists, or {"prompt_token_ids": [...]} dicts."""
+                 use_tqdm: bool | None = None) -> list[RequestOutput]:
+        """prompts: a string, a list of strings, token-id lists, or {"prompt_token_ids": [...]} dicts.
+
+        use_tqdm: a progress bar with the output speed (default: when several prompts go to a terminal)."""
         if isinstance(prompts, (str, dict)) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         params = sampling_params or self.default_sampling_params()
@@ -50,11 +54,16 @@ class LLM:
             for rid in ids:
                 self.engine.abort(rid)
             raise
+        if use_tqdm is None:
+            use_tqdm = len(ids) > 1 and sys.stderr.isatty()
         done: dict[str, RequestOutput] = {}
-        with tqdm(total=len(ids), desc="requests", disable=not use_tqdm) as bar:
+        start, generated = time.perf_counter(), self.engine.generation_tokens_total
+        with tqdm(total=len(ids), desc="requests", unit="req", disable=not use_tqdm) as bar:
             while self.engine.has_unfinished:
                 for out in self.engine.step():
                     if out.finished:
                         done[out.request_id] = out
                         bar.update(1)
+                        rate = (self.engine.generation_tokens_total - generated) / (time.perf_counter() - start)
+                        bar.set_postfix_str(f"output {rate:.1f} tok/s", refresh=False)
         return [done[rid] for rid in ids]
