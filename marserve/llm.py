@@ -13,6 +13,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from marserve.engine_config import EngineConfig
+from marserve.errors import ConfigError
 from marserve.llm_engine import LLMEngine
 from marserve.outputs import RequestOutput
 from marserve.sampling_params import SamplingParams
@@ -67,3 +68,18 @@ class LLM:
                         rate = (self.engine.generation_tokens_total - generated) / (time.perf_counter() - start)
                         bar.set_postfix_str(f"output {rate:.1f} tok/s", refresh=False)
         return [done[rid] for rid in ids]
+
+    def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | None = None,
+             use_tqdm: bool | None = None) -> list[RequestOutput]:
+        """One conversation ([{"role", "content"}, ...]) or a list of them, through the tokenizer's chat
+        template (with the generation prompt) -> one RequestOutput per conversation."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise ConfigError(f"{self.model_dir}: the tokenizer has no chat template; use generate()")
+        prompts = []
+        for conv in conversations:
+            text = self.tokenizer.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
+            # The template holds the special tokens it wants: no second BOS.
+            prompts.append({"prompt": text,
+                            "prompt_token_ids": self.tokenizer(text, add_special_tokens=False)["input_ids"]})
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)

@@ -121,3 +121,15 @@ def test_prompt_logprobs_match_a_dense_forward(path, kw):
         assert abs(top[0].logprob - want[pos - 1].max().item()) < 1e-4
     bm = llm.engine.scheduler.block_manager
     assert bm.num_free_blocks == bm.num_blocks
+
+
+def test_chat_applies_the_template_once(path):
+    llm = LLM(path, dtype="float32")
+    conv = [{"role": "user", "content": "hello there"}]
+    text = llm.tokenizer.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
+    ids = llm.tokenizer(text, add_special_tokens=False)["input_ids"]
+    want = llm.generate([{"prompt_token_ids": ids}], GREEDY)[0]
+    got = llm.chat(conv, GREEDY)
+    assert len(got) == 1 and got[0].prompt_token_ids == ids and got[0].outputs[0].token_ids == want.outputs[0].token_ids
+    assert len(llm.chat([conv, conv + [{"role": "assistant", "content": "hi"}, {"role": "user", "content": "x"}]],
+                        GREEDY)) == 2
