@@ -14,7 +14,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import uvicorn
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, Response
 
 import marserve
@@ -87,9 +87,10 @@ class _Guard:
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > limit:
-                    raise errors.APIError(413, f"the request body is larger than {limit} bytes",
-                                          code="request_too_large")
+                if seen > limit:  # a chunked body has no Content-Length to refuse up front
+                    # FastAPI turns other exceptions raised while it reads the body into a 400; an
+                    # HTTPException it passes on (errors.py maps 413 to code request_too_large).
+                    raise HTTPException(413, f"the request body is larger than {limit} bytes")
             return message
 
         return await self.app(scope, limited_receive, send)

@@ -94,7 +94,8 @@ def install(app: FastAPI, on_error=lambda status: None) -> None:
         msg = e.detail if isinstance(e.detail, str) else "request failed"
         if e.status_code == 404:
             msg = f"no route {request.method} {request.url.path}"
-        return respond(e.status_code, msg, headers=getattr(e, "headers", None))
+        code = "request_too_large" if e.status_code == 413 else None
+        return respond(e.status_code, msg, code=code, headers=getattr(e, "headers", None))
 
     @app.exception_handler(Exception)
     async def _any(request: Request, e: Exception):

@@ -10,18 +10,43 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_STOP_STRINGS = 16
+# torch.Generator.manual_seed takes a signed or unsigned 64-bit seed; request j of n uses seed + j.
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
+REPETITION_PENALTY_MIN, REPETITION_PENALTY_MAX = 1e-3, 1e3
 
 
 def random_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
+def _check_unicode(value: Any) -> None:
+    """JSON can carry lone UTF-16 surrogates (\\ud800) that no tokenizer can encode: refuse them here."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("text must be valid Unicode (it holds a lone UTF-16 surrogate)") from None
+    elif isinstance(value, list):
+        for v in value:
+            _check_unicode(v)
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _check_unicode(k)
+            _check_unicode(v)
+
+
 class OpenAIBody(BaseModel):
     # Unknown fields are ignored, as OpenAI and vLLM do, so newer clients keep working.
     model_config = ConfigDict(extra="ignore")
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _valid_unicode(cls, value):
+        _check_unicode(value)
+        return value
 
 
 class StreamOptions(OpenAIBody):
@@ -44,8 +69,10 @@ class SamplingFields(OpenAIBody):
     min_p: float | None = Field(default=None, ge=0.0, le=1.0)
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
-    repetition_penalty: float | None = Field(default=None, gt=0.0)
-    seed: int | None = None
+    # Bounded so that logits / penalty stays finite in float32 (a tiny penalty overflowed to inf -> NaN).
+    repetition_penalty: float | None = Field(default=None, ge=REPETITION_PENALTY_MIN,
+                                             le=REPETITION_PENALTY_MAX)
+    seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool = False

@@ -19,6 +19,9 @@ from marserve_server.metrics import ServerMetrics
 from marserve_server.protocol import SamplingFields
 
 DISCONNECT_POLL_SECONDS = 0.25
+# Below this, logits / temperature overflows float32 (inf -> NaN probabilities) and the step fails for
+# the whole batch; such a temperature means greedy anyway (vLLM treats it the same way).
+GREEDY_TEMPERATURE = 1e-5
 
 
 @dataclass
@@ -69,6 +72,8 @@ def sampling_params(req: SamplingFields, *, default_max_tokens: int | None, logp
         value = getattr(req, name) if getattr(req, name) is not None else defaults.get(name)
         if value is not None:
             optional[name] = value
+    if 0.0 < optional.get("temperature", 1.0) < GREEDY_TEMPERATURE:
+        optional["temperature"] = 0.0
     # SamplingParams checks ranges and names the parameter (SamplingParamsError -> 400).
     return SamplingParams(n=req.n, max_tokens=max_tokens, min_tokens=req.min_tokens, seed=req.seed, stop=req.stop,
                           stop_token_ids=req.stop_token_ids, include_stop_str_in_output=req.include_stop_str_in_output,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 
 import httpx
@@ -254,3 +255,69 @@ def test_models_tokenize_detokenize_version_health(server, offline):
     assert httpx.get(base + "/health").json() == {"status": "ok"}
     assert httpx.get(base + "/ready").status_code == 200
     assert json.loads(httpx.get(base + "/openapi.json").text)["paths"]
+
+
+# Values at the edge of what the protocol accepts. Each once failed a whole engine step (NaN probabilities,
+# a 64-bit seed overflow in the engine thread, logprobs=0), i.e. every request batched with it, or the engine.
+HOSTILE = [{"temperature": 5e-324}, {"temperature": 1e-40, "top_p": 1e-300}, {"logprobs": 0},
+           {"repetition_penalty": 1e-3, "temperature": 1e-5}, {"repetition_penalty": 1e3, "temperature": 0.5},
+           {"seed": 2**64}, {"seed": -(2**63)}, {"seed": 2**63 - 1, "n": 3}, {"repetition_penalty": 1e-300}]
+
+
+def test_hostile_sampling_values_never_fail_their_batch_mates(server, offline, monkeypatch):
+    base, app = server
+    engine = app.state.server.engine
+    real_step = engine.engine.step
+
+    def slow_step():  # keeps the victim running while every hostile request joins its batch
+        time.sleep(0.01)
+        return real_step()
+
+    monkeypatch.setattr(engine.engine, "step", slow_step)
+    want = _greedy(offline, [PROMPTS[6]], 60)[0]
+    victim: list[str] = []
+
+    def stream_victim():
+        with httpx.stream("POST", f"{base}/v1/completions", timeout=60, json={
+                "prompt": PROMPTS[6], "max_tokens": 60, "temperature": 0, "ignore_eos": True, "stream": True}) as r:
+            for line in r.iter_lines():
+                if line:
+                    victim.append(line)
+
+    t = threading.Thread(target=stream_victim)
+    t.start()
+    deadline = time.monotonic() + 10
+    while not victim and time.monotonic() < deadline:  # the victim is running before anything hostile comes
+        time.sleep(0.005)
+    answers = [(extra, httpx.post(base + "/v1/completions", json={"prompt": PROMPTS[7], "max_tokens": 3, **extra},
+                                  timeout=30)) for extra in HOSTILE]
+    t.join(60)
+    chunks = [json.loads(line[6:]) for line in victim[:-1]]
+    assert victim[-1] == "data: [DONE]" and all("error" not in c for c in chunks), victim[-3:]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == want
+    for extra, r in answers:
+        assert r.status_code in (200, 400), (extra, r.text)
+        if r.status_code == 400:
+            assert r.json()["error"]["param"] in extra, (extra, r.text)
+    assert any(r.status_code == 200 for _, r in answers) and engine.is_running
+
+
+def test_bodies_the_parser_must_refuse_cleanly(server):
+    base, _ = server
+    lone = '{"prompt": "a \\ud800 b", "max_tokens": 2}'  # valid JSON, but no tokenizer can encode it
+    err = _error(httpx.post(base + "/v1/completions", content=lone, headers={"content-type": "application/json"}),
+                 400, param="prompt")
+    assert "Unicode" in err["message"]
+    chat = '{"messages": [{"role": "user", "content": "\\udfff"}]}'
+    _error(httpx.post(base + "/v1/chat/completions", content=chat, headers={"content-type": "application/json"}),
+           400, param="messages.0.content")
+    _error(httpx.post(base + "/tokenize", content='{"prompt": "\\ud800"}',
+                      headers={"content-type": "application/json"}), 400, param="prompt")
+
+    def chunked():  # no Content-Length: the limit must hold while the body streams in
+        for _ in range(5):
+            yield b" " * 2**20
+
+    _error(httpx.post(base + "/v1/completions", content=chunked(), timeout=30,
+                      headers={"content-type": "application/json"}), 413, code="request_too_large")
+    assert httpx.get(base + "/health").status_code == 200

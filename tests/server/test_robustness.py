@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -18,8 +19,10 @@ from hypothesis import strategies as st
 from marserve import DEFAULT_MODEL_DIR
 from tests.server.live_server import free_port, live_server
 
+# Text includes lone surrogates ("\\ud800" is valid JSON but not Unicode a tokenizer can encode).
+any_text = st.text(st.characters(exclude_categories=()), max_size=20)
 json_scalars = st.one_of(st.none(), st.booleans(), st.integers(-10**12, 10**12),
-                         st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=20))
+                         st.floats(allow_nan=False, allow_infinity=False), any_text)
 json_values = st.recursive(json_scalars, lambda inner: st.one_of(st.lists(inner, max_size=4),
                                                                   st.dictionaries(st.text(max_size=8), inner,
                                                                                   max_size=4)), max_leaves=8)
@@ -40,6 +43,11 @@ field_values = {
     "logprobs": st.one_of(st.integers(-1, 25), st.booleans(), json_values),
     "top_logprobs": st.one_of(st.integers(-1, 25), json_values),
     "stream": st.booleans(),
+    # The edges of the accepted ranges, where float32 sampling overflows and 64-bit seeds end.
+    "temperature": st.one_of(st.floats(0, 2), st.sampled_from([5e-324, 1e-40, 1e-5]), json_values),
+    "top_p": st.one_of(st.floats(0, 1), st.just(1e-300)),
+    "repetition_penalty": st.one_of(st.floats(0, 2000), st.sampled_from([1e-300, 1e-3, 1e3])),
+    "seed": st.one_of(st.integers(-2**70, 2**70), st.sampled_from([2**63 - 1, -(2**63), 2**64])),
 }
 bodies = st.dictionaries(st.sampled_from(FIELDS), json_values, max_size=6).flatmap(
     lambda d: st.fixed_dictionaries({k: field_values.get(k, st.just(v)) for k, v in d.items()}))
@@ -57,10 +65,15 @@ def test_no_request_body_gets_a_5xx(server, path, body):
     if isinstance(body.get("max_tokens"), int) and body["max_tokens"] > 4:
         body["max_tokens"] = 4  # keep generation short: the property is about validation
     body.setdefault("max_tokens", 2)
-    r = httpx.post(server[0] + path, json=body, timeout=60)
+    # json.dumps escapes lone surrogates as \\udXXX, as a client in another language might send them
+    r = httpx.post(server[0] + path, content=json.dumps(body), headers={"content-type": "application/json"},
+                   timeout=60)
     assert r.status_code < 500, (path, body, r.text)
     if r.status_code >= 400:
         assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+    elif r.headers["content-type"].startswith("text/event-stream"):  # a 5xx can hide in a stream's events
+        events = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
+        assert not any("error" in e for e in events), (path, body, r.text)
     assert httpx.get(server[0] + "/health").status_code == 200  # and it keeps serving
 
 
