@@ -103,6 +103,6 @@ class Sampler:
         if not want_logprobs:
             return SamplerOutput(token_ids=chosen.tolist(), logprobs=None, top_ids=None, top_logprobs=None)
         k = max((p.logprobs or 0) for p in params)
-        top_lp, top_ids = (logprobs_all.topk(k, dim=-1) if k > 0 else (None, None))
+        top_lp, top_ids = logprobs_all.topk(k, dim=-1)  # [B, k]; k = 0 (chosen token only) gives [B, 0]
         return SamplerOutput(token_ids=chosen.tolist(), logprobs=logprobs_all.gather(1, chosen[:, None]).squeeze(1),
                              top_ids=top_ids, top_logprobs=top_lp)
