@@ -2,10 +2,10 @@
 
 All three get the same hidden states, the same expert weights (the very same tensors) and the same routing
 (top-k weights and ids from a random router, renormalised as Mixtral does), so what is timed is the expert
-computation alone: router excluded on every side. Best of --repeats after one warm-up, side by side in one run,
-caches flushed before each timed call (64 MB read),
-with the machine's limits measured in the same run. Legend: T=tokens, E=experts, K=active per token, H=hidden,
-I=expert intermediate.
+computation alone: router excluded on every side. After one warm-up, each round times every side once, in
+turn, caches flushed before each call (64 MB read); the best of --repeats rounds is reported. The machine's
+limits are measured in the same run, before, between and after the timings (best kept). Legend: T=tokens,
+E=experts, K=active per token, H=hidden, I=expert intermediate.
 """
 
 from __future__ import annotations
