@@ -39,6 +39,8 @@ if triton is not None:
         rows = pid_m * BM + tl.arange(0, BM)
         pair = tl.load(sorted_ptr + rows)  # [BM] pair ids; P marks padding
         valid = pair < P
+        # int64 before the row offsets: pair * I passes 2^31 in long prefills (64k tokens x top-8 x I=14336).
+        pair = pair.to(tl.int64)
         token = pair // K_top
         cols = pid_n * BN + tl.arange(0, BN)  # columns of I
         col_ok = cols < I
@@ -54,10 +56,13 @@ if triton is not None:
                          mask=col_ok[None, :] & k_ok[:, None], other=0.0)  # [BK, BN] gate rows
             wu = tl.load(w_base + (cols[None, :] + I) * stride_wn + ks[:, None] * stride_wk,
                          mask=col_ok[None, :] & k_ok[:, None], other=0.0)  # [BK, BN] up rows
-            if DOT_FP32:
+            if DOT_FP32:  # "ieee": fp32 operands are not rounded to tf32 on the tensor cores
                 x, wg, wu = x.to(tl.float32), wg.to(tl.float32), wu.to(tl.float32)
-            acc_gate = tl.dot(x, wg, acc_gate)
-            acc_up = tl.dot(x, wu, acc_up)
+                acc_gate = tl.dot(x, wg, acc_gate, input_precision="ieee")
+                acc_up = tl.dot(x, wu, acc_up, input_precision="ieee")
+            else:
+                acc_gate = tl.dot(x, wg, acc_gate)
+                acc_up = tl.dot(x, wu, acc_up)
         act = acc_gate / (1.0 + tl.exp(-acc_gate)) * acc_up  # silu(gate) * up, in fp32
         tl.store(act_ptr + pair[:, None] * stride_ap + cols[None, :], act.to(act_ptr.dtype.element_ty),
                  mask=valid[:, None] & col_ok[None, :])
@@ -75,6 +80,7 @@ if triton is not None:
         rows = pid_m * BM + tl.arange(0, BM)
         pair = tl.load(sorted_ptr + rows)
         valid = pair < P
+        pair = pair.to(tl.int64)  # as in _gate_up_kernel: row offsets may pass 2^31
         token = pair // K_top
         cols = pid_n * BN + tl.arange(0, BN)  # columns of H
         col_ok = cols < H
@@ -89,12 +95,37 @@ if triton is not None:
                         mask=col_ok[None, :] & k_ok[:, None], other=0.0)  # [BK, BN]
             if DOT_FP32:
                 a, w = a.to(tl.float32), w.to(tl.float32)
-            acc = tl.dot(a, w, acc)
+                acc = tl.dot(a, w, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, w, acc)
         if APPLY_WEIGHT:
             acc = acc * tl.load(weights_ptr + pair, mask=valid, other=0.0).to(tl.float32)[:, None]
         # The K pairs of a token land on the same output row: add atomically (fp32 buffer).
         tl.atomic_add(out_ptr + token[:, None] * stride_ot + cols[None, :], acc,
                       mask=valid[:, None] & col_ok[None, :])
+
+
+def _check_inputs(hidden, w13, w2, topk_weights, topk_ids) -> None:
+    """Shapes and dtypes the kernels assume; a mismatch would otherwise read out of bounds or fail to compile."""
+    if hidden.dim() != 2 or w13.dim() != 3 or w2.dim() != 3:
+        raise ValueError(f"expected hidden [T, H], w13 [E, 2I, H], w2 [E, H, I]; got {tuple(hidden.shape)}, "
+                         f"{tuple(w13.shape)}, {tuple(w2.shape)}")
+    T, H = hidden.shape
+    E, two_i, w13_h = w13.shape
+    if w13_h != H or two_i % 2:
+        raise ValueError(f"w13 has shape {tuple(w13.shape)}: expected [E, 2I, {H}] (gate rows, then as many up rows)")
+    if tuple(w2.shape) != (E, H, two_i // 2):
+        raise ValueError(f"w2 has shape {tuple(w2.shape)}, expected {(E, H, two_i // 2)} for w13 {tuple(w13.shape)}")
+    if topk_ids.dim() != 2 or topk_ids.shape[0] != T or tuple(topk_weights.shape) != tuple(topk_ids.shape):
+        raise ValueError(f"topk_weights {tuple(topk_weights.shape)} and topk_ids {tuple(topk_ids.shape)} must both "
+                         f"be [T={T}, K]")
+    if hidden.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"fused_moe takes fp32, fp16 or bf16 activations, not {hidden.dtype}")
+    if w13.dtype != hidden.dtype or w2.dtype != hidden.dtype:
+        raise ValueError(f"hidden is {hidden.dtype} but w13/w2 are {w13.dtype}/{w2.dtype}: cast the weights "
+                         f"(or the activations) to one dtype")
+    if topk_ids.dtype.is_floating_point or topk_ids.dtype == torch.bool:
+        raise ValueError(f"topk_ids must be an integer tensor, not {topk_ids.dtype}")
 
 
 def fused_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
@@ -106,21 +137,22 @@ def fused_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_we
     (needs K = 1, as the architectures that do this use)."""
     if triton is None:
         raise RuntimeError("Triton is not installed; use marserve_kernels.moe")
+    _check_inputs(hidden, w13, w2, topk_weights, topk_ids)
     T, H = hidden.shape
     E, two_i, _ = w13.shape
     I = two_i // 2
     K = topk_ids.shape[1]
-    if w2.shape != (E, H, I):
-        raise ValueError(f"w2 has shape {tuple(w2.shape)}, expected {(E, H, I)} for w13 {tuple(w13.shape)}")
     out = torch.zeros(T, H, dtype=torch.float32, device=hidden.device)
     if T == 0:
         return out.to(hidden.dtype)
     cfg = config or get_config(E, I, hidden.dtype, T, hidden.device)
     BM, BN, BK = cfg["BLOCK_SIZE_M"], cfg["BLOCK_SIZE_N"], cfg["BLOCK_SIZE_K"]
     launch = {k: cfg[k] for k in ("num_warps", "num_stages") if k in cfg}
-    # Triton's CPU interpreter computes bf16 dots wrongly (garbage, measured in tests); it upcasts there.
-    # On a GPU bf16 tiles go to the tensor cores as they are.
-    dot_fp32 = hidden.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
+    # fp32 activations get fp32 products (tl.dot would round them to tf32 on a GPU). Triton's CPU
+    # interpreter computes bf16 dots wrongly (garbage, measured in tests), so it upcasts bf16 too;
+    # on a GPU bf16 and fp16 tiles go to the tensor cores as they are.
+    dot_fp32 = hidden.dtype == torch.float32 or (
+        hidden.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1")
     x = hidden.contiguous()
     weights = topk_weights.reshape(-1).to(torch.float32).contiguous()
     if apply_router_weight_on_input:

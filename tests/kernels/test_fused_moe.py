@@ -108,3 +108,35 @@ def test_backend_override(monkeypatch):
     monkeypatch.setenv("MARSERVE_MOE_BACKEND", "cuda-magic")
     with pytest.raises(ValueError):
         marserve_kernels.moe(x, w13, w2, weights, ids)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_router_weight_on_input_half_precision(dtype):
+    g = torch.Generator().manual_seed(11)
+    T, H, I, E = 9, 24, 40, 5
+    x = torch.randn(T, H, generator=g).to(dtype)
+    w13 = (torch.randn(E, 2 * I, H, generator=g) / H**0.5).to(dtype)
+    w2 = (torch.randn(E, H, I, generator=g) / I**0.5).to(dtype)
+    ids, _ = _routing(T, E, 1, g, skip_experts=(2,))
+    weights = torch.rand(T, 1, generator=g) + 0.5  # far from 1: a weight applied twice or not at all shows
+    got = fused_moe(x, w13, w2, weights, ids, apply_router_weight_on_input=True)
+    want = moe_reference((x.float() * weights).to(dtype).float(), w13.float(), w2.float(), torch.ones_like(weights), ids)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.float(), want, rtol=TOL[dtype], atol=TOL[dtype])
+    after = moe_reference(x.float(), w13.float(), w2.float(), weights, ids)  # SiLU is not linear: placement matters
+    assert not torch.allclose(got.float(), after, rtol=TOL[dtype], atol=TOL[dtype])
+
+
+def test_inputs_that_do_not_fit_are_refused():
+    x, w13, w2 = torch.randn(3, 16), torch.randn(4, 16, 16), torch.randn(4, 16, 8)
+    ids, weights = torch.randint(0, 4, (3, 2)), torch.rand(3, 2)
+    cases = {
+        "w13": (x, torch.randn(4, 16, 12), w2, weights, ids),  # H of w13 differs from hidden's
+        "w2": (x, w13, torch.randn(4, 16, 9), weights, ids),  # I of w2 differs from w13's
+        "topk": (x, w13, w2, weights[:2], ids[:2]),  # fewer routing rows than tokens
+        "cast": (x, w13.half(), w2.half(), weights, ids),  # fp32 activations, fp16 weights
+        "integer": (x, w13, w2, weights, ids.float()),
+    }
+    for what, args in cases.items():
+        with pytest.raises(ValueError, match=what):
+            fused_moe(*args)
