@@ -134,7 +134,8 @@ def fused_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_we
     """hidden [T, H], w13 [E, 2I, H], w2 [E, H, I], topk_weights/ids [T, K] -> [T, H] in hidden's dtype.
 
     apply_router_weight_on_input: scale each pair's input by its routing weight instead of its output
-    (needs K = 1, as the architectures that do this use)."""
+    (needs K = 1, as the architectures that do this use). A pair whose expert id is outside 0..E-1
+    (e.g. -1) adds nothing; checking the ids on the host would cost a device sync per call."""
     if triton is None:
         raise RuntimeError("Triton is not installed; use marserve_kernels.moe")
     _check_inputs(hidden, w13, w2, topk_weights, topk_ids)

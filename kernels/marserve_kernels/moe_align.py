@@ -5,7 +5,9 @@ From topk_ids [T, K] (P = T*K pairs, pair p = token * K + slot):
   block_m, then those of expert 1, ...; P_max = P + E * (block_m - 1) bounds every routing;
 - block_expert_ids [P_max / block_m]: the expert whose pairs fill each row block (-1 past the end);
 - num_padded [1]: how many entries of sorted_pair_ids are in use (a multiple of block_m).
-So a GEMM program that takes row block b reads one expert's weights for all its rows. The Triton
+So a GEMM program that takes row block b reads one expert's weights for all its rows. A pair whose
+expert id is outside 0..E-1 (e.g. -1 for an expert another device owns) is left out: it lands in no
+block and so adds nothing, and a bad id can never index memory out of bounds. The Triton
 version counts with atomics, so pairs of one expert may come in any order; the torch reference
 keeps pair order. Legend: T tokens, K experts per token, P pairs, E experts.
 """
@@ -32,12 +34,14 @@ def moe_align_block_size_reference(topk_ids: torch.Tensor, num_experts: int, blo
     """Plain torch; pairs of each expert in pair order."""
     flat = topk_ids.reshape(-1).to(torch.int64)
     P, p_max = _sizes(topk_ids, num_experts, block_m)
-    counts = torch.bincount(flat, minlength=num_experts)[:num_experts]
+    in_range = (flat >= 0) & (flat < num_experts)
+    flat = torch.where(in_range, flat, num_experts)  # out-of-range pairs sort last and are dropped below
+    counts = torch.bincount(flat, minlength=num_experts + 1)[:num_experts]
     padded = (counts + block_m - 1) // block_m * block_m
     starts = torch.cumsum(padded, 0) - padded
     sorted_ids = torch.full((p_max,), P, dtype=torch.int32, device=topk_ids.device)
-    order = torch.argsort(flat, stable=True)
-    rank = torch.arange(P, device=flat.device) - (torch.cumsum(counts, 0) - counts)[flat[order]]
+    order = torch.argsort(flat, stable=True)[:int(counts.sum())]
+    rank = torch.arange(len(order), device=flat.device) - (torch.cumsum(counts, 0) - counts)[flat[order]]
     sorted_ids[starts[flat[order]] + rank] = order.to(torch.int32)
     total = int(padded.sum())
     expert_ids = torch.full((p_max // block_m,), -1, dtype=torch.int32, device=topk_ids.device)
@@ -48,10 +52,10 @@ def moe_align_block_size_reference(topk_ids: torch.Tensor, num_experts: int, blo
 
 if triton is not None:
     @triton.jit
-    def _count_kernel(ids_ptr, counts_ptr, P, BLOCK: tl.constexpr):
+    def _count_kernel(ids_ptr, counts_ptr, P, E, BLOCK: tl.constexpr):
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < P
-        e = tl.load(ids_ptr + offs, mask=mask, other=0)
+        e = tl.load(ids_ptr + offs, mask=offs < P, other=0)
+        mask = (offs < P) & (e >= 0) & (e < E)  # out-of-range ids: not counted, never an address
         tl.atomic_add(counts_ptr + e, tl.full([BLOCK], 1, tl.int32), mask=mask)
 
     @triton.jit
@@ -72,10 +76,10 @@ if triton is not None:
             tl.store(expert_ids_ptr + b, owner.to(tl.int32), mask=b < num_blocks)
 
     @triton.jit
-    def _scatter_kernel(ids_ptr, cursor_ptr, sorted_ptr, P, BLOCK: tl.constexpr):
+    def _scatter_kernel(ids_ptr, cursor_ptr, sorted_ptr, P, E, BLOCK: tl.constexpr):
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < P
-        e = tl.load(ids_ptr + offs, mask=mask, other=0)
+        e = tl.load(ids_ptr + offs, mask=offs < P, other=0)
+        mask = (offs < P) & (e >= 0) & (e < E)
         slot = tl.atomic_add(cursor_ptr + e, tl.full([BLOCK], 1, tl.int32), mask=mask)
         tl.store(sorted_ptr + slot, offs.to(tl.int32), mask=mask)
 
@@ -96,8 +100,8 @@ def moe_align_block_size(topk_ids: torch.Tensor, num_experts: int, block_m: int
     num_padded = torch.empty(1, dtype=torch.int32, device=dev)
     BLOCK = 256
     grid = (max(1, triton.cdiv(P, BLOCK)),)
-    _count_kernel[grid](flat, counts, P, BLOCK=BLOCK)
+    _count_kernel[grid](flat, counts, P, num_experts, BLOCK=BLOCK)
     _offsets_kernel[(1,)](counts, cursor, expert_ids, num_padded, num_experts, num_blocks, block_m=block_m,
                           BLOCK_E=triton.next_power_of_2(num_experts), BLOCK_B=64)
-    _scatter_kernel[grid](flat, cursor, sorted_ids, P, BLOCK=BLOCK)
+    _scatter_kernel[grid](flat, cursor, sorted_ids, P, num_experts, BLOCK=BLOCK)
     return sorted_ids, expert_ids, num_padded

@@ -140,3 +140,25 @@ def test_inputs_that_do_not_fit_are_refused():
     for what, args in cases.items():
         with pytest.raises(ValueError, match=what):
             fused_moe(*args)
+
+
+def test_pairs_with_out_of_range_expert_ids_add_nothing():
+    g = torch.Generator().manual_seed(5)
+    T, H, I, E, K = 7, 24, 16, 4, 2
+    x = torch.randn(T, H, generator=g)
+    w13 = torch.randn(E, 2 * I, H, generator=g) / H**0.5
+    w2 = torch.randn(E, H, I, generator=g) / I**0.5
+    ids, weights = _routing(T, E, K, g)
+    ids[1, 0], ids[4, 1], ids[6, 0], ids[6, 1] = -1, E, -3, E + 7  # token 6 has no expert at all
+    for block_m in (4, 16):
+        got, want = moe_align_block_size(ids, E, block_m), moe_align_block_size_reference(ids, E, block_m)
+        n = int(want[2])
+        assert int(got[2]) == n and torch.equal(got[1], want[1])
+        assert sorted(got[0][:n].tolist()) == sorted(want[0][:n].tolist())
+        kept = sorted(p for p in want[0][:n].tolist() if p < ids.numel())
+        assert kept == [p for p in range(ids.numel()) if 0 <= ids.reshape(-1)[p] < E]
+    dropped = (ids < 0) | (ids >= E)
+    want = moe_reference(x, w13, w2, weights.masked_fill(dropped, 0.0), ids.masked_fill(dropped, 0))
+    got = fused_moe(x, w13, w2, weights, ids)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert got[6].abs().max() == 0
