@@ -16,7 +16,7 @@ import os
 
 import torch
 
-from marserve_kernels.fused_moe_config import get_config
+from marserve_kernels.fused_moe_config import check_config, get_config
 from marserve_kernels.moe_align import moe_align_block_size
 
 try:
@@ -146,7 +146,10 @@ def fused_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_we
     out = torch.zeros(T, H, dtype=torch.float32, device=hidden.device)
     if T == 0:
         return out.to(hidden.dtype)
-    cfg = config or get_config(E, I, hidden.dtype, T, hidden.device)
+    if config is not None:
+        cfg = check_config(config, "fused_moe(config=...)")
+    else:
+        cfg = get_config(E, I, hidden.dtype, T, hidden.device)
     BM, BN, BK = cfg["BLOCK_SIZE_M"], cfg["BLOCK_SIZE_N"], cfg["BLOCK_SIZE_K"]
     launch = {k: cfg[k] for k in ("num_warps", "num_stages") if k in cfg}
     # fp32 activations get fp32 products (tl.dot would round them to tf32 on a GPU). Triton's CPU

@@ -162,3 +162,29 @@ def test_pairs_with_out_of_range_expert_ids_add_nothing():
     got = fused_moe(x, w13, w2, weights, ids)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     assert got[6].abs().max() == 0
+
+
+@pytest.mark.parametrize("content,complaint", [
+    ({"16": {"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 24, "BLOCK_SIZE_K": 32}}, "BLOCK_SIZE_N=24"),  # not a power of 2
+    ({"16": {"BLOCK_SIZE_M": 8, "BLOCK_SIZE_N": 32, "BLOCK_SIZE_K": 32}}, "BLOCK_SIZE_M=8"),  # below tl.dot's 16
+    ({"16": {"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 32}}, "BLOCK_SIZE_K=None"),
+    ({"16": {"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 32, "BLOCK_SIZE_K": 32, "num_warps": 3}}, "num_warps=3"),
+    ({"many": {"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 32, "BLOCK_SIZE_K": 32}}, "token count"),
+    ({}, "no token counts"),
+])
+def test_bad_config_files_are_refused_with_the_entry_named(tmp_path, content, complaint):
+    import json
+    E, N = 3, 7 + len(json.dumps(content))  # a file name of its own: the loader caches per path
+    (tmp_path / config_file_name(E, N, "cpu", torch.float16)).write_text(json.dumps(content))
+    with pytest.raises(ValueError, match=complaint):
+        get_config(E, N, torch.float16, 16, "cpu", config_dir=tmp_path)
+
+
+def test_extra_keys_are_ignored_and_a_bad_config_argument_refused():
+    x, w13, w2 = torch.randn(4, 16), torch.randn(4, 32, 16) / 4, torch.randn(4, 16, 16) / 4
+    ids, weights = torch.randint(0, 4, (4, 2)), torch.rand(4, 2)
+    cfg = {"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 16, "BLOCK_SIZE_K": 16, "GROUP_SIZE_M": 8}
+    torch.testing.assert_close(fused_moe(x, w13, w2, weights, ids, config=cfg),
+                               moe_reference(x, w13, w2, weights, ids), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="config=.*BLOCK_SIZE_K=12"):
+        fused_moe(x, w13, w2, weights, ids, config={"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 16, "BLOCK_SIZE_K": 12})
