@@ -21,9 +21,15 @@ import marserve
 from marserve.async_engine import AsyncEngine
 from marserve_server import errors
 from marserve_server.metrics import ServerMetrics
-from marserve_server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, ModelCard,
-                                      ModelList, TokenizeRequest)
-from marserve_server.serving import ServerState
+from marserve_server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    ModelCard,
+    ModelList,
+    TokenizeRequest,
+)
+from marserve_server.serving import ServerState, off_loop
 from marserve_server.serving_chat import create_chat_completion, render_chat
 from marserve_server.serving_completions import create_completion
 
@@ -148,15 +154,20 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
     async def prometheus_metrics():
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    @app.post("/tokenize")
-    async def tokenize(req: TokenizeRequest):
-        state.check_model(req.model)
+    def _tokenize(req: TokenizeRequest) -> str:
         if req.messages is not None:
             text = render_chat(state, req.messages, req.add_generation_prompt)
             ids = engine.tokenizer(text, add_special_tokens=False)["input_ids"]
         else:
             ids = engine.tokenizer(req.prompt, add_special_tokens=req.add_special_tokens)["input_ids"]
-        return {"tokens": ids, "count": len(ids), "max_model_len": engine.max_model_len}
+        # Serialised here too: a megabyte prompt has a million ids, too many to encode on the event loop.
+        return json.dumps({"tokens": ids, "count": len(ids), "max_model_len": engine.max_model_len},
+                          separators=(",", ":"))
+
+    @app.post("/tokenize")
+    async def tokenize(req: TokenizeRequest):
+        state.check_model(req.model)
+        return Response(await off_loop(_tokenize, req), media_type="application/json")
 
     @app.post("/detokenize")
     async def detokenize(req: DetokenizeRequest):

@@ -81,6 +81,12 @@ def sampling_params(req: SamplingFields, *, default_max_tokens: int | None, logp
                           skip_special_tokens=req.skip_special_tokens, **optional)
 
 
+async def off_loop(fn, *args):
+    """Run fn(*args) in a worker thread: tokenizing a multi-megabyte prompt takes seconds, and on the
+    event loop it would stall every stream and health check for that long."""
+    return await asyncio.to_thread(fn, *args)
+
+
 async def _last(stream: AsyncIterator[RequestOutput]) -> RequestOutput:
     out = None
     async for out in stream:

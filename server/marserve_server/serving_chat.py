@@ -9,11 +9,30 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from marserve.outputs import CompletionOutput, Logprob
 from marserve_server.errors import APIError
-from marserve_server.protocol import (ChatChoice, ChatCompletionRequest, ChatCompletionResponse, ChatLogprobs,
-                                      ChatMessage, ChatResponseMessage, TokenLogprob, TopLogprob, UsageInfo,
-                                      random_id)
-from marserve_server.serving import (ServerState, StreamChunks, merged_streams, run_to_end, sampling_params, sse,
-                                     sse_error, token_text, usage)
+from marserve_server.protocol import (
+    ChatChoice,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatLogprobs,
+    ChatMessage,
+    ChatResponseMessage,
+    TokenLogprob,
+    TopLogprob,
+    UsageInfo,
+    random_id,
+)
+from marserve_server.serving import (
+    ServerState,
+    StreamChunks,
+    merged_streams,
+    off_loop,
+    run_to_end,
+    sampling_params,
+    sse,
+    sse_error,
+    token_text,
+    usage,
+)
 
 
 def message_dicts(messages: list[ChatMessage]) -> list[dict]:
@@ -64,6 +83,14 @@ def _choice_logprobs(state, req, o: CompletionOutput, start: int = 0) -> ChatLog
                                                 list((o.logprobs or [])[start:]), req.top_logprobs or 0))
 
 
+def _render_and_prepare(state: ServerState, req: ChatCompletionRequest, params) -> tuple[str, list[int]]:
+    text = render_chat(state, req.messages, req.add_generation_prompt)
+    # The template already holds the special tokens it wants; do not add a BOS again.
+    ids = state.tokenizer(text, add_special_tokens=False)["input_ids"]
+    _, ids = state.engine.prepare({"prompt_token_ids": ids}, params)  # 400s now (context length, empty)
+    return text, ids
+
+
 async def create_chat_completion(state: ServerState, req: ChatCompletionRequest, raw: Request):
     state.check_model(req.model)
     if req.tools:
@@ -73,10 +100,7 @@ async def create_chat_completion(state: ServerState, req: ChatCompletionRequest,
     params = sampling_params(req, default_max_tokens=None,
                              logprobs=(req.top_logprobs or 0) if req.logprobs else None,
                              defaults=state.generation_defaults)
-    text = render_chat(state, req.messages, req.add_generation_prompt)
-    # The template already holds the special tokens it wants; do not add a BOS again.
-    ids = state.tokenizer(text, add_special_tokens=False)["input_ids"]
-    _, ids = state.engine.prepare({"prompt_token_ids": ids}, params)  # 400s now (context length, empty)
+    text, ids = await off_loop(_render_and_prepare, state, req, params)
     base_id = random_id("chatcmpl")
     jobs = [({"prompt": text, "prompt_token_ids": ids}, params, base_id)]
     state.admit(1)

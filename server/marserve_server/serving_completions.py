@@ -9,10 +9,26 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from marserve.outputs import CompletionOutput, Logprob, RequestOutput
 from marserve_server.errors import APIError
-from marserve_server.protocol import (CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse,
-                                      UsageInfo, random_id)
-from marserve_server.serving import (ServerState, StreamChunks, merged_streams, run_to_end, sampling_params, sse,
-                                     sse_error, token_text, usage)
+from marserve_server.protocol import (
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    UsageInfo,
+    random_id,
+)
+from marserve_server.serving import (
+    ServerState,
+    StreamChunks,
+    merged_streams,
+    off_loop,
+    run_to_end,
+    sampling_params,
+    sse,
+    sse_error,
+    token_text,
+    usage,
+)
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
 
@@ -87,7 +103,7 @@ async def create_completion(state: ServerState, req: CompletionRequest, raw: Req
     state.check_model(req.model)
     _check(req)
     base_id = random_id("cmpl")
-    jobs = _jobs(state, req, base_id)
+    jobs = await off_loop(_jobs, state, req, base_id)
     state.admit(len(jobs))
     if req.stream:
         return StreamingResponse(_stream(state, req, jobs, base_id), media_type="text/event-stream",

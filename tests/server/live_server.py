@@ -9,10 +9,10 @@ import time
 
 import httpx
 import uvicorn
+from marserve_server import ServerConfig, build_app
 
 from marserve.async_engine import AsyncEngine
 from marserve.engine_config import EngineConfig
-from marserve_server import ServerConfig, build_app
 
 
 def free_port() -> int:

@@ -54,7 +54,7 @@ def test_completion_matches_offline_and_reports_usage(client, offline):
 
 
 def test_streamed_completion_equals_whole_and_ends_with_usage(client):
-    kw = dict(model="baby", prompt=PROMPTS[1], max_tokens=10, temperature=0, extra_body={"ignore_eos": True})
+    kw = {"model": "baby", "prompt": PROMPTS[1], "max_tokens": 10, "temperature": 0, "extra_body": {"ignore_eos": True}}
     whole = client.completions.create(**kw).choices[0].text
     chunks = list(client.completions.create(stream=True, stream_options={"include_usage": True}, **kw))
     assert "".join(c.choices[0].text for c in chunks if c.choices) == whole
@@ -179,7 +179,7 @@ def _error(r: httpx.Response, status: int, param=None, code=None):
 
 def test_every_error_has_its_status_and_shape(server):
     base, app = server
-    post = lambda path, body, **kw: httpx.post(base + path, json=body, timeout=10, **kw)  # noqa: E731
+    post = lambda path, body, **kw: httpx.post(base + path, json=body, timeout=10, **kw)
     _error(post("/v1/completions", {"prompt": "x", "temperature": -1}), 400, param="temperature")
     _error(post("/v1/completions", {"prompt": "x", "max_tokens": "many"}), 400, param="max_tokens")
     _error(post("/v1/completions", {"prompt": "word " * 300}), 400, param="prompt", code="context_length_exceeded")
@@ -235,7 +235,7 @@ def test_metrics_parse_and_move(server, client):
                  "marserve:e2e_request_latency_seconds", "marserve:expert_cache_hits",
                  "marserve:expert_cache_bytes_moved", "marserve:expert_prefetch_precision"):
         assert name in after, name
-    ttft_count = lambda fams: next(s.value for s in fams["marserve:time_to_first_token_seconds"].samples  # noqa: E731
+    ttft_count = lambda fams: next(s.value for s in fams["marserve:time_to_first_token_seconds"].samples
                                    if s.name.endswith("_count"))
     assert ttft_count(after) > ttft_count(before)
 
@@ -321,3 +321,28 @@ def test_bodies_the_parser_must_refuse_cleanly(server):
     _error(httpx.post(base + "/v1/completions", content=chunked(), timeout=30,
                       headers={"content-type": "application/json"}), 413, code="request_too_large")
     assert httpx.get(base + "/health").status_code == 200
+
+
+def test_a_megabyte_prompt_does_not_stall_the_server(server):
+    """Tokenizing 1.5 MB takes seconds; it runs off the event loop, so health checks (and streams) go on."""
+    base, _ = server
+    text = ("the quick brown fox jumps over the lazy dog 12345 " * 80000)[:1_500_000]
+    answers = {}
+
+    def big(path, body):
+        answers[path] = httpx.post(base + path, json=body, timeout=60)
+
+    for path, body in [("/v1/completions", {"prompt": text, "max_tokens": 2}), ("/tokenize", {"prompt": text})]:
+        t = threading.Thread(target=big, args=(path, body))
+        t0 = time.monotonic()
+        t.start()
+        worst = 0.0
+        while t.is_alive():
+            s = time.monotonic()
+            assert httpx.get(base + "/health", timeout=30).status_code == 200
+            worst = max(worst, time.monotonic() - s)
+            time.sleep(0.02)
+        took = time.monotonic() - t0
+        assert worst < max(0.5, took / 3), (path, worst, took)  # on the loop: worst ~= took (2-3 s)
+    _error(answers["/v1/completions"], 400, param="prompt", code="context_length_exceeded")
+    assert answers["/tokenize"].json()["count"] > 100_000
