@@ -168,7 +168,9 @@ def fused_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_we
     sorted_ids, block_experts, num_padded = moe_align_block_size(topk_ids, E, BM)
     P = topk_ids.numel()
     act = torch.empty(P, I, dtype=hidden.dtype, device=hidden.device)  # [P, I], pair order
-    w13c, w2c = w13.contiguous(), w2.contiguous()
+    # The kernels take the weights' strides, so a strided view (e.g. a transposed checkpoint tensor) is
+    # read in place: .contiguous() would copy every expert's weights on every call.
+    w13c, w2c = w13, w2
     num_blocks = sorted_ids.numel() // BM
     _gate_up_kernel[(num_blocks, triton.cdiv(I, BN))](
         x, w13c, act, sorted_ids, block_experts, num_padded, weights, P, H, I, K,

@@ -188,3 +188,30 @@ def test_extra_keys_are_ignored_and_a_bad_config_argument_refused():
                                moe_reference(x, w13, w2, weights, ids), rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="config=.*BLOCK_SIZE_K=12"):
         fused_moe(x, w13, w2, weights, ids, config={"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 16, "BLOCK_SIZE_K": 12})
+
+
+def test_strided_weights_and_hidden_are_read_in_place():
+    g = torch.Generator().manual_seed(8)
+    T, H, I, E, K = 6, 32, 16, 4, 2
+    x = torch.randn(T, 2 * H, generator=g)[:, ::2]  # every other column: not contiguous
+    w13 = (torch.randn(E, H, 2 * I, generator=g) / H**0.5).transpose(1, 2)  # [E, 2I, H] with stride 1 along 2I
+    w2 = (torch.randn(E, I, H, generator=g) / I**0.5).transpose(1, 2)  # [E, H, I] with stride 1 along H
+    ids, weights = _routing(T, E, K, g)
+    assert not (x.is_contiguous() or w13.is_contiguous() or w2.is_contiguous())
+    torch.testing.assert_close(fused_moe(x, w13, w2, weights, ids),
+                               moe_reference(x, w13, w2, weights, ids), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("T,E,K", [(9, 1, 1), (70, 4, 4), (40, 64, 8)])
+def test_moe_align_one_expert_many_programs_many_experts(T, E, K):
+    # E = 1 (one-element scan); 280 pairs span two programs of the count/scatter kernels; 64 experts.
+    g = torch.Generator().manual_seed(T + E)
+    ids, _ = _routing(T, E, K, g)
+    for block_m in (16, 32):
+        got, want = moe_align_block_size(ids, E, block_m), moe_align_block_size_reference(ids, E, block_m)
+        n = int(want[2])
+        assert int(got[2]) == n and torch.equal(got[1], want[1])
+        for b in range(n // block_m):
+            rows = slice(b * block_m, (b + 1) * block_m)
+            assert sorted(got[0][rows].tolist()) == sorted(want[0][rows].tolist())
+        assert (got[0][n:] == ids.numel()).all()
