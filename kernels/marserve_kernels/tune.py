@@ -43,6 +43,33 @@ def _time(fn, repeats: int) -> float:
     return best
 
 
+def sweep(time_config, token_counts: list[int], configs: list[dict]) -> dict[str, dict]:
+    """{"M": fastest config} for each token count M; time_config(M, cfg) -> ms. Configs that fail to
+    launch (too much shared memory, too many registers) are skipped; a count where all fail is an error."""
+    best = {}
+    for M in token_counts:
+        timings, last_error = [], None
+        for cfg in configs:
+            try:
+                timings.append((time_config(M, cfg), cfg))
+            except Exception as e:  # noqa: BLE001 - resource limits surface as various compiler/runtime errors
+                last_error = e
+        if not timings:
+            raise RuntimeError(f"no candidate config ran for M={M}; the last failure: {last_error!r}")
+        ms, cfg = min(timings, key=lambda t: t[0])
+        best[str(M)] = cfg
+        print(f"M={M}: {ms:.3f} ms with {cfg}")
+    return best
+
+
+def write_configs(best: dict[str, dict], out_dir: Path, E: int, N: int, device: str, dtype: torch.dtype) -> Path:
+    """The JSON file fused_moe_config reads for (E, N, device, dtype)."""
+    path = out_dir / config_file_name(E, N, device, dtype)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(best, indent=2) + "\n")
+    return path
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m marserve_kernels.tune", description=__doc__.split("\n\n")[0])
     p.add_argument("--experts", type=int, required=True)
@@ -59,27 +86,31 @@ def main(argv=None) -> int:
               "(the CPU interpreter would time Python). Run it on the serving GPU.", file=sys.stderr)
         return 2
     from marserve_kernels.fused_moe_triton import fused_moe
+    from marserve_kernels.reference import moe_reference
     dtype = DTYPES[args.dtype]
     E, H, I, K = args.experts, args.hidden, args.intermediate, args.top_k
     w13 = torch.randn(E, 2 * I, H, device="cuda", dtype=dtype) / H**0.5
     w2 = torch.randn(E, H, I, device="cuda", dtype=dtype) / I**0.5
-    best = {}
-    for M in (int(t) for t in args.tokens.split(",")):
-        x = torch.randn(M, H, device="cuda", dtype=dtype)
-        ids = torch.stack([torch.randperm(E, device="cuda")[:K] for _ in range(M)])
-        w = torch.softmax(torch.randn(M, K, device="cuda"), -1)
-        timings = []
-        for cfg in candidates():
-            try:
-                timings.append((_time(lambda: fused_moe(x, w13, w2, w, ids, config=cfg), args.repeats), cfg))
-            except Exception:  # noqa: BLE001 - configs that exceed shared memory or registers are skipped
-                continue
-        ms, cfg = min(timings, key=lambda t: t[0])
-        best[str(M)] = cfg
-        print(f"M={M}: {ms:.3f} ms with {cfg}")
-    path = args.out_dir / config_file_name(E, I, device_name("cuda"), dtype)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(best, indent=2) + "\n")
+    inputs = {}
+
+    def time_config(M: int, cfg: dict) -> float:
+        if M not in inputs:
+            ids = torch.rand(M, E, device="cuda").topk(K, dim=-1).indices  # K distinct experts per token
+            w = torch.softmax(torch.randn(M, K, device="cuda"), -1)
+            inputs[M] = (torch.randn(M, H, device="cuda", dtype=dtype), w, ids)
+        x, w, ids = inputs[M]
+        return _time(lambda: fused_moe(x, w13, w2, w, ids, config=cfg), args.repeats)
+
+    best = sweep(time_config, [int(t) for t in args.tokens.split(",")], list(candidates()))
+    # A fast config is kept only if it is also right: check each winner once against the reference.
+    for M, cfg in best.items():
+        x, w, ids = inputs[int(M)]
+        want = moe_reference(x.float(), w13.float(), w2.float(), w, ids)
+        err = (fused_moe(x, w13, w2, w, ids, config=cfg).float() - want).abs().max().item()
+        if err > 5e-2 * max(1.0, want.abs().max().item()):
+            print(f"M={M}: {cfg} is off by {err:.3g} against the reference; not writing", file=sys.stderr)
+            return 1
+    path = write_configs(best, args.out_dir, E, I, device_name("cuda"), dtype)
     print(f"wrote {path}")
     return 0
 

@@ -215,3 +215,34 @@ def test_moe_align_one_expert_many_programs_many_experts(T, E, K):
             rows = slice(b * block_m, (b + 1) * block_m)
             assert sorted(got[0][rows].tolist()) == sorted(want[0][rows].tolist())
         assert (got[0][n:] == ids.numel()).all()
+
+
+def test_tuning_sweep_keeps_the_fastest_and_writes_what_get_config_reads(tmp_path, capsys):
+    from marserve_kernels import tune
+    configs = [{"BLOCK_SIZE_M": m, "BLOCK_SIZE_N": 64, "BLOCK_SIZE_K": 32, "num_warps": 4, "num_stages": 3}
+               for m in (16, 32, 64)]
+
+    def fake_ms(M, cfg):  # smaller row blocks win at few tokens, larger at many; 32 fails to launch at 1
+        if M == 1 and cfg["BLOCK_SIZE_M"] == 32:
+            raise RuntimeError("out of shared memory")
+        return abs(cfg["BLOCK_SIZE_M"] - M) + 1.0
+
+    best = tune.sweep(fake_ms, [1, 40, 512], configs)
+    assert {M: cfg["BLOCK_SIZE_M"] for M, cfg in best.items()} == {"1": 16, "40": 32, "512": 64}
+    tune.write_configs(best, tmp_path, 6, 48, "cpu", torch.bfloat16)
+    assert get_config(6, 48, torch.bfloat16, 300, "cpu", config_dir=tmp_path)["BLOCK_SIZE_M"] == 64
+    with pytest.raises(RuntimeError, match="out of shared memory"):
+        tune.sweep(fake_ms, [1], configs[1:2])
+    from marserve_kernels.fused_moe_config import check_config
+    for cfg in tune.candidates():  # every candidate the real sweep times is one the loader accepts
+        check_config(cfg)
+
+
+def test_tuning_module_exits_2_without_a_gpu():
+    import subprocess
+    import sys
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: tuning would run")
+    r = subprocess.run([sys.executable, "-m", "marserve_kernels.tune", "--experts", "4", "--hidden", "8",
+                        "--intermediate", "8"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "no CUDA GPU" in r.stderr
