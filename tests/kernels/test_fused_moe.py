@@ -246,3 +246,26 @@ def test_tuning_module_exits_2_without_a_gpu():
     r = subprocess.run([sys.executable, "-m", "marserve_kernels.tune", "--experts", "4", "--hidden", "8",
                         "--intermediate", "8"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "no CUDA GPU" in r.stderr
+
+
+def test_cpu_installs_without_triton_still_work():
+    import os
+    import subprocess
+    import sys
+    code = """
+import sys
+sys.modules["triton"] = None  # as if Triton were not installed: importing it raises ImportError
+import torch, marserve_kernels
+from marserve_kernels.reference import moe_reference
+x, w13, w2 = torch.randn(3, 16), torch.randn(4, 16, 16) / 4, torch.randn(4, 16, 8) / 3
+ids, w = torch.randint(0, 4, (3, 2)), torch.rand(3, 2)
+torch.testing.assert_close(marserve_kernels.moe(x, w13, w2, w, ids), moe_reference(x, w13, w2, w, ids))
+try:
+    marserve_kernels.fused_moe(x, w13, w2, w, ids)
+except RuntimeError as e:
+    print("refused:", e)
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "MARSERVE_MOE_BACKEND": ""})
+    assert r.returncode == 0, r.stderr
+    assert "refused: Triton is not installed" in r.stdout
