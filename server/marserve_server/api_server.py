@@ -167,6 +167,8 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
     @app.post("/tokenize")
     async def tokenize(req: TokenizeRequest):
         state.check_model(req.model)
+        if (req.prompt is None) == (req.messages is None):
+            raise errors.APIError(400, "give exactly one of 'prompt' and 'messages'", param="prompt")
         return Response(await off_loop(_tokenize, req), media_type="application/json")
 
     @app.post("/detokenize")

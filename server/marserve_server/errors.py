@@ -84,7 +84,7 @@ def install(app: FastAPI, on_error=lambda status: None) -> None:
         errors = e.errors()
         first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
         param = _param_of(tuple(first.get("loc", ())))
-        msg = str(first.get("msg", "invalid request"))
+        msg = str(first.get("msg", "invalid request")).removeprefix("Value error, ")
         if first.get("type") == "json_invalid":
             return respond(400, "the request body is not valid JSON", None, "invalid_json")
         return respond(400, f"{param}: {msg}" if param else msg, param)

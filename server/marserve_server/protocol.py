@@ -10,7 +10,7 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 MAX_STOP_STRINGS = 16
 # torch.Generator.manual_seed takes a signed or unsigned 64-bit seed; request j of n uses seed + j.
@@ -85,14 +85,15 @@ class SamplingFields(OpenAIBody):
     user: str | None = None
     response_format: ResponseFormat | None = None
 
-    @model_validator(mode="after")
-    def _check_stop(self):
-        stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
+    @field_validator("stop", mode="after")
+    @classmethod
+    def _check_stop(cls, stop):
+        stops = [stop] if isinstance(stop, str) else (stop or [])
         if len(stops) > MAX_STOP_STRINGS:
-            raise ValueError(f"stop: at most {MAX_STOP_STRINGS} stop strings")
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings")
         if any(not s for s in stops):
-            raise ValueError("stop: stop strings must be non-empty")
-        return self
+            raise ValueError("stop strings must be non-empty")
+        return stop
 
 
 class CompletionRequest(SamplingFields):
@@ -124,12 +125,6 @@ class TokenizeRequest(OpenAIBody):
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
-
-    @model_validator(mode="after")
-    def _one_input(self):
-        if (self.prompt is None) == (self.messages is None):
-            raise ValueError("prompt: give exactly one of 'prompt' and 'messages'")
-        return self
 
 
 class DetokenizeRequest(OpenAIBody):

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from marserve import DEFAULT_MODEL_DIR
 from tests.server.live_server import free_port, live_server
+from tests.server.openapi_strategies import request_bodies
 
 # Text includes lone surrogates ("\\ud800" is valid JSON but not Unicode a tokenizer can encode).
 any_text = st.text(st.characters(exclude_categories=()), max_size=20)
@@ -26,6 +27,7 @@ json_scalars = st.one_of(st.none(), st.booleans(), st.integers(-10**12, 10**12),
 json_values = st.recursive(json_scalars, lambda inner: st.one_of(st.lists(inner, max_size=4),
                                                                   st.dictionaries(st.text(max_size=8), inner,
                                                                                   max_size=4)), max_leaves=8)
+POST_PATHS = ["/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize"]
 FIELDS = ["model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k",
           "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty", "seed", "stop", "n", "logprobs",
           "top_logprobs", "echo", "stream", "stream_options", "user", "response_format", "stop_token_ids",
@@ -60,21 +62,39 @@ def server(baby_checkpoint):
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(path=st.sampled_from(["/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize"]), body=bodies)
+@given(path=st.sampled_from(POST_PATHS), body=bodies)
 def test_no_request_body_gets_a_5xx(server, path, body):
-    if isinstance(body.get("max_tokens"), int) and body["max_tokens"] > 4:
-        body["max_tokens"] = 4  # keep generation short: the property is about validation
+    _post_and_check(server[0], path, body)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_bodies_drawn_from_the_openapi_schema_get_no_5xx(server, data):
+    base, app = server
+    path = data.draw(st.sampled_from(POST_PATHS))
+    body = data.draw(request_bodies(app.openapi(), path), label="body")
+    if body.get("model") is not None:
+        body["model"] = "baby"  # any other name stops at the 404 before the paths worth exploring
+    r = _post_and_check(base, path, body)
+    if r.status_code == 400:  # a JSON object was sent: whatever is wrong with it has a name
+        assert r.json()["error"]["param"], (path, body, r.text)
+
+
+def _post_and_check(base: str, path: str, body: dict) -> httpx.Response:
+    for field in ("max_tokens", "max_completion_tokens"):
+        if isinstance(body.get(field), int) and body[field] > 4:
+            body[field] = 4  # keep generation short: the property is about validation
     body.setdefault("max_tokens", 2)
     # json.dumps escapes lone surrogates as \\udXXX, as a client in another language might send them
-    r = httpx.post(server[0] + path, content=json.dumps(body), headers={"content-type": "application/json"},
-                   timeout=60)
+    r = httpx.post(base + path, content=json.dumps(body), headers={"content-type": "application/json"}, timeout=60)
     assert r.status_code < 500, (path, body, r.text)
     if r.status_code >= 400:
         assert set(r.json()["error"]) == {"message", "type", "param", "code"}
     elif r.headers["content-type"].startswith("text/event-stream"):  # a 5xx can hide in a stream's events
         events = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
         assert not any("error" in e for e in events), (path, body, r.text)
-    assert httpx.get(server[0] + "/health").status_code == 200  # and it keeps serving
+    assert httpx.get(base + "/health").status_code == 200  # and it keeps serving
+    return r
 
 
 def test_a_dead_engine_shows_on_health_and_requests_get_503(baby_checkpoint):
