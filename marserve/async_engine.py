@@ -183,7 +183,10 @@ class AsyncEngine:
                 continue  # aborted before it ever reached the engine
             try:
                 self.engine.add_request(request_id, prompt, params, arrival_time=arrival, prepared=prepared)
-            except MarserveError as e:  # e.g. an id reused while its twin was still in the engine
+            except Exception as e:  # noqa: BLE001 - one unstartable request must not stop the loop
+                if not isinstance(e, MarserveError):
+                    logger.exception("request %s could not be started", request_id)
+                    e = RequestError(f"the request could not be started: {type(e).__name__}: {e}")
                 self._loop.call_soon_threadsafe(self._queues.pop(request_id).put_nowait, e)
 
 

@@ -105,15 +105,20 @@ class LLMEngine:
             raise RequestError(f"request id {request_id!r} is already in use", param="request_id")
         text, ids = prepared if prepared is not None else self.prepare(prompt, params)
         metrics = RequestMetrics(arrival_time=arrival_time or time.time())
-        seqs, gens = [], []
-        for j in range(params.n):
-            seq = Sequence(next(self._seq_ids), request_id, list(ids), params, arrival_time=metrics.arrival_time)
-            seqs.append(seq)
-            gens.append(None if params.seed is None else torch.Generator().manual_seed(params.seed + j))
+        # Everything that can fail comes first: a request is added whole or not at all.
+        try:
+            gens = [None if params.seed is None else torch.Generator().manual_seed(params.seed + j)
+                    for j in range(params.n)]
+        except (RuntimeError, OverflowError, TypeError, ValueError) as e:
+            raise RequestError(f"seed {params.seed!r} is not usable: {e}", param="seed") from None
+        seqs = [Sequence(next(self._seq_ids), request_id, list(ids), params, arrival_time=metrics.arrival_time)
+                for _ in range(params.n)]
+        req = _Request(request_id, text, ids, params, seqs, gens, metrics, logprobs=[[] for _ in seqs],
+                       detokenizers=[IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens)
+                                     for _ in seqs])
+        self.requests[request_id] = req
+        for seq in seqs:
             self.scheduler.add(seq)
-        self.requests[request_id] = _Request(
-            request_id, text, ids, params, seqs, gens, metrics, logprobs=[[] for _ in seqs],
-            detokenizers=[IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens) for _ in seqs])
         self.prompt_tokens_total += len(ids)
 
     def _check_prompt(self, ids: list[int], params: SamplingParams) -> None:

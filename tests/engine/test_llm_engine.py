@@ -133,3 +133,12 @@ def test_chat_applies_the_template_once(path):
     assert len(got) == 1 and got[0].prompt_token_ids == ids and got[0].outputs[0].token_ids == want.outputs[0].token_ids
     assert len(llm.chat([conv, conv + [{"role": "assistant", "content": "hi"}, {"role": "user", "content": "x"}]],
                         GREEDY)) == 2
+
+
+def test_an_unusable_seed_is_refused_whole_and_the_engine_goes_on(path, alone):
+    llm = LLM(path, dtype="float32")
+    with pytest.raises(RequestError) as e:
+        llm.engine.add_request("bad", PROMPTS[0], SamplingParams(n=2, seed=2**64 - 1, max_tokens=3))
+    assert e.value.param == "seed"
+    assert "bad" not in llm.engine.requests and not llm.engine.scheduler.has_unfinished  # nothing half-added
+    assert llm.generate([PROMPTS[1]], GREEDY)[0].outputs[0].token_ids == alone[1]
