@@ -6,10 +6,12 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
+import weakref
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from fastapi import Request
+from fastapi.responses import StreamingResponse
 
 from marserve.async_engine import AsyncEngine
 from marserve.outputs import RequestOutput
@@ -31,6 +33,7 @@ class ServerState:
     max_queue_len: int
     metrics: ServerMetrics
     draining: bool = False
+    num_admitted_seqs: int = 0  # sequences (n per prompt) admitted and not yet answered in full
 
     @property
     def tokenizer(self):
@@ -45,16 +48,32 @@ class ServerState:
             raise APIError(404, f"the model '{name}' does not exist; this server serves '{self.model_name}'",
                            param="model", code="model_not_found")
 
-    def admit(self, new_requests: int = 1) -> None:
-        """Refuse work the server cannot take now: 503 while shutting down or dead, 429 with a full queue."""
+    def admit(self, num_seqs: int) -> Callable[[], None]:
+        """Refuse work the server cannot take now: 503 while shutting down or dead, 429 with a full queue.
+        Returns the release to call (any number of times) once the response is done.
+
+        Waiting = admitted here and not yet finished, minus what the engine runs. The engine's own
+        waiting count would miss a burst: requests admitted in the same instant are still on their way
+        to the engine thread, so every one of them would see a short queue."""
         if self.draining:
             raise APIError(503, "the server is shutting down", code="shutting_down", headers={"Retry-After": "5"})
         if not self.engine.is_running:
             raise APIError(503, "the engine has stopped; this server cannot generate", code="engine_dead",
                            headers={"Retry-After": "30"})
-        if self.engine.stats().num_waiting + new_requests > self.max_queue_len:
+        waiting = max(0, self.num_admitted_seqs - self.engine.stats().num_running)
+        if waiting + num_seqs > self.max_queue_len:
             raise APIError(429, f"the request queue is full ({self.max_queue_len} waiting); retry shortly",
                            code="queue_full", headers={"Retry-After": "1"})
+        self.num_admitted_seqs += num_seqs
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self.num_admitted_seqs -= num_seqs
+
+        return release
 
 
 def sampling_params(req: SamplingFields, *, default_max_tokens: int | None, logprobs: int | None = None,
@@ -150,6 +169,22 @@ async def merged_streams(state: ServerState, jobs: list[tuple[dict, SamplingPara
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _released_after(body: AsyncIterator[str], release: Callable[[], None]) -> AsyncIterator[str]:
+    try:
+        async for event in body:
+            yield event
+    finally:
+        release()
+
+
+def event_stream(body: AsyncIterator[str], release: Callable[[], None]) -> StreamingResponse:
+    """A server-sent-events response that releases its admission when it ends, or when it is dropped
+    unstarted (the client left before the first byte: the generator's `finally` would never run)."""
+    events = _released_after(body, release)
+    weakref.finalize(events, release)
+    return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
 class StreamChunks:

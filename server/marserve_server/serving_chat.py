@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 
 from marserve.outputs import CompletionOutput, Logprob
 from marserve_server.errors import APIError
@@ -24,6 +24,7 @@ from marserve_server.protocol import (
 from marserve_server.serving import (
     ServerState,
     StreamChunks,
+    event_stream,
     merged_streams,
     off_loop,
     run_to_end,
@@ -103,11 +104,13 @@ async def create_chat_completion(state: ServerState, req: ChatCompletionRequest,
     text, ids = await off_loop(_render_and_prepare, state, req, params)
     base_id = random_id("chatcmpl")
     jobs = [({"prompt": text, "prompt_token_ids": ids}, params, base_id)]
-    state.admit(1)
+    release = state.admit(req.n)
     if req.stream:
-        return StreamingResponse(_stream(state, req, jobs, base_id), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache"})
-    (res,) = await run_to_end(state, raw, jobs)
+        return event_stream(_stream(state, req, jobs, base_id), release)
+    try:
+        (res,) = await run_to_end(state, raw, jobs)
+    finally:
+        release()
     choices = [ChatChoice(index=o.index, message=ChatResponseMessage(content=o.text),
                           logprobs=_choice_logprobs(state, req, o), finish_reason=o.finish_reason,
                           stop_reason=o.stop_reason) for o in res.outputs]

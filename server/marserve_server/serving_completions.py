@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 
 from marserve.outputs import CompletionOutput, Logprob, RequestOutput
 from marserve_server.errors import APIError
@@ -20,6 +20,7 @@ from marserve_server.protocol import (
 from marserve_server.serving import (
     ServerState,
     StreamChunks,
+    event_stream,
     merged_streams,
     off_loop,
     run_to_end,
@@ -104,11 +105,13 @@ async def create_completion(state: ServerState, req: CompletionRequest, raw: Req
     _check(req)
     base_id = random_id("cmpl")
     jobs = await off_loop(_jobs, state, req, base_id)
-    state.admit(len(jobs))
+    release = state.admit(len(jobs) * req.n)
     if req.stream:
-        return StreamingResponse(_stream(state, req, jobs, base_id), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache"})
-    results = await run_to_end(state, raw, jobs)
+        return event_stream(_stream(state, req, jobs, base_id), release)
+    try:
+        results = await run_to_end(state, raw, jobs)
+    finally:
+        release()
     choices = [_choice(state, req, i * req.n + o.index, res, o) for i, res in enumerate(results) for o in res.outputs]
     prompt_tokens = sum(len(r.prompt_token_ids) for r in results)
     completion_tokens = sum(len(o.token_ids) for r in results for o in r.outputs)

@@ -135,6 +135,7 @@ def test_disconnect_aborts_and_the_next_request_is_served(server, client):
     while time.monotonic() < deadline and (engine.stats().num_running or bm.num_free_blocks != bm.num_blocks):
         time.sleep(0.02)
     assert engine.stats().num_running == 0 and bm.num_free_blocks == bm.num_blocks
+    assert app.state.server.num_admitted_seqs == 0
     t0 = time.monotonic()
     client.completions.create(model="baby", prompt="next", max_tokens=2, temperature=0)
     assert time.monotonic() - t0 < 5
@@ -163,6 +164,7 @@ def test_a_non_streaming_client_that_gives_up_is_aborted(server, monkeypatch):
     time.sleep(0.3)
     assert engine.stats().generation_tokens_total == generated  # nothing is generated for nobody
     assert generated - before < 16 * 100  # it was stopped, not finished
+    assert app.state.server.num_admitted_seqs == 0
 
 
 def _error(r: httpx.Response, status: int, param=None, code=None):
@@ -346,3 +348,30 @@ def test_a_megabyte_prompt_does_not_stall_the_server(server):
         assert worst < max(0.5, took / 3), (path, worst, took)  # on the loop: worst ~= took (2-3 s)
     _error(answers["/v1/completions"], 400, param="prompt", code="context_length_exceeded")
     assert answers["/tokenize"].json()["count"] > 100_000
+
+
+def test_a_burst_cannot_overrun_the_queue_limit(server, monkeypatch):
+    """Requests arriving together all reach the engine after their admission: the limit must count them."""
+    base, app = server
+    state, engine = app.state.server, app.state.server.engine
+    real_step = engine.engine.step
+
+    def slow_step():
+        time.sleep(0.01)
+        return real_step()
+
+    monkeypatch.setattr(engine.engine, "step", slow_step)
+    monkeypatch.setattr(state, "max_queue_len", 3)
+
+    async def burst():
+        async with httpx.AsyncClient(timeout=60) as c:
+            async def one(i):
+                return await c.post(base + "/v1/completions", json={"prompt": PROMPTS[i], "max_tokens": 4,
+                                                                   "ignore_eos": True, "stream": i % 2 == 0})
+            return await asyncio.gather(*(one(i) for i in range(24)))
+
+    answers = asyncio.run(burst())
+    refused = [r for r in answers if r.status_code == 429]
+    assert all(r.status_code in (200, 429) for r in answers)
+    assert 3 <= len(answers) - len(refused) < 24 and all(r.headers["retry-after"] for r in refused)
+    assert state.num_admitted_seqs == 0  # every admission was released, streamed or not
