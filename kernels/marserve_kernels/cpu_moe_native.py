@@ -3,9 +3,8 @@
 Why native code: on this project's AMD CPUs, MKL's and oneDNN's GEMMs with 2-16 rows reach 3-25 GB/s of
 the ~50 GB/s the memory gives, and decode has exactly such shapes (a few tokens per touched expert).
 The C kernel streams each touched expert's rows once and dots them with all of its pairs in L1.
-The library is compiled with the system C compiler (`cc -O3 -march=native -fopenmp`, once per weight
-dtype) into a per-machine cache; without a compiler (or with MARSERVE_NATIVE_MOE=0) `available()` is
-False and callers use torch. Threads: OpenMP inside the kernel (gate/up split over I, a barrier, down
+Built by native_build (once per weight dtype); without a compiler (or with MARSERVE_NATIVE_MOE=0)
+`available()` is False and callers use torch. Threads: OpenMP inside the kernel (gate/up split over I, a barrier, down
 split over H); the library links libgomp by soname, so it shares the runtime torch already loaded.
 Legend: T=tokens, K=experts per token, P=T*K pairs, E=experts, H=hidden, I=expert intermediate.
 """
@@ -13,63 +12,26 @@ Legend: T=tokens, K=experts per token, P=T*K pairs, E=experts, H=hidden, I=exper
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import logging
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-logger = logging.getLogger(__name__)
+from marserve_kernels import native_build
 
 _SOURCE = Path(__file__).with_name("cpu_moe_small.c")
-_FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC"]
 SPLIT_BYTES = 2**18  # weight bytes per thread below which small_moe stays on fewer threads (measured)
 _libs: dict[torch.dtype, ctypes.CDLL | None] = {}  # weight dtype -> its build (None: unavailable)
-
-
-def _cpu_signature() -> str:
-    """What -march=native depends on, so a shared cache never hands one CPU another's build."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((ln for ln in f if ln.startswith("flags")), "")
-    except OSError:
-        return platform.processor()
 
 
 # weight dtype -> extra compiler flags of its build
 VARIANTS = {torch.float32: [], torch.bfloat16: ["-DWEIGHT_BF16"]}
 
 
-def _build(variant: str, defines: list[str]) -> ctypes.CDLL | None:
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None or not _SOURCE.exists():
+def _load(dtype: torch.dtype) -> ctypes.CDLL | None:
+    lib = native_build.load(_SOURCE, str(dtype).replace("torch.", ""), VARIANTS[dtype], switch="MARSERVE_NATIVE_MOE")
+    if lib is None:
         return None
-    flags = [*_FLAGS, *defines]
-    key = hashlib.sha256(_SOURCE.read_bytes() + " ".join(flags).encode() + _cpu_signature().encode()
-                         + platform.machine().encode()).hexdigest()[:16]
-    cache = Path(os.environ.get("MARSERVE_KERNEL_CACHE", Path.home() / ".cache" / "marserve" / "kernels"))
-    target = cache / f"cpu_moe_small-{variant}-{key}.so"
-    if not target.exists():
-        cache.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)  # build aside, rename: concurrent builders are safe
-        os.close(fd)
-        done = subprocess.run([compiler, *flags, "-o", tmp, str(_SOURCE), "-lm"], capture_output=True, text=True,
-                              check=False)
-        if done.returncode != 0:
-            os.unlink(tmp)
-            logger.warning("building the native MoE kernel failed, using torch: %s", done.stderr.strip()[:500])
-            return None
-        os.replace(tmp, target)
-        for old in cache.glob(f"cpu_moe_small-{variant}-*.so"):  # older sources; unlinking a loaded .so is safe
-            if old != target:
-                old.unlink(missing_ok=True)
-    lib = ctypes.CDLL(str(target))
     p, i64 = ctypes.c_void_p, ctypes.c_int64
     lib.moe_small.argtypes = [p, p, p, p, p, p, p, p, i64, i64, i64, i64]
     lib.moe_small.restype = None
@@ -85,12 +47,7 @@ def available(dtype: torch.dtype = torch.float32) -> bool:
     if dtype not in VARIANTS:
         return False
     if dtype not in _libs:
-        _libs[dtype] = None
-        if os.environ.get("MARSERVE_NATIVE_MOE", "1") != "0" and platform.system() == "Linux":
-            try:
-                _libs[dtype] = _build(str(dtype).replace("torch.", ""), VARIANTS[dtype])
-            except (OSError, subprocess.SubprocessError) as e:
-                logger.warning("native MoE kernel unavailable, using torch: %s", e)
+        _libs[dtype] = _load(dtype)
     return _libs[dtype] is not None
 
 

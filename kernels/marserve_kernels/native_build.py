@@ -1,0 +1,77 @@
+"""Compiles one of marserve_kernels' C sources for this machine at first use and loads it with ctypes.
+
+Each source is built with the system C compiler (`cc -O3 -march=native -fopenmp`), once per variant
+(e.g. per weight dtype), into a per-machine cache (MARSERVE_KERNEL_CACHE, default ~/.cache/marserve/kernels)
+keyed by the source, the flags and this CPU's feature flags, so a shared cache never hands one CPU
+another's build. Without a compiler, off Linux, or with MARSERVE_NATIVE=0 (or the kernel's own switch)
+`load` returns None and callers use torch. The libraries link libgomp by soname, so they share the
+OpenMP runtime torch already loaded.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC"]
+_loaded: dict[tuple[str, str], ctypes.CDLL | None] = {}
+
+
+def _cpu_signature() -> str:
+    """What -march=native depends on."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((ln for ln in f if ln.startswith("flags")), "")
+    except OSError:
+        return platform.processor()
+
+
+def _compile(source: Path, variant: str, defines: list[str]) -> ctypes.CDLL | None:
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None or not source.exists():
+        return None
+    flags = [*FLAGS, *defines]
+    key = hashlib.sha256(source.read_bytes() + " ".join(flags).encode() + _cpu_signature().encode()
+                         + platform.machine().encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("MARSERVE_KERNEL_CACHE", Path.home() / ".cache" / "marserve" / "kernels"))
+    stem = f"{source.stem}-{variant}"
+    target = cache / f"{stem}-{key}.so"
+    if not target.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)  # build aside, rename: concurrent builders are safe
+        os.close(fd)
+        done = subprocess.run([compiler, *flags, "-o", tmp, str(source), "-lm"], capture_output=True, text=True,
+                              check=False)
+        if done.returncode != 0:
+            os.unlink(tmp)
+            logger.warning("building %s failed, using torch: %s", source.name, done.stderr.strip()[:500])
+            return None
+        os.replace(tmp, target)
+        for old in cache.glob(f"{stem}-*.so"):  # older sources; unlinking a loaded .so is safe
+            if old != target:
+                old.unlink(missing_ok=True)
+    return ctypes.CDLL(str(target))
+
+
+def load(source: Path, variant: str, defines: list[str], switch: str | None = None) -> ctypes.CDLL | None:
+    """The built library for (source, variant), building it on first call; None when unavailable.
+    `switch` names an environment variable that turns this kernel off when set to 0."""
+    slot = (str(source), variant)
+    if slot not in _loaded:
+        _loaded[slot] = None
+        off = os.environ.get("MARSERVE_NATIVE", "1") == "0" or (switch and os.environ.get(switch, "1") == "0")
+        if not off and platform.system() == "Linux":
+            try:
+                _loaded[slot] = _compile(source, variant, defines)
+            except (OSError, subprocess.SubprocessError) as e:
+                logger.warning("native kernel %s unavailable, using torch: %s", source.name, e)
+    return _loaded[slot]
