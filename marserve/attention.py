@@ -39,9 +39,23 @@ class AttentionMetadata:
         return self.kv_caches is not None
 
 
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half rotary embedding. x [T, heads, D]; cos/sin [T, D]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos[:, None, :] + rotated * sin[:, None, :]
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata,
-           layer_idx: int, scale: float) -> torch.Tensor:
-    """Causal attention. q [T, Hq, D], k/v [T, Hkv, D] -> [T, Hq, D]."""
+           layer_idx: int, scale: float, rotary: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """Causal attention. q [T, Hq, D], k/v [T, Hkv, D] -> [T, Hq, D].
+
+    rotary=(cos, sin) [T, D]: q and k arrive unrotated and get the rotary embedding here, so that the CPU
+    decode path can fuse it with the cache write and the attention itself (one native call per layer)."""
+    if rotary is not None and meta.is_paged and _native_decode_applies(q, meta, layer_idx):
+        return _native_decode(q, k, v, rotary, meta, layer_idx, scale)
+    if rotary is not None:
+        q, k = apply_rope(q, *rotary), apply_rope(k, *rotary)
     if meta.is_paged:
         return _paged_attend(q, k, v, meta, layer_idx, scale)
     return _dense_attend(q, k, v, meta.query_lens, scale)
@@ -63,13 +77,40 @@ def _dense_attend(q, k, v, query_lens: list[int], scale: float) -> torch.Tensor:
     return torch.cat(outs, 0)
 
 
-def _use_triton(q: torch.Tensor) -> bool:
+BACKENDS = ("triton", "native", "torch")
+
+
+def _forced_backend() -> str | None:
     forced = os.environ.get("MARSERVE_ATTENTION_BACKEND", "").strip().lower()
-    if forced:
-        if forced not in ("triton", "torch"):
-            raise ValueError(f"MARSERVE_ATTENTION_BACKEND={forced!r}: expected triton or torch")
-        return forced == "triton"
-    return q.device.type == "cuda"
+    if forced and forced not in BACKENDS:
+        raise ValueError(f"MARSERVE_ATTENTION_BACKEND={forced!r}: expected one of {', '.join(BACKENDS)}")
+    return forced or None
+
+
+def _use_triton(q: torch.Tensor) -> bool:
+    forced = _forced_backend()
+    return forced == "triton" if forced else q.device.type == "cuda"
+
+
+def _native_decode_applies(q: torch.Tensor, meta: AttentionMetadata, layer_idx: int) -> bool:
+    """CPU decode (one new token per sequence) with marserve_kernels' native fused kernel available."""
+    if _forced_backend() not in (None, "native") or q.device.type != "cpu" or q.requires_grad:
+        return False
+    if any(n != 1 for n in meta.query_lens):
+        return False
+    from marserve_kernels import cpu_attention_native
+    return cpu_attention_native.supports(q, meta.kv_caches[layer_idx][0])
+
+
+def _native_decode(q, k, v, rotary, meta: AttentionMetadata, layer_idx: int, scale: float) -> torch.Tensor:
+    """RoPE, cache write and paged attention in one native call (marserve_kernels/cpu_decode_attention.c)."""
+    from marserve_kernels.cpu_attention_native import decode_attention
+    seq_lens = meta.__dict__.get("_native_seq_lens")
+    if seq_lens is None:  # the same for every layer of the pass
+        seq_lens = meta.__dict__["_native_seq_lens"] = torch.tensor(meta.context_lens, dtype=torch.int64) + 1
+    k_cache, v_cache = meta.kv_caches[layer_idx]
+    return decode_attention(q, k, v, rotary[0], rotary[1], k_cache, v_cache, meta.block_tables, seq_lens,
+                            meta.slot_mapping, scale)
 
 
 def _triton_paged_attend(q, k, v, meta: AttentionMetadata, layer_idx: int, scale: float) -> torch.Tensor:

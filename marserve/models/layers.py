@@ -126,13 +126,6 @@ class RotaryEmbedding(nn.Module):
         return (emb.cos() * attn).to(dtype), (emb.sin() * attn).to(dtype)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [T, heads, D]; cos/sin [T, D]."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos[:, None, :] + rotated * sin[:, None, :]
-
-
 class Attention(nn.Module):
     """GQA self-attention. qk_norm: None, "head" (per-head RMSNorm, qwen3_moe) or "full" (whole projection, olmoe)."""
 
@@ -175,8 +168,8 @@ class Attention(nn.Module):
                                                               self.k_norm.weight.detach().expand(self.num_kv_heads, -1)]))
         return True
 
-    def _fused_qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        """q/k/v from the fused projection, with one norm and one rotary pass over q and k together."""
+    def _fused_qkv(self, x: torch.Tensor):
+        """q/k/v (unrotated) from the fused projection, with one norm over q and k together."""
         T, Hq, Hkv, D = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
         qkv = self.qkv_proj(x)  # [T, (Hq + 2 Hkv) * D]
         clip = self.clip_qkv
@@ -192,14 +185,13 @@ class Attention(nn.Module):
             v = qkv[:, (Hq + Hkv) * D:]
             if self.qk_norm == "head":
                 qk = rms_norm(qk, self.qk_norm_weight, self.q_norm.eps)
-        qk = apply_rope(qk, cos, sin)  # [T, Hq + Hkv, D]
         return qk[:, :Hq], qk[:, Hq:], v.view(T, Hkv, D)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionMetadata) -> torch.Tensor:
         T = x.shape[0]
         if hasattr(self, "qkv_proj"):
-            q, k, v = self._fused_qkv(x, cos, sin)
-            out = attend(q, k, v, attn, self.layer_idx, self.scale)  # [T, Hq, D]
+            q, k, v = self._fused_qkv(x)
+            out = attend(q, k, v, attn, self.layer_idx, self.scale, rotary=(cos, sin))  # [T, Hq, D]
             return self.o_proj(out.reshape(T, self.num_heads * self.head_dim))
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # [T, Hq*D], [T, Hkv*D] x2
         if self.qk_norm == "full":
@@ -211,8 +203,7 @@ class Attention(nn.Module):
         v = v.view(T, self.num_kv_heads, self.head_dim)
         if self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = attend(q, k, v, attn, self.layer_idx, self.scale)  # [T, Hq, D]
+        out = attend(q, k, v, attn, self.layer_idx, self.scale, rotary=(cos, sin))  # [T, Hq, D]
         return self.o_proj(out.reshape(T, self.num_heads * self.head_dim))
 
 

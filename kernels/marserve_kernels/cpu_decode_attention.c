@@ -1,0 +1,155 @@
+/* Decode attention on CPU over the paged KV cache, with the rotary embedding and the cache write fused in.
+ *
+ * Every sequence of the pass brings one new token. For each sequence b and KV head g, one call:
+ *   1. rotates the new token's key (rotate-half RoPE with the pass's cos/sin) and writes key and value
+ *      into the cache slot slot_mapping[b];
+ *   2. rotates the query heads that share KV head g (GQA group) into a local buffer;
+ *   3. scores them against every cached key of the sequence (read in place through the block table,
+ *      no gather), softmaxes, and sums the values into out.
+ * The torch path does the same work in ~10 small ops per layer (rope, two index_copy_, an index_select
+ * gather per K and V, SDPA); at one token those ops' fixed costs are most of the layer's attention time.
+ *
+ * Inputs q/k/v are fp32 rows with a token stride (views into the fused qkv projection), heads
+ * contiguous (head stride D). The cache is fp32, or bf16 when built with -DCACHE_BF16 (rounded to
+ * nearest even on write, widened on read). Accumulation is fp32.
+ * Legend: B=sequences (= tokens of the pass), Hq/Hkv=query/KV heads, D=head dim, BS=block size,
+ * L=tokens of a sequence after this step (context + 1).
+ */
+#include <math.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#ifdef CACHE_BF16
+typedef uint16_t ctype;
+static inline float load_c(const ctype *p) {
+    uint32_t u = (uint32_t)*p << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+static inline ctype store_c(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (ctype)((u >> 16) | 0x40); /* NaN stays NaN */
+    u += 0x7fffu + ((u >> 16) & 1u);                                      /* round to nearest even */
+    return (ctype)(u >> 16);
+}
+#else
+typedef float ctype;
+static inline float load_c(const ctype *p) { return *p; }
+static inline ctype store_c(float f) { return f; }
+#endif
+
+#define MAX_GROUP 16 /* query heads per KV head handled together (GQA ratio) */
+
+/* out[0..D) = rotate_half RoPE of x with this token's cos/sin rows. */
+static inline void rope(const float *restrict x, const float *restrict cos_row, const float *restrict sin_row,
+                        float *restrict out, int64_t D) {
+    const int64_t half = D / 2;
+    for (int64_t i = 0; i < half; i++) {
+        out[i] = x[i] * cos_row[i] - x[i + half] * sin_row[i];
+        out[i + half] = x[i + half] * cos_row[i + half] + x[i] * sin_row[i + half];
+    }
+}
+
+/* One (sequence, KV head): G query heads [G, D] already rotated and scaled -> out rows [G, D].
+ * scores: scratch of G * L floats. */
+static void attend_group(const float *restrict qg, int64_t G, const ctype *k_cache, const ctype *v_cache,
+                         const int64_t *restrict table, int64_t L, int64_t g, int64_t Hkv, int64_t D, int64_t BS,
+                         float *restrict scores, float *restrict out, int64_t out_head_stride) {
+    const int64_t slot_stride = Hkv * D; /* between consecutive slots of a block */
+    for (int64_t t = 0; t < L; t++) {
+        const ctype *kt = k_cache + ((table[t / BS] * BS + t % BS) * slot_stride + g * D);
+        float kf[D];
+        for (int64_t d = 0; d < D; d++) kf[d] = load_c(kt + d);
+        for (int64_t h = 0; h < G; h++) {
+            const float *qh = qg + h * D;
+            float s = 0.f;
+#pragma omp simd reduction(+ : s)
+            for (int64_t d = 0; d < D; d++) s += qh[d] * kf[d];
+            scores[h * L + t] = s;
+        }
+    }
+    for (int64_t h = 0; h < G; h++) {
+        float *sh = scores + h * L;
+        float m = -INFINITY;
+        for (int64_t t = 0; t < L; t++) m = sh[t] > m ? sh[t] : m;
+        float z = 0.f;
+        for (int64_t t = 0; t < L; t++) {
+            sh[t] = expf(sh[t] - m);
+            z += sh[t];
+        }
+        const float inv = 1.f / z;
+        for (int64_t t = 0; t < L; t++) sh[t] *= inv;
+        memset(out + h * out_head_stride, 0, D * sizeof(float));
+    }
+    for (int64_t t = 0; t < L; t++) {
+        const ctype *vt = v_cache + ((table[t / BS] * BS + t % BS) * slot_stride + g * D);
+        float vf[D];
+        for (int64_t d = 0; d < D; d++) vf[d] = load_c(vt + d);
+        for (int64_t h = 0; h < G; h++) {
+            const float p = scores[h * L + t];
+            float *oh = out + h * out_head_stride;
+#pragma omp simd
+            for (int64_t d = 0; d < D; d++) oh[d] += p * vf[d];
+        }
+    }
+}
+
+/* q [B, Hq, D], k/v [B, Hkv, D]: fp32, token strides q_stride/k_stride/v_stride (in floats), heads contiguous.
+ * cos/sin [B, D] fp32 contiguous. k_cache/v_cache [N_blocks, BS, Hkv, D]. block_tables [B, bt_stride] int64.
+ * seq_lens [B] int64: tokens of each sequence including the new one (L). slot_mapping [B] int64. out [B, Hq, D] fp32.
+ * Returns 0, -1 for a bad shape (Hq not a multiple of Hkv, group too large, odd D), -2 out of memory. */
+int decode_attention(const float *q, int64_t q_stride, const float *k, int64_t k_stride, const float *v,
+                     int64_t v_stride, const float *cos, const float *sin, ctype *k_cache, ctype *v_cache,
+                     const int64_t *block_tables, int64_t bt_stride, const int64_t *seq_lens,
+                     const int64_t *slot_mapping, float *out, int64_t B, int64_t Hq, int64_t Hkv, int64_t D,
+                     int64_t BS, float scale, int64_t threads) {
+    if (Hkv <= 0 || Hq % Hkv != 0 || Hq / Hkv > MAX_GROUP || D % 2 != 0 || D <= 0) return -1;
+    const int64_t G = Hq / Hkv;
+    const int64_t slot_stride = Hkv * D;
+    /* 1. New keys (rotated) and values into their slots: every later read of this step sees them. */
+    for (int64_t b = 0; b < B; b++) {
+        ctype *kdst = k_cache + slot_mapping[b] * slot_stride;
+        ctype *vdst = v_cache + slot_mapping[b] * slot_stride;
+        for (int64_t g = 0; g < Hkv; g++) {
+            float kr[D];
+            rope(k + b * k_stride + g * D, cos + b * D, sin + b * D, kr, D);
+            for (int64_t d = 0; d < D; d++) {
+                kdst[g * D + d] = store_c(kr[d]);
+                vdst[g * D + d] = store_c(v[b * v_stride + g * D + d]);
+            }
+        }
+    }
+    int64_t max_len = 0;
+    for (int64_t b = 0; b < B; b++) max_len = seq_lens[b] > max_len ? seq_lens[b] : max_len;
+    int failed = 0;
+    /* 2-3. One work item per (sequence, KV head). */
+#pragma omp parallel num_threads(threads > 0 ? threads : 1)
+    {
+        float *scores = malloc(sizeof(float) * (size_t)(G * max_len + G * D));
+        if (!scores) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t item = 0; item < B * Hkv; item++) {
+            if (!scores) continue;
+            const int64_t b = item / Hkv, g = item % Hkv;
+            const int64_t L = seq_lens[b];
+            float *qg = scores + G * max_len; /* the group's rotated, scaled queries [G, D] */
+            for (int64_t h = 0; h < G; h++) {
+                rope(q + b * q_stride + (g * G + h) * D, cos + b * D, sin + b * D, qg + h * D, D);
+                for (int64_t d = 0; d < D; d++) qg[h * D + d] *= scale;
+            }
+            attend_group(qg, G, k_cache, v_cache, block_tables + b * bt_stride, L, g, Hkv, D, BS, scores,
+                         out + (b * Hq + g * G) * D, D);
+        }
+        free(scores);
+    }
+    return failed ? -2 : 0;
+}
