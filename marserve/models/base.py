@@ -36,9 +36,16 @@ class DecoderLayer(nn.Module):
             block = DenseMLP(config.hidden_size, config.intermediate_size)
         setattr(self, moe_name, block)
 
-    def forward(self, x, cos, sin, attn: AttentionMetadata):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn)
-        return x + getattr(self, self.moe_name)(self.post_attention_layernorm(x))
+    def forward(self, x, residual, cos, sin, attn: AttentionMetadata):
+        """x: the previous block's output; residual: the stream before it (None at the first layer, where x
+        is the embeddings). Returns (this layer's MoE output, the stream before it): the adds happen in
+        the norms, fused with them."""
+        if residual is None:
+            h, residual = self.input_layernorm(x), x
+        else:
+            h, residual = self.input_layernorm(x, residual)
+        h, residual = self.post_attention_layernorm(self.self_attn(h, cos, sin, attn), residual)
+        return getattr(self, self.moe_name)(h), residual
 
 
 class MoeBackbone(nn.Module):
@@ -69,9 +76,10 @@ class MoeForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionMetadata) -> torch.Tensor:
         x = self.model.embed_tokens(input_ids)  # [T,H]
         cos, sin = self.model.rotary(positions, x.dtype)
+        residual = None
         for layer in self.model.layers:
-            x = layer(x, cos, sin, attn)
-        return self.model.norm(x)
+            x, residual = layer(x, residual, cos, sin, attn)
+        return self.model.norm(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N,H] -> logits [N,V]."""

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from marserve.attention import AttentionMetadata, attend
+from marserve_kernels import cpu_norm_native
 from marserve_kernels.cpu_linear import can_pack, linear, pack
 from marserve.config import ModelConfig
 from marserve.errors import ConfigError
@@ -39,8 +40,18 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """norm(x); or, given the residual stream: (norm(x + residual), x + residual), the add fused with the
+        norm on CPU (marserve_kernels.cpu_norm_native, which updates residual in place)."""
+        if cpu_norm_native.applies(x, self.weight):
+            if residual is None:
+                return cpu_norm_native.add_rms_norm(x, None, self.weight, self.eps)
+            if cpu_norm_native.applies(residual, self.weight) and residual.shape == x.shape:
+                return cpu_norm_native.add_rms_norm(x, residual, self.weight, self.eps), residual
+        if residual is None:
+            return rms_norm(x, self.weight, self.eps)
+        residual = x + residual
+        return rms_norm(residual, self.weight, self.eps), residual
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
