@@ -104,13 +104,14 @@ def _native_decode_applies(q: torch.Tensor, meta: AttentionMetadata, layer_idx: 
 
 def _native_decode(q, k, v, rotary, meta: AttentionMetadata, layer_idx: int, scale: float) -> torch.Tensor:
     """RoPE, cache write and paged attention in one native call (marserve_kernels/cpu_decode_attention.c)."""
-    from marserve_kernels.cpu_attention_native import decode_attention
-    seq_lens = meta.__dict__.get("_native_seq_lens")
-    if seq_lens is None:  # the same for every layer of the pass
-        seq_lens = meta.__dict__["_native_seq_lens"] = torch.tensor(meta.context_lens, dtype=torch.int64) + 1
+    from marserve_kernels.cpu_attention_native import DecodePlan
     k_cache, v_cache = meta.kv_caches[layer_idx]
-    return decode_attention(q, k, v, rotary[0], rotary[1], k_cache, v_cache, meta.block_tables, seq_lens,
-                            meta.slot_mapping, scale)
+    plan = meta.__dict__.get("_native_plan")
+    if plan is None or plan.rotary is not rotary[0]:  # the same for every layer of the pass
+        plan = meta.__dict__["_native_plan"] = DecodePlan(
+            rotary[0], rotary[1], meta.block_tables, torch.tensor(meta.context_lens, dtype=torch.int64) + 1,
+            meta.slot_mapping, q.shape[1], k_cache.shape[2], q.shape[2], k_cache.shape[1], scale, k_cache.dtype)
+    return plan.run(q, k, v, k_cache, v_cache)
 
 
 def _triton_paged_attend(q, k, v, meta: AttentionMetadata, layer_idx: int, scale: float) -> torch.Tensor:

@@ -25,14 +25,22 @@ SPLIT_BYTES = 2**18  # K/V bytes a step reads below which one thread does it all
 _libs: dict[torch.dtype, ctypes.CDLL | None] = {}
 
 
+class _Args(ctypes.Structure):
+    """cpu_decode_attention.c's struct decode_args."""
+    _fields_ = [(name, ctypes.c_void_p if kind == "p" else ctypes.c_float if kind == "f" else ctypes.c_int64)
+                for name, kind in (("q", "p"), ("q_stride", "i"), ("k", "p"), ("k_stride", "i"), ("v", "p"),
+                                   ("v_stride", "i"), ("cos", "p"), ("sin", "p"), ("k_cache", "p"),
+                                   ("v_cache", "p"), ("block_tables", "p"), ("bt_stride", "i"), ("seq_lens", "p"),
+                                   ("slot_mapping", "p"), ("out", "p"), ("B", "i"), ("Hq", "i"), ("Hkv", "i"),
+                                   ("D", "i"), ("BS", "i"), ("scale", "f"), ("threads", "i"))]
+
+
 def _load(dtype: torch.dtype) -> ctypes.CDLL | None:
     lib = native_build.load(_SOURCE, str(dtype).replace("torch.", ""), VARIANTS[dtype],
                             switch="MARSERVE_NATIVE_ATTENTION")
     if lib is not None:
-        p, i64 = ctypes.c_void_p, ctypes.c_int64
-        lib.decode_attention.argtypes = [p, i64, p, i64, p, i64, p, p, p, p, p, i64, p, p, p,
-                                         i64, i64, i64, i64, i64, ctypes.c_float, i64]
-        lib.decode_attention.restype = ctypes.c_int
+        lib.decode_attention_struct.argtypes = [ctypes.POINTER(_Args)]
+        lib.decode_attention_struct.restype = ctypes.c_int
     return lib
 
 
@@ -53,13 +61,55 @@ def supports(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
             and Hq // Hkv <= 16 and available(k_cache.dtype))
 
 
-def _rows(x: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """x [B, heads, D] as fp32 with heads contiguous: (tensor to pass, token stride in elements)."""
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """x [B, heads, D] as fp32 with heads contiguous (a view when it already is)."""
     if x.dtype != torch.float32:
         x = x.float()
     if x.stride(-1) != 1 or x.stride(-2) != x.shape[-1]:
         x = x.contiguous()
-    return x, x.stride(0)
+    return x
+
+
+class DecodePlan:
+    """What every layer of one decode pass shares (block tables, lengths, slots, rotary tables, thread
+    count), converted once; `run` then calls the kernel for one layer's q/k/v and cache."""
+
+    def __init__(self, cos: torch.Tensor, sin: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
+                 slot_mapping: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int, block_size: int,
+                 scale: float, cache_dtype: torch.dtype, threads: int | None = None):
+        self.rotary = cos  # the caller's tensor: a pass hands every layer the same one
+        self.cos, self.sin = cos.float().contiguous(), sin.float().contiguous()
+        self.tables = block_tables if block_tables.dtype == torch.int64 and block_tables.stride(-1) == 1 \
+            else block_tables.to(torch.int64).contiguous()
+        self.lens = seq_lens.to(torch.int64).contiguous()
+        self.slots = slot_mapping.to(torch.int64).contiguous()
+        B = self.lens.shape[0]
+        if threads is None:
+            kv_bytes = 2 * int(self.lens.sum()) * num_kv_heads * head_dim * torch.empty((), dtype=cache_dtype).element_size()
+            threads = max(1, min(torch.get_num_threads(), B * num_kv_heads, kv_bytes // SPLIT_BYTES))
+        self.shape = (B, num_heads, head_dim)
+        self.lib = _libs[cache_dtype]
+        self.args = _Args(cos=self.cos.data_ptr(), sin=self.sin.data_ptr(), block_tables=self.tables.data_ptr(),
+                          bt_stride=self.tables.stride(0), seq_lens=self.lens.data_ptr(),
+                          slot_mapping=self.slots.data_ptr(), B=B, Hq=num_heads, Hkv=num_kv_heads, D=head_dim,
+                          BS=block_size, scale=scale, threads=threads)
+        self.args_ref = ctypes.byref(self.args)
+
+    def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+            v_cache: torch.Tensor) -> torch.Tensor:
+        """q [B, Hq, D], k/v [B, Hkv, D] of one layer (unrotated) -> [B, Hq, D] in q's dtype."""
+        qf, kf, vf = _rows(q), _rows(k), _rows(v)
+        out = torch.empty(self.shape, dtype=torch.float32)
+        a = self.args
+        a.q, a.q_stride, a.k, a.k_stride, a.v, a.v_stride = (qf.data_ptr(), qf.stride(0), kf.data_ptr(), kf.stride(0),
+                                                             vf.data_ptr(), vf.stride(0))
+        a.k_cache, a.v_cache, a.out = k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr()
+        rc = self.lib.decode_attention_struct(self.args_ref)
+        if rc == -2:
+            raise MemoryError("native decode attention: out of memory for its score buffers")
+        if rc != 0:
+            raise ValueError(f"native decode attention: unsupported shape {tuple(q.shape)} over {tuple(k_cache.shape)}")
+        return out if q.dtype == torch.float32 else out.to(q.dtype)
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -68,30 +118,12 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: tor
                      threads: int | None = None) -> torch.Tensor:
     """q [B, Hq, D], k/v [B, Hkv, D] (new token per sequence, before RoPE), cos/sin [B, D],
     k_cache/v_cache [N, S, Hkv, D], block_tables [B, >= ceil(L/S)] int64, seq_lens [B] int64 (L),
-    slot_mapping [B] int64 -> [B, Hq, D] in q's dtype; writes the rotated k and v into their slots."""
+    slot_mapping [B] int64 -> [B, Hq, D] in q's dtype; writes the rotated k and v into their slots.
+    (One layer; a forward pass builds one DecodePlan and runs it for every layer.)"""
     assert supports(q, k_cache) and v_cache.dtype == k_cache.dtype and v_cache.is_contiguous()
-    B, Hq, D = q.shape
-    _, S, Hkv, _ = k_cache.shape
-    qf, q_stride = _rows(q)
-    kf, k_stride = _rows(k)
-    vf, v_stride = _rows(v)
-    cos32, sin32 = cos.float().contiguous(), sin.float().contiguous()
-    tables = block_tables if block_tables.dtype == torch.int64 and block_tables.stride(-1) == 1 \
-        else block_tables.to(torch.int64).contiguous()
-    lens, slots = seq_lens.to(torch.int64).contiguous(), slot_mapping.to(torch.int64).contiguous()
-    out = torch.empty(B, Hq, D, dtype=torch.float32)
-    if threads is None:
-        kv_bytes = 2 * int(lens.sum()) * Hkv * D * k_cache.element_size()
-        threads = max(1, min(torch.get_num_threads(), B * Hkv, kv_bytes // SPLIT_BYTES))
-    rc = _libs[k_cache.dtype].decode_attention(
-        qf.data_ptr(), q_stride, kf.data_ptr(), k_stride, vf.data_ptr(), v_stride, cos32.data_ptr(),
-        sin32.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(), tables.stride(0),
-        lens.data_ptr(), slots.data_ptr(), out.data_ptr(), B, Hq, Hkv, D, S, scale, threads)
-    if rc == -2:
-        raise MemoryError("native decode attention: out of memory for its score buffers")
-    if rc != 0:
-        raise ValueError(f"native decode attention: unsupported shape (Hq={Hq}, Hkv={Hkv}, D={D})")
-    return out if q.dtype == torch.float32 else out.to(q.dtype)
+    plan = DecodePlan(cos, sin, block_tables, seq_lens, slot_mapping, q.shape[1], k_cache.shape[2], q.shape[2],
+                      k_cache.shape[1], scale, k_cache.dtype, threads)
+    return plan.run(q, k, v, k_cache, v_cache)
 
 
 def rotate_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

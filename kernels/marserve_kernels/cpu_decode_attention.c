@@ -56,48 +56,141 @@ static inline void rope(const float *restrict x, const float *restrict cos_row, 
     }
 }
 
-/* One (sequence, KV head): G query heads [G, D] already rotated and scaled -> out rows [G, D].
- * scores: scratch of G * L floats. */
-static void attend_group(const float *restrict qg, int64_t G, const ctype *k_cache, const ctype *v_cache,
-                         const int64_t *restrict table, int64_t L, int64_t g, int64_t Hkv, int64_t D, int64_t BS,
-                         float *restrict scores, float *restrict out, int64_t out_head_stride) {
-    const int64_t slot_stride = Hkv * D; /* between consecutive slots of a block */
-    for (int64_t t = 0; t < L; t++) {
-        const ctype *kt = k_cache + ((table[t / BS] * BS + t % BS) * slot_stride + g * D);
-        float kf[D];
-        for (int64_t d = 0; d < D; d++) kf[d] = load_c(kt + d);
-        for (int64_t h = 0; h < G; h++) {
-            const float *qh = qg + h * D;
-            float s = 0.f;
-#pragma omp simd reduction(+ : s)
-            for (int64_t d = 0; d < D; d++) s += qh[d] * kf[d];
-            scores[h * L + t] = s;
-        }
+typedef float vec __attribute__((vector_size(64)));               /* 16 fp32 lanes */
+typedef float vec_u __attribute__((vector_size(64), aligned(4))); /* unaligned access */
+#define LANES 16
+#define MAX_DV 16 /* head dims up to 256 in registers-sized chunks */
+
+static inline float hsum(vec v) {
+    typedef float half __attribute__((vector_size(32)));
+    typedef float quarter __attribute__((vector_size(16)));
+    half a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+             __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+    quarter b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+    return (b[0] + b[2]) + (b[1] + b[3]);
+}
+
+/* Per-thread scratch that grows as needed and is kept between calls (no malloc per layer). */
+static float *scratch(size_t floats) {
+    static __thread float *buf = NULL;
+    static __thread size_t cap = 0;
+    if (floats > cap) {
+        float *grown = realloc(buf, floats * sizeof(float));
+        if (!grown) return NULL;
+        buf = grown;
+        cap = floats;
     }
+    return buf;
+}
+
+#ifdef CACHE_BF16
+typedef uint16_t cvec_u __attribute__((vector_size(32), aligned(2)));
+typedef uint32_t u32vec __attribute__((vector_size(64)));
+static inline vec load_cv(const ctype *p) { return (vec)(__builtin_convertvector(*(const cvec_u *)p, u32vec) << 16); }
+#else
+static inline vec load_cv(const ctype *p) { return *(const vec_u *)p; }
+#endif
+
+/* e^x for x <= 0 (scores minus their max), 16 lanes: x = n ln2 + r, |r| <= ln2/2, e^r by a degree-6
+ * polynomial (relative error ~2e-7, below fp32 rounding of the sums it feeds), 2^n into the exponent bits.
+ * Below -87 the result flushes to 0 (e^-87 ~ 1.6e-38: nothing next to the max's e^0 = 1). */
+static inline vec exp_nonpositive(vec x) {
+    typedef int32_t ivec __attribute__((vector_size(64)));
+    const vec lo = (vec){0} - 87.f;
+    const ivec below = x < lo; /* all ones where x < lo */
+    x = (vec)(((ivec)lo & below) | ((ivec)x & ~below));
+    vec n = x * 1.44269504088896341f;
+    n = __builtin_convertvector(__builtin_convertvector(n - 0.5f, ivec), vec); /* round (x < 0 side) */
+    vec r = x - n * 0.693359375f;
+    r = r - n * -2.12194440e-4f;
+    vec p = (vec){0} + 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.f;
+    ivec bits = (__builtin_convertvector(n, ivec) + 127) << 23;
+    return p * (vec)bits;
+}
+
+/* Softmax of each of the G score rows [L] in place. */
+static void softmax_rows(float *restrict scores, int64_t G, int64_t L) {
     for (int64_t h = 0; h < G; h++) {
         float *sh = scores + h * L;
         float m = -INFINITY;
         for (int64_t t = 0; t < L; t++) m = sh[t] > m ? sh[t] : m;
         float z = 0.f;
-        for (int64_t t = 0; t < L; t++) {
+        int64_t t = 0;
+        vec zv = {0};
+        for (; t + LANES <= L; t += LANES) {
+            vec e = exp_nonpositive(*(vec_u *)(sh + t) - m);
+            *(vec_u *)(sh + t) = e;
+            zv += e;
+        }
+        z = hsum(zv);
+        for (; t < L; t++) {
             sh[t] = expf(sh[t] - m);
             z += sh[t];
         }
         const float inv = 1.f / z;
-        for (int64_t t = 0; t < L; t++) sh[t] *= inv;
-        memset(out + h * out_head_stride, 0, D * sizeof(float));
+        for (t = 0; t < L; t++) sh[t] *= inv;
     }
-    for (int64_t t = 0; t < L; t++) {
-        const ctype *vt = v_cache + ((table[t / BS] * BS + t % BS) * slot_stride + g * D);
-        float vf[D];
-        for (int64_t d = 0; d < D; d++) vf[d] = load_c(vt + d);
+}
+
+/* One (sequence, KV head): G query heads [G, D] already rotated and scaled -> out rows [G, D].
+ * scores: scratch of G * L floats. Vector form for D a multiple of 16 (every model here), scalar otherwise. */
+static void attend_group(const float *restrict qg, int64_t G, const ctype *k_cache, const ctype *v_cache,
+                         const int64_t *restrict table, int64_t L, int64_t g, int64_t Hkv, int64_t D, int64_t BS,
+                         float *restrict scores, float *restrict out, int64_t out_head_stride) {
+    const int64_t slot_stride = Hkv * D; /* between consecutive slots of a block */
+    const int64_t nv = D / LANES;
+    /* Positions are walked block by block: slot (table[t / BS], t % BS) without a division per position. */
+#define FOR_POSITIONS(t, row, cache)                                                                         \
+    for (int64_t blk = 0, t = 0; t < L; blk++)                                                               \
+        for (const ctype *row = (cache) + table[blk] * BS * slot_stride + g * D, *blk_end = row + BS * slot_stride; \
+             row < blk_end && t < L; row += slot_stride, t++)
+    if (D % LANES == 0 && nv <= MAX_DV) {
+        FOR_POSITIONS(t, kt, k_cache) {
+            vec kv[MAX_DV];
+            for (int64_t j = 0; j < nv; j++) kv[j] = load_cv(kt + j * LANES);
+            for (int64_t h = 0; h < G; h++) {
+                const float *qh = qg + h * D;
+                vec acc = kv[0] * *(const vec_u *)qh;
+                for (int64_t j = 1; j < nv; j++) acc += kv[j] * *(const vec_u *)(qh + j * LANES);
+                scores[h * L + t] = hsum(acc);
+            }
+        }
+        softmax_rows(scores, G, L);
+        for (int64_t h = 0; h < G; h++) {
+            vec acc[MAX_DV] = {0};
+            const float *sh = scores + h * L;
+            FOR_POSITIONS(t, vt, v_cache) {
+                const vec p = (vec){0} + sh[t];
+                for (int64_t j = 0; j < nv; j++) acc[j] += p * load_cv(vt + j * LANES);
+            }
+            for (int64_t j = 0; j < nv; j++) *(vec_u *)(out + h * out_head_stride + j * LANES) = acc[j];
+        }
+        return;
+    }
+    FOR_POSITIONS(t, kt, k_cache) {
+        for (int64_t h = 0; h < G; h++) {
+            const float *qh = qg + h * D;
+            float s = 0.f;
+            for (int64_t d = 0; d < D; d++) s += qh[d] * load_c(kt + d);
+            scores[h * L + t] = s;
+        }
+    }
+    softmax_rows(scores, G, L);
+    for (int64_t h = 0; h < G; h++) memset(out + h * out_head_stride, 0, D * sizeof(float));
+    FOR_POSITIONS(t, vt, v_cache) {
         for (int64_t h = 0; h < G; h++) {
             const float p = scores[h * L + t];
             float *oh = out + h * out_head_stride;
-#pragma omp simd
-            for (int64_t d = 0; d < D; d++) oh[d] += p * vf[d];
+            for (int64_t d = 0; d < D; d++) oh[d] += p * load_c(vt + d);
         }
     }
+#undef FOR_POSITIONS
 }
 
 /* q [B, Hq, D], k/v [B, Hkv, D]: fp32, token strides q_stride/k_stride/v_stride (in floats), heads contiguous.
@@ -128,28 +221,63 @@ int decode_attention(const float *q, int64_t q_stride, const float *k, int64_t k
     int64_t max_len = 0;
     for (int64_t b = 0; b < B; b++) max_len = seq_lens[b] > max_len ? seq_lens[b] : max_len;
     int failed = 0;
-    /* 2-3. One work item per (sequence, KV head). */
-#pragma omp parallel num_threads(threads > 0 ? threads : 1)
+    const size_t need = (size_t)(G * max_len + G * D);
+    /* 2-3. One work item per (sequence, KV head); no parallel region at all for one thread. */
+#define WORK_ITEM(item, scores)                                                                              \
+    do {                                                                                                     \
+        const int64_t b = (item) / Hkv, g = (item) % Hkv;                                                    \
+        float *qg = (scores) + G * max_len; /* the group's rotated, scaled queries [G, D] */                 \
+        for (int64_t h = 0; h < G; h++) {                                                                    \
+            rope(q + b * q_stride + (g * G + h) * D, cos + b * D, sin + b * D, qg + h * D, D);               \
+            for (int64_t d = 0; d < D; d++) qg[h * D + d] *= scale;                                          \
+        }                                                                                                    \
+        attend_group(qg, G, k_cache, v_cache, block_tables + b * bt_stride, seq_lens[b], g, Hkv, D, BS,     \
+                     (scores), out + (b * Hq + g * G) * D, D);                                               \
+    } while (0)
+    if (threads <= 1) {
+        float *scores = scratch(need);
+        if (!scores) return -2;
+        for (int64_t item = 0; item < B * Hkv; item++) WORK_ITEM(item, scores);
+        return 0;
+    }
+#pragma omp parallel num_threads(threads)
     {
-        float *scores = malloc(sizeof(float) * (size_t)(G * max_len + G * D));
+        float *scores = scratch(need);
         if (!scores) {
 #pragma omp atomic write
             failed = 1;
         }
 #pragma omp for schedule(dynamic, 1)
         for (int64_t item = 0; item < B * Hkv; item++) {
-            if (!scores) continue;
-            const int64_t b = item / Hkv, g = item % Hkv;
-            const int64_t L = seq_lens[b];
-            float *qg = scores + G * max_len; /* the group's rotated, scaled queries [G, D] */
-            for (int64_t h = 0; h < G; h++) {
-                rope(q + b * q_stride + (g * G + h) * D, cos + b * D, sin + b * D, qg + h * D, D);
-                for (int64_t d = 0; d < D; d++) qg[h * D + d] *= scale;
-            }
-            attend_group(qg, G, k_cache, v_cache, block_tables + b * bt_stride, L, g, Hkv, D, BS, scores,
-                         out + (b * Hq + g * G) * D, D);
+            if (scores) WORK_ITEM(item, scores);
         }
-        free(scores);
     }
     return failed ? -2 : 0;
+}
+
+/* The same call with its arguments in one struct: ctypes converts each argument of a call separately
+ * (~0.1 us apiece), so a caller that keeps one struct per forward pass and changes only the per-layer
+ * fields pays for one pointer instead of 22 conversions. Field order = decode_attention's parameters. */
+struct decode_args {
+    const float *q;
+    int64_t q_stride;
+    const float *k;
+    int64_t k_stride;
+    const float *v;
+    int64_t v_stride;
+    const float *cos, *sin;
+    ctype *k_cache, *v_cache;
+    const int64_t *block_tables;
+    int64_t bt_stride;
+    const int64_t *seq_lens, *slot_mapping;
+    float *out;
+    int64_t B, Hq, Hkv, D, BS;
+    float scale;
+    int64_t threads;
+};
+
+int decode_attention_struct(const struct decode_args *a) {
+    return decode_attention(a->q, a->q_stride, a->k, a->k_stride, a->v, a->v_stride, a->cos, a->sin, a->k_cache,
+                            a->v_cache, a->block_tables, a->bt_stride, a->seq_lens, a->slot_mapping, a->out, a->B,
+                            a->Hq, a->Hkv, a->D, a->BS, a->scale, a->threads);
 }
