@@ -51,6 +51,11 @@ def available(dtype: torch.dtype = torch.float32) -> bool:
     return _libs[dtype] is not None
 
 
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t itself when it already is a contiguous `dtype` tensor (the decode case), else a converted copy."""
+    return t if t.dtype is dtype and t.is_contiguous() else t.to(dtype).contiguous()
+
+
 def small_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
               topk_ids: torch.Tensor, threads: int | None = None) -> torch.Tensor:
     """hidden [T, H], w13 [E, 2I, H], w2 [E, H, I] contiguous fp32 or bf16, topk_* [T, K] -> [T, H] (hidden's dtype)."""
@@ -58,9 +63,9 @@ def small_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_we
     T, K = topk_ids.shape
     E, two_i, H = w13.shape
     inter = two_i // 2
-    x = hidden.to(torch.float32).contiguous()  # [T, H]: activations are fp32 inside the kernel
-    ids = topk_ids.to(torch.int64).contiguous()  # [T, K]
-    weights = topk_weights.to(torch.float32).contiguous()  # [T, K]
+    x = _as(hidden, torch.float32)  # [T, H]: activations are fp32 inside the kernel
+    ids = _as(topk_ids, torch.int64)  # [T, K]
+    weights = _as(topk_weights, torch.float32)  # [T, K]
     out = torch.zeros(T, H, dtype=torch.float32)  # [T, H]
     if threads is None:
         # Below ~256 KB of weights per thread, waking another thread costs more than it saves.
@@ -72,7 +77,7 @@ def small_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_we
         raise ValueError(f"topk_ids holds an expert id outside 0..{E - 1}")
     if rc != 0:
         raise MemoryError("native MoE kernel: out of memory for its work buffers")
-    return out.to(hidden.dtype)
+    return out if hidden.dtype is torch.float32 else out.to(hidden.dtype)
 
 
 def read_bandwidth_gbs(buffer_mb: int = 512, repeats: int = 5, threads: int | None = None) -> float:

@@ -32,19 +32,21 @@ def available() -> bool:
 
 
 def applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """fp32, CPU, contiguous rows, a 1-D weight, no autograd: what the kernel takes."""
-    return (x.dtype == torch.float32 and weight.dtype == torch.float32 and x.device.type == "cpu"
-            and weight.dim() == 1 and x.dim() == 2 and x.is_contiguous()
-            and weight.is_contiguous() and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-            and available())
+    """fp32, CPU, contiguous rows, a 1-D weight, no autograd: what the kernel takes. (Runs twice per layer
+    per pass: cheapest checks first.)"""
+    f32 = torch.float32
+    return (x.dtype is f32 and weight.dtype is f32 and x.is_cpu and x.dim() == 2 and weight.dim() == 1
+            and (_lib[0] is not None if _lib else available()) and x.is_contiguous() and weight.is_contiguous()
+            and not ((x.requires_grad or weight.requires_grad) and torch.is_grad_enabled()))
 
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
                  eps: float) -> torch.Tensor:
     """x [T, H]; residual [T, H] or None (then x is normalised); weight [H] -> out [T, H].
     With a residual: residual += x in place, and out is the norm of that sum."""
-    assert applies(x, weight) and (residual is None or (residual.shape == x.shape and residual.is_contiguous()
-                                                         and residual.dtype == torch.float32))
+    if not (applies(x, weight) and (residual is None or (residual.shape == x.shape and residual.is_contiguous()
+                                                          and residual.dtype is torch.float32))):
+        raise ValueError("add_rms_norm takes contiguous fp32 CPU rows (check applies() first)")
     out = torch.empty_like(x)
     _lib[0].add_rms_norm(x.data_ptr(), None if residual is None else residual.data_ptr(), weight.data_ptr(),
                          eps, out.data_ptr(), x.shape[0], x.shape[1], torch.get_num_threads())

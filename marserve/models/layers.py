@@ -43,11 +43,12 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """norm(x); or, given the residual stream: (norm(x + residual), x + residual), the add fused with the
         norm on CPU (marserve_kernels.cpu_norm_native, which updates residual in place)."""
-        if cpu_norm_native.applies(x, self.weight):
+        weight = self.weight
+        if cpu_norm_native.applies(x, weight):
             if residual is None:
-                return cpu_norm_native.add_rms_norm(x, None, self.weight, self.eps)
-            if cpu_norm_native.applies(residual, self.weight) and residual.shape == x.shape:
-                return cpu_norm_native.add_rms_norm(x, residual, self.weight, self.eps), residual
+                return cpu_norm_native.add_rms_norm(x, None, weight, self.eps)
+            if residual.dtype is x.dtype and residual.shape == x.shape and residual.is_contiguous():
+                return cpu_norm_native.add_rms_norm(x, residual, weight, self.eps), residual
         if residual is None:
             return rms_norm(x, self.weight, self.eps)
         residual = x + residual
