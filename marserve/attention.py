@@ -93,7 +93,15 @@ def _use_triton(q: torch.Tensor) -> bool:
 
 
 def _native_decode_applies(q: torch.Tensor, meta: AttentionMetadata, layer_idx: int) -> bool:
-    """CPU decode (one new token per sequence) with marserve_kernels' native fused kernel available."""
+    """CPU decode (one new token per sequence) with marserve_kernels' native fused kernel available.
+    Decided at the first layer of a pass and kept on the metadata (every layer has the same answer)."""
+    ok = meta.__dict__.get("_native_ok")
+    if ok is None:
+        ok = meta.__dict__["_native_ok"] = _native_decode_possible(q, meta, layer_idx)
+    return ok
+
+
+def _native_decode_possible(q: torch.Tensor, meta: AttentionMetadata, layer_idx: int) -> bool:
     if _forced_backend() not in (None, "native") or q.device.type != "cpu" or q.requires_grad:
         return False
     if any(n != 1 for n in meta.query_lens):
