@@ -13,7 +13,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from marserve_kernels import cpu_dense_native
+
 _ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
+NATIVE_MAX_TOKENS = 8  # rows of x up to which plain weights go to the native kernel (measured, see above)
+_native: dict[torch.dtype, bool] = {}  # weight dtype -> cpu_dense_native.available(dtype), asked once
 
 
 def _onednn_available() -> bool:
@@ -35,8 +39,23 @@ def pack(weight: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), 32)
 
 
+def native_available(dtype: torch.dtype) -> bool:
+    """Whether plain weights of `dtype` can take the native few-token kernel (built on first ask)."""
+    ok = _native.get(dtype)
+    if ok is None:
+        ok = _native[dtype] = dtype in _ONEDNN_DTYPES and cpu_dense_native.available(dtype)
+    return ok
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., K], weight [N, K] (plain or packed), bias [N] | None -> [..., N]; same result as F.linear."""
+    if (x.dim() >= 1 and x.shape[-1] > 0 and x.numel() // x.shape[-1] <= NATIVE_MAX_TOKENS
+            and not weight.is_mkldnn and weight.dtype == x.dtype and weight.dim() == 2
+            and x.device.type == "cpu" and weight.device.type == "cpu" and weight.is_contiguous()
+            and x.shape[-1] == weight.shape[1] and native_available(weight.dtype)
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                                   or (bias is not None and bias.requires_grad)))):
+        return cpu_dense_native.small_linear(x, weight, bias)
     if weight.is_mkldnn:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
