@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from marserve_kernels import cpu_dense_native
 
 _ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
-NATIVE_MAX_TOKENS = 8  # rows of x up to which plain weights go to the native kernel (measured, see above)
+NATIVE_MAX_TOKENS = 64  # rows of x up to which plain weights go to the native kernel (measured, see above)
 _native: dict[torch.dtype, bool] = {}  # weight dtype -> cpu_dense_native.available(dtype), asked once
 
 
@@ -49,10 +49,10 @@ def native_available(dtype: torch.dtype) -> bool:
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., K], weight [N, K] (plain or packed), bias [N] | None -> [..., N]; same result as F.linear."""
-    if (x.dim() >= 1 and x.shape[-1] > 0 and x.numel() // x.shape[-1] <= NATIVE_MAX_TOKENS
-            and not weight.is_mkldnn and weight.dtype == x.dtype and weight.dim() == 2
-            and x.device.type == "cpu" and weight.device.type == "cpu" and weight.is_contiguous()
-            and x.shape[-1] == weight.shape[1] and native_available(weight.dtype)
+    if (not weight.is_mkldnn and (_native.get(weight.dtype) or native_available(weight.dtype))
+            and weight.dtype == x.dtype and x.device.type == "cpu" and weight.dim() == 2
+            and (x.shape[0] if x.dim() == 2 else x.numel() // max(1, x.shape[-1])) <= NATIVE_MAX_TOKENS
+            and x.shape[-1] == weight.shape[1] and weight.is_contiguous()
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                                    or (bias is not None and bias.requires_grad)))):
         return cpu_dense_native.small_linear(x, weight, bias)

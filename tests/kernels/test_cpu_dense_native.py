@@ -17,7 +17,7 @@ def _check(x, w, b, threads, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("tokens", [1, 2, 3, 7, 8, 9, 16, 17, 33, 64])
+@pytest.mark.parametrize("tokens", [1, 2, 3, 7, 8, 9, 16, 17, 33, 47, 48, 61, 64])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_small_linear_matches_f_linear(dtype, tokens, threads):
     # K = 1100: 16-lane steps, a 12-float tail, and (groups of 8 x 1100 floats) the K-chunked passes; N odd.
