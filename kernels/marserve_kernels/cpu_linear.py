@@ -56,6 +56,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                                    or (bias is not None and bias.requires_grad)))):
         return cpu_dense_native.small_linear(x, weight, bias)
+    return onednn_linear(x, weight, bias)
+
+
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`linear` without the native kernel: oneDNN (plain or packed weight), else F.linear."""
     if weight.is_mkldnn:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
