@@ -20,9 +20,10 @@ def _check(x, w, b, threads, dtype):
 @pytest.mark.parametrize("tokens", [1, 2, 3, 7, 8, 9, 16, 17, 33, 47, 48, 61, 64])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_small_linear_matches_f_linear(dtype, tokens, threads):
-    # K = 1100: 16-lane steps, a 12-float tail, and (groups of 8 x 1100 floats) the K-chunked passes; N odd.
+    # K = 1100: 16-lane steps and a 12-float tail; K = 2100: groups of 4 x rows too long for L1, so K-chunked
+    # passes (and a 52-column last chunk in the transposed form); N odd, N < 4, N < one 32-row block.
     g = torch.Generator().manual_seed(tokens)
-    for n, k, with_bias in ((37, 1100, True), (5, 13, False), (64, 512, False), (1, 48, True)):
+    for n, k, with_bias in ((37, 1100, True), (9, 2100, True), (5, 13, False), (64, 512, False), (1, 48, True)):
         x = torch.randn(tokens, k, generator=g)
         w = torch.randn(n, k, generator=g).to(dtype)
         b = torch.randn(n, generator=g) if with_bias else None
