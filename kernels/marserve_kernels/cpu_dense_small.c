@@ -1,10 +1,12 @@
 /* Few-token dense linear on CPU: y[T, N] = x[T, K] @ W[N, K]^T (+ bias[N]) for a plain row-major W.
  *
  * Decode reads every weight once per step, so a linear layer with a handful of tokens is a stream over
- * W: each weight row comes from memory once and is dotted with all T tokens while it sits in L1
- * (tokens in groups of up to MAX_GROUP, whose x rows stay in L1; a block of ROW_BLOCK rows is reused
- * from L2 by every group). oneDNN's GEMMs reach 50-70% of the memory bandwidth at these shapes, even
- * on its packed layout; this reaches ~90% (docs/benchmarks.md, "CPU linear layers").
+ * W: each weight row comes from memory once and is dotted with all T tokens while it sits in L1 or L2.
+ * Two forms: below OUTER_MIN_T tokens the dot form (4 rows x up to 4 tokens per pass, token groups
+ * reusing a block of rows from L2), from there the outer-product form on a transposed block of W (fewer
+ * loads per FMA, no sums across lanes, once the transpose is paid for by enough tokens). oneDNN's GEMMs
+ * reach 50-75% of the memory bandwidth at decode shapes, even on its packed layout (docs/benchmarks.md,
+ * "CPU linear layers").
  * Weights are fp32, or bf16 when built with -DWEIGHT_BF16 (widened to fp32 in registers: half the bytes
  * streamed); activations, accumulation and outputs are fp32 in both builds.
  * Built at first use by cpu_dense_native.py (native_build) with -O3 -march=<this machine>.
@@ -40,116 +42,15 @@ static inline vec load_w(const wtype *p) { return *(const vec_u *)p; }
 static inline float scalar_w(wtype v) { return v; }
 #endif
 
-#define MAX_GROUP 8     /* tokens per pass over a weight row: 2 rows x 8 tokens = 16 accumulators */
-#define ROW_BLOCK 16    /* weight rows reused from L2 by every group of tokens */
 #define K_CHUNK 1024    /* floats of each x row per pass when a group's whole rows would not fit L1 */
 #define L1_FLOATS 8192  /* 32 KiB of the 48 KiB L1: a group's x rows up to this size stay whole */
 
 /* Keeps a loaded vector in a register: otherwise gcc re-loads it for every FMA that uses it. */
 #define PIN(v) __asm__("" : "+v"(v))
 
-static inline float hsum(vec v) {
-    typedef float half __attribute__((vector_size(32)));
-    typedef float quarter __attribute__((vector_size(16)));
-    half a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
-             __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-    quarter b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
-    return (b[0] + b[2]) + (b[1] + b[3]);
-}
-
-/* res_a[p] = w_a[0:n) . xs[p][0:n) and res_b[p] = w_b . xs[p] for p < NB: two weight rows share every
- * load of x, NB tokens share every load of w. S partial sums per (row, token) keep >= 8 independent FMA
- * chains in flight when NB is small; n % 16 leftovers are summed in scalar. `ahead` floats further on
- * is prefetched (the next pair of rows when streaming). */
-#define DEFINE_DOT2(NB, S)                                                                             \
-    static void dot2_##NB(const wtype *w_a, const wtype *w_b, const float *const *xs, int64_t n,     \
-                          int64_t ahead, float *res_a, float *res_b) {                                \
-        vec acc_a[NB][S], acc_b[NB][S];                                                              \
-        for (int p = 0; p < NB; p++)                                                                 \
-            for (int s = 0; s < S; s++) acc_a[p][s] = acc_b[p][s] = (vec){0};                        \
-        int64_t h = 0;                                                                               \
-        for (; h + S * LANES <= n; h += S * LANES)                                                   \
-            for (int s = 0; s < S; s++) {                                                            \
-                vec wa = load_w(w_a + h + s * LANES);                                                \
-                vec wb = load_w(w_b + h + s * LANES);                                                \
-                __builtin_prefetch(w_a + ahead + h + s * LANES);                                    \
-                __builtin_prefetch(w_b + ahead + h + s * LANES);                                    \
-                PIN(wa); PIN(wb);                                                                    \
-                for (int p = 0; p < NB; p++) {                                                       \
-                    vec xv = *(const vec_u *)(xs[p] + h + s * LANES);                                \
-                    PIN(xv);                                                                         \
-                    acc_a[p][s] += wa * xv;                                                          \
-                    acc_b[p][s] += wb * xv;                                                          \
-                }                                                                                    \
-            }                                                                                        \
-        for (; h + LANES <= n; h += LANES) {                                                         \
-            vec wa = load_w(w_a + h), wb = load_w(w_b + h);                                          \
-            for (int p = 0; p < NB; p++) {                                                           \
-                vec xv = *(const vec_u *)(xs[p] + h);                                                \
-                acc_a[p][0] += wa * xv;                                                              \
-                acc_b[p][0] += wb * xv;                                                              \
-            }                                                                                        \
-        }                                                                                            \
-        for (int p = 0; p < NB; p++) {                                                               \
-            for (int s = 1; s < S; s++) { acc_a[p][0] += acc_a[p][s]; acc_b[p][0] += acc_b[p][s]; }  \
-            float sa = hsum(acc_a[p][0]), sb = hsum(acc_b[p][0]);                                    \
-            for (int64_t t = h; t < n; t++) {                                                        \
-                sa += scalar_w(w_a[t]) * xs[p][t];                                                   \
-                sb += scalar_w(w_b[t]) * xs[p][t];                                                   \
-            }                                                                                        \
-            res_a[p] = sa;                                                                           \
-            res_b[p] = sb;                                                                           \
-        }                                                                                            \
-    }
-DEFINE_DOT2(1, 4)
-DEFINE_DOT2(2, 2)
-DEFINE_DOT2(3, 2)
-DEFINE_DOT2(4, 1)
-DEFINE_DOT2(5, 1)
-DEFINE_DOT2(6, 1)
-DEFINE_DOT2(7, 1)
-DEFINE_DOT2(8, 1)
-
-typedef void (*dot2_fn)(const wtype *, const wtype *, const float *const *, int64_t, int64_t, float *, float *);
-static const dot2_fn DOT2[MAX_GROUP + 1] = {0, dot2_1, dot2_2, dot2_3, dot2_4, dot2_5, dot2_6, dot2_7, dot2_8};
-
-/* Rows [n0, n1) of y: y[t, n] = x[t] . w[n] (+ bias[n]). x [T, K] with row stride ldx, y [T, N]. */
-static void dense_rows(const float *x, int64_t ldx, const wtype *w, const float *bias, float *y, int64_t T,
-                       int64_t K, int64_t N, int64_t n0, int64_t n1) {
-    const float *xs[MAX_GROUP];
-    float d0[MAX_GROUP], d1[MAX_GROUP];
-    int64_t groups = (T + MAX_GROUP - 1) / MAX_GROUP;
-    for (int64_t blk = n0; blk < n1; blk += ROW_BLOCK) {
-        int64_t blk_end = blk + ROW_BLOCK < n1 ? blk + ROW_BLOCK : n1;
-        for (int64_t g = 0; g < groups; g++) {
-            int64_t t0 = T * g / groups, nb = T * (g + 1) / groups - t0; /* balanced groups: 12 = 6 + 6 */
-            int64_t chunk = nb * K <= L1_FLOATS ? K : K_CHUNK;
-            for (int64_t c = 0; c < K; c += chunk) {
-                int64_t len = K - c < chunk ? K - c : chunk;
-                for (int64_t p = 0; p < nb; p++) xs[p] = x + (t0 + p) * ldx + c;
-                /* Two rows per pass share the loads of x; an odd last row is paired with itself. */
-                for (int64_t n = blk; n < blk_end; n += 2) {
-                    int64_t n_b = n + 1 < blk_end ? n + 1 : n;
-                    DOT2[nb](w + n * K + c, w + n_b * K + c, xs, len, 2 * K, d0, d1);
-                    for (int64_t p = 0; p < nb; p++) {
-                        float *o = y + (t0 + p) * N;
-                        if (c == 0) {
-                            o[n] = d0[p] + (bias ? bias[n] : 0.f);
-                            if (n_b != n) o[n_b] = d1[p] + (bias ? bias[n_b] : 0.f);
-                        } else {
-                            o[n] += d0[p];
-                            if (n_b != n) o[n_b] += d1[p];
-                        }
-                    }
-                }
-            }
-        }
-    }
-}
-
-/* ---- More tokens: the outer-product form on a transposed block --------------------------------------
- * From ~16 tokens the dot form above is compute-bound, and its per-output horizontal sums and x loads
- * cost a large share. Here a block of BN rows x KC columns of W is transposed (and widened to fp32) into
+/* ---- Many tokens: the outer-product form on a transposed block --------------------------------------
+ * With many tokens the dot form below is compute-bound, and its sums across lanes and x loads cost a
+ * large share. Here a block of BN rows x KC columns of W is transposed (and widened to fp32) into
  * an L1 scratch wt[KC][BN] once per call, and each group of up to TB tokens accumulates
  * y[t, n:n+BN] += x[t, k] * wt[k, :] over the chunk: 2 vector loads and TB broadcasts feed 2*TB FMAs,
  * and the outputs come out as whole vectors, no sums across lanes. */
@@ -213,7 +114,7 @@ typedef void (*outer_fn)(const float *, int64_t, const float *, int64_t, float *
 static const outer_fn OUTER[TB + 1] = {0, outer_1, outer_2, outer_3, outer_4, outer_5, outer_6,
                                        outer_7, outer_8, outer_9, outer_10, outer_11, outer_12};
 
-/* Rows [n0, n1) of y by the outer-product form (same contract as dense_rows). */
+/* Rows [n0, n1) of y by the outer-product form (same contract as dense_rows4). */
 static void dense_rows_outer(const float *x, int64_t ldx, const wtype *w, const float *bias, float *y, int64_t T,
                              int64_t K, int64_t N, int64_t n0, int64_t n1) {
     float wt[KC * BN] __attribute__((aligned(64)));
@@ -251,7 +152,7 @@ static void dense_rows_outer(const float *x, int64_t ldx, const wtype *w, const 
  * 4 weight vectors and 4 x vectors feed 16 FMAs (the 2 x 8 form needs 10 loads for as many), and the 16
  * accumulators are summed across lanes together: at each of 4 levels a pair of vectors is interleaved
  * (the transpose swaps above) and added, ending in one vector holding the 16 sums; 45 vector ops for 16
- * outputs where one horizontal sum each costs ~7. PF: prefetch the rows `ahead` further (the pass that
+ * outputs where one horizontal sum each costs ~7. For 1-4 tokens this is a plain stream over W. PF: prefetch the rows `ahead` further (the pass that
  * streams the rows from memory; later token groups find them in cache). */
 #define DEFINE_DOT4(NT, PF)                                                                            \
     static void dot4_##NT##_##PF(const wtype *w, int64_t ldw, const float *x, int64_t ldx, int64_t n,     \
@@ -287,7 +188,10 @@ typedef void (*dot4_fn)(const wtype *, int64_t, const float *, int64_t, int64_t,
 static const dot4_fn DOT4[2][5] = {{0, dot4_1_0, dot4_2_0, dot4_3_0, dot4_4_0}, {0, dot4_1_1, dot4_2_1, dot4_3_1, dot4_4_1}};
 
 #define ROWS4_BLOCK 16 /* weight rows reused from L2 by every group of 4 tokens */
-/* Rows [n0, n1) of y by dot4 (same contract as dense_rows). A last block of fewer than 4 rows repeats
+/* Rows [n0, n1) of y: y[t, n] = x[t] . w[n] (+ bias[n]), x [T, K] with rows ldx floats apart, y [T, N].
+ * Tokens in balanced groups of up to 4; a block of 16 rows comes from memory once (the first group's
+ * pass) and is reused from L2 by the other groups, each group's x rows staying in L1 (chunked along K
+ * when they would not fit). A last block of fewer than 4 rows repeats
  * its last row (computed twice, stored once). */
 static void dense_rows4(const float *x, int64_t ldx, const wtype *w, const float *bias, float *y, int64_t T,
                         int64_t K, int64_t N, int64_t n0, int64_t n1) {
@@ -304,7 +208,8 @@ static void dense_rows4(const float *x, int64_t ldx, const wtype *w, const float
                     int64_t nr = blk_end - n < 4 ? blk_end - n : 4;
                     const wtype *wr = w + n * K + c;
                     if (nr == 4) {
-                        DOT4[g == 0][nb](wr, K, x + t0 * ldx + c, ldx, len, 4 * K, res);
+                        /* One token: the hardware prefetchers alone stream faster (measured). */
+                        DOT4[g == 0 && T > 1][nb](wr, K, x + t0 * ldx + c, ldx, len, 4 * K, res);
                     } else { /* the block's last rows: copies of the last one fill the 4 */
                         const wtype *rows[4];
                         for (int r = 0; r < 4; r++) rows[r] = w + (n + (r < nr ? r : nr - 1)) * K + c;
@@ -326,9 +231,6 @@ static void dense_rows4(const float *x, int64_t ldx, const wtype *w, const float
     }
 }
 
-#ifndef DOT4_MIN_T
-#define DOT4_MIN_T 2
-#endif
 #ifndef OUTER_MIN_T
 #define OUTER_MIN_T 48 /* tokens from which the outer-product form is faster (measured) */
 #endif
@@ -339,7 +241,7 @@ static void dense_rows4(const float *x, int64_t ldx, const wtype *w, const float
 void dense_small(const float *x, int64_t ldx, const wtype *w, const float *bias, float *y, int64_t T, int64_t K,
                  int64_t N, int64_t threads) {
     void (*rows)(const float *, int64_t, const wtype *, const float *, float *, int64_t, int64_t, int64_t, int64_t,
-                 int64_t) = T >= OUTER_MIN_T ? dense_rows_outer : T >= DOT4_MIN_T ? dense_rows4 : dense_rows;
+                 int64_t) = T >= OUTER_MIN_T ? dense_rows_outer : dense_rows4;
     if (threads <= 1 || N < 4) {
         rows(x, ldx, w, bias, y, T, K, N, 0, N);
         return;
