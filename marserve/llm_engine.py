@@ -53,7 +53,7 @@ class LLMEngine:
         self.config = config
         self.model, self.model_config = load_model(config.model, dtype=config.dtype, device=config.device)
         if torch.device(config.device).type == "cpu":
-            self.model.pack_for_cpu()  # inference only from here: weights in oneDNN's fast layout
+            self.model.pack_for_cpu()  # inference only from here: q/k/v fused; oneDNN-packed if no native kernel
         self.tokenizer = load_tokenizer(config.model)
         self.generation_defaults = generation_defaults(config.model, self.model_config)
         self.eos_token_ids = list(self.generation_defaults.get("eos_token_ids") or self.model_config.eos_token_id)

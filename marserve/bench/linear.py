@@ -1,12 +1,14 @@
-"""`marserve bench linear`: the CPU linear layer's two speed-ups, measured on cold weights.
+"""`marserve bench linear`: the CPU linear layer's speed-ups, measured on cold weights.
 
 A decode step reads every weight once, from memory (the model is far larger than the caches), so the
 benchmark cycles through a set of weight matrices larger than the last-level cache, shaped like one
 layer of the bench model (q/k/v/o projections and an expert's gate/up and down), and times
 y = x @ W^T for all of them with: MKL (F.linear) or oneDNN (marserve_kernels.cpu_linear), on normal
-4 KiB pages or on 2 MiB huge pages (marserve.hugepages), and oneDNN on packed weights (what the engine
-runs: cpu_linear.pack at start). Best of --repeats; both limits measured in
-the same run.
+4 KiB pages or on 2 MiB huge pages (marserve.hugepages), oneDNN on packed weights (cpu_linear.pack: what
+the engine runs when the native kernel is unavailable), and the native few-token kernel
+(marserve_kernels.cpu_dense_native, plain weights on huge pages: what the engine runs up to
+cpu_linear.NATIVE_MAX_TOKENS tokens, oneDNN on the same plain weights above). Best of --repeats, the
+implementations interleaved within each repeat (the machine is shared); both limits measured in the same run.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ import torch.nn.functional as F
 
 from marserve import hugepages
 from marserve.bench.machine_limits import measure
-from marserve_kernels.cpu_linear import linear, pack
+from marserve_kernels import cpu_dense_native
+from marserve_kernels.cpu_linear import onednn_linear, pack
 
 # (N, K) of one layer of the bench model: q, k, v, o (hidden 512, 8/4 heads of 64), expert w13 and w2.
 LAYER_SHAPES = [(512, 512), (256, 512), (256, 512), (512, 512), (3072, 512), (512, 1536)]
@@ -40,14 +43,17 @@ def _weights(layers: int, huge: bool) -> list[torch.Tensor]:
     return out
 
 
-def _time(fn, weights, x_by_k, repeats: int) -> float:
-    fn(x_by_k[weights[0].shape[1]], weights[0])
-    best = float("inf")
+def _time(runs, x_by_k, repeats: int) -> list[float]:
+    """Best seconds per pass of each (fn, weights) in runs; each repeat times every run once, in turn."""
+    for fn, weights in runs:
+        fn(x_by_k[weights[0].shape[1]], weights[0])
+    best = [float("inf")] * len(runs)
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        for w in weights:
-            fn(x_by_k[w.shape[1]], w)
-        best = min(best, time.perf_counter() - t0)
+        for i, (fn, weights) in enumerate(runs):
+            t0 = time.perf_counter()
+            for w in weights:
+                fn(x_by_k[w.shape[1]], w)
+            best[i] = min(best[i], time.perf_counter() - t0)
     return best
 
 
@@ -66,10 +72,12 @@ def run(args) -> int:
     for T in (int(t) for t in args.tokens.split(",")):
         x_by_k = {k: torch.randn(T, k) for k in {k for _, k in LAYER_SHAPES}}
         base = None
-        runs = [(impl, fn, pages, weights) for impl, fn in (("MKL", F.linear), ("oneDNN", linear))
-                for pages, weights in sets.items()] + [("oneDNN", linear, "packed", packed)]
-        for impl, fn, pages, weights in runs:
-            s = _time(fn, weights, x_by_k, args.repeats)
+        runs = [(impl, fn, pages, weights) for impl, fn in (("MKL", F.linear), ("oneDNN", onednn_linear))
+                for pages, weights in sets.items()] + [("oneDNN", onednn_linear, "packed", packed)]
+        if cpu_dense_native.available(torch.float32):
+            runs.append(("native", cpu_dense_native.small_linear, "huge pages", sets["huge pages"]))
+        times = _time([(fn, weights) for _, fn, _, weights in runs], x_by_k, args.repeats)
+        for (impl, fn, pages, weights), s in zip(runs, times):
             base = base or s
             gbs = nbytes / s / 1e9
             gflops = 2 * T * nbytes / 4 / s / 1e9

@@ -85,19 +85,22 @@ class MoeForCausalLM(nn.Module):
         """hidden [N,H] -> logits [N,V]."""
         return self.lm_head(hidden)
 
-    def pack_for_cpu(self) -> int:
-        """Inference on CPU: oneDNN-pack every Linear's weight (see layers.Linear.pack_for_cpu).
+    def pack_for_cpu(self, packed: bool | None = None) -> int:
+        """Inference on CPU: fuse each layer's q/k/v into one projection, and oneDNN-pack every Linear's
+        weight if `packed` - by default only where the native few-token kernel is unavailable for the
+        weight's dtype (MARSERVE_NATIVE_DENSE=0, no compiler): it reads plain weights, and a weight is kept
+        in one layout only (see layers.Linear.pack_for_cpu and cpu_linear's docstring for the numbers).
 
         A weight shared with another module (a tied lm_head) stays plain: packing would copy it.
         Returns how many were packed."""
         for m in self.modules():
             if isinstance(m, Attention):
-                m.fuse_qkv_for_cpu()
+                m.fuse_qkv_for_cpu(packed)
         users: dict[int, int] = {}
         for m in self.modules():
             for p in m.parameters(recurse=False):
                 users[id(p)] = users.get(id(p), 0) + 1
-        return sum(m.pack_for_cpu() for m in self.modules()
+        return sum(m.pack_for_cpu(packed) for m in self.modules()
                    if isinstance(m, Linear) and users[id(m.weight)] == 1)
 
     def moe_blocks(self) -> list[SparseMoeBlock]:

@@ -11,9 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from marserve import hugepages
 from marserve.attention import AttentionMetadata, attend
 from marserve_kernels import cpu_norm_native
-from marserve_kernels.cpu_linear import can_pack, linear, pack
+from marserve_kernels.cpu_linear import can_pack, linear, native_available, pack
 from marserve.config import ModelConfig
 from marserve.errors import ConfigError
 
@@ -24,11 +25,15 @@ class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias)
 
-    def pack_for_cpu(self) -> bool:
-        """Inference only: swap the weight for its oneDNN-packed form (same memory, faster products).
+    def pack_for_cpu(self, packed: bool | None = None) -> bool:
+        """Inference only: swap the weight for its oneDNN-packed form (same memory, faster products) -
+        by default only where the native few-token kernel is unavailable for its dtype: that kernel reads
+        plain weights and beats packed oneDNN at decode sizes (cpu_linear's docstring has the numbers).
 
         Afterwards the weight is opaque: no state_dict, no autograd. Returns whether it was packed."""
-        if self.weight.is_mkldnn or not can_pack(self.weight):
+        if packed is None:
+            packed = not native_available(self.weight.dtype)
+        if not packed or self.weight.is_mkldnn or not can_pack(self.weight):
             return False
         self.weight = nn.Parameter(pack(self.weight), requires_grad=False)
         return True
@@ -161,16 +166,24 @@ class Attention(nn.Module):
         self.clip_qkv = c.clip_qkv
         self.scale = self.head_dim ** -0.5
 
-    def fuse_qkv_for_cpu(self) -> bool:
-        """Inference only: one packed [(Hq + 2 Hkv) * D, H] projection instead of three (one weight
-        stream and one call per layer instead of three; the three plain weights are released)."""
-        if hasattr(self, "qkv_proj") or not can_pack(self.q_proj.weight):
+    def fuse_qkv_for_cpu(self, packed: bool | None = None) -> bool:
+        """Inference only: one [(Hq + 2 Hkv) * D, H] projection instead of three (one weight stream and
+        one call per layer instead of three; the three weights are released). oneDNN-packed when `packed`,
+        by default only where the native few-token kernel is unavailable (see Linear.pack_for_cpu); plain,
+        on huge pages when large enough, otherwise."""
+        w = self.q_proj.weight
+        if packed is None:
+            packed = not native_available(w.dtype)
+        if hasattr(self, "qkv_proj") or w.device.type != "cpu" or w.is_mkldnn or w.dim() != 2 or (
+                packed and not can_pack(w)):
             return False
         projections = (self.q_proj, self.k_proj, self.v_proj)
-        weight = torch.cat([p.weight for p in projections])
+        rows = sum(p.weight.shape[0] for p in projections)
+        weight = torch.cat([p.weight.detach() for p in projections],
+                           out=hugepages.empty((rows, w.shape[1]), w.dtype))
         bias = None if self.q_proj.bias is None else torch.cat([p.bias for p in projections])
         fused = Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
-        fused.weight = nn.Parameter(pack(weight), requires_grad=False)
+        fused.weight = nn.Parameter(pack(weight) if packed else weight, requires_grad=False)
         if bias is not None:
             fused.bias = nn.Parameter(bias, requires_grad=False)
         self.qkv_proj = fused

@@ -53,7 +53,9 @@ def test_packed_weight_gives_the_same_products(dtype, tol, tokens):
     assert linear(x[:0], packed).shape == (0, 48)
 
 
-def test_model_pack_for_cpu_keeps_logits_and_leaves_tied_weights(baby_checkpoint):
+@pytest.mark.parametrize("packed", [True, False])
+def test_model_pack_for_cpu_keeps_logits_and_leaves_tied_weights(baby_checkpoint, packed):
+    # packed=False: what the engine does when the native dense kernel is available (plain weights, q/k/v fused)
     from marserve.attention import AttentionMetadata
     from marserve.loader import load_model
     cases = (("qwen2_moe", {}), ("qwen3_moe", {}), ("olmoe", {"config_overrides": {"clip_qkv": 0.5}}),
@@ -63,11 +65,28 @@ def test_model_pack_for_cpu_keeps_logits_and_leaves_tied_weights(baby_checkpoint
         ids = torch.arange(3, 3 + 9)
         with torch.inference_mode():
             want = model.compute_logits(model(ids, torch.arange(9), AttentionMetadata.dense([9])))
-            packed = model.pack_for_cpu()
+            count = model.pack_for_cpu(packed)
             got = model.compute_logits(model(ids, torch.arange(9), AttentionMetadata.dense([9])))
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
         linears = [m for m in model.modules() if isinstance(m, Linear)]
-        assert packed > 0 and all(m.weight.is_mkldnn for m in linears if m is not model.lm_head)
-        assert model.lm_head.weight.is_mkldnn != cfg.tie_word_embeddings
+        if packed:
+            assert count > 0 and all(m.weight.is_mkldnn for m in linears if m is not model.lm_head)
+            assert model.lm_head.weight.is_mkldnn != cfg.tie_word_embeddings
+        else:
+            assert count == 0 and not any(m.weight.is_mkldnn for m in linears)
+            assert all(m.weight.is_contiguous() for m in linears)
         attn = model.model.layers[0].self_attn
         assert hasattr(attn, "qkv_proj") and not hasattr(attn, "q_proj")  # fused, the three released
+        if cfg.tie_word_embeddings:
+            assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+def test_model_pack_for_cpu_default_follows_the_native_kernel(baby_checkpoint):
+    from marserve.loader import load_model
+    from marserve_kernels import cpu_dense_native
+    model, _ = load_model(baby_checkpoint("mixtral"), dtype="float32")
+    native = cpu_linear.native_available(torch.float32)
+    assert native == cpu_dense_native.available(torch.float32)
+    with torch.inference_mode():
+        count = model.pack_for_cpu()
+    assert (count == 0) == native and hasattr(model.model.layers[0].self_attn, "qkv_proj")

@@ -1,0 +1,260 @@
+/* Few-token dense linear on CPU: y[T, N] = x[T, K] @ W[N, K]^T (+ bias[N]) for a plain row-major W.
+ *
+ * Decode reads every weight once per step, so a linear layer with a handful of tokens is a stream over
+ * W: each weight row comes from memory once and is dotted with all T tokens while it sits in L1 or L2.
+ * Two forms: below OUTER_MIN_T tokens the dot form (4 rows x up to 4 tokens per pass, token groups
+ * reusing a block of rows from L2), from there the outer-product form on a transposed block of W (fewer
+ * loads per FMA, no sums across lanes, once the transpose is paid for by enough tokens). oneDNN's GEMMs
+ * reach 50-75% of the memory bandwidth at decode shapes, even on its packed layout (docs/benchmarks.md,
+ * "CPU linear layers").
+ * Weights are fp32, or bf16 when built with -DWEIGHT_BF16 (widened to fp32 in registers: half the bytes
+ * streamed); activations, accumulation and outputs are fp32 in both builds.
+ * Built at first use by cpu_dense_native.py (native_build) with -O3 -march=<this machine>.
+ */
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#include <immintrin.h>
+#include <stdint.h>
+#include <string.h>
+
+typedef float vec __attribute__((vector_size(64)));               /* 16 fp32 lanes */
+typedef float vec_u __attribute__((vector_size(64), aligned(4))); /* unaligned access */
+#define LANES 16
+
+#ifdef WEIGHT_BF16
+typedef uint16_t wtype;
+typedef uint16_t wvec_u __attribute__((vector_size(32), aligned(2))); /* 16 bf16 */
+typedef uint32_t u32vec __attribute__((vector_size(64)));
+static inline vec load_w(const wtype *p) {
+    u32vec u = __builtin_convertvector(*(const wvec_u *)p, u32vec) << 16; /* bf16 = the top half of fp32 */
+    return (vec)u;
+}
+static inline float scalar_w(wtype v) {
+    uint32_t u = (uint32_t)v << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+#else
+typedef float wtype;
+static inline vec load_w(const wtype *p) { return *(const vec_u *)p; }
+static inline float scalar_w(wtype v) { return v; }
+#endif
+
+#define K_CHUNK 1024    /* floats of each x row per pass when a group's whole rows would not fit L1 */
+#define L1_FLOATS 8192  /* 32 KiB of the 48 KiB L1: a group's x rows up to this size stay whole */
+
+/* Keeps a loaded vector in a register: otherwise gcc re-loads it for every FMA that uses it. */
+#define PIN(v) __asm__("" : "+v"(v))
+
+/* ---- Many tokens: the outer-product form on a transposed block --------------------------------------
+ * With many tokens the dot form below is compute-bound, and its sums across lanes and x loads cost a
+ * large share. Here a block of BN rows x KC columns of W is transposed (and widened to fp32) into
+ * an L1 scratch wt[KC][BN] once per call, and each group of up to TB tokens accumulates
+ * y[t, n:n+BN] += x[t, k] * wt[k, :] over the chunk: 2 vector loads and TB broadcasts feed 2*TB FMAs,
+ * and the outputs come out as whole vectors, no sums across lanes. */
+#define BN 32        /* rows per block: two vectors of outputs */
+#define KC 256       /* columns per chunk: wt is KC x BN fp32 = 32 KiB */
+#define TB 12        /* tokens per pass: 2*12 accumulators + 2 weight vectors + a broadcast < 32 registers */
+#define T_SUPER 64   /* tokens whose outputs one block keeps in its buffer; more are done in turns */
+
+/* Swaps bit D of the row index with bit D of the lane index for rows i and i + D (a 16x16 transpose is
+ * the four swaps D = 8, 4, 2, 1). */
+#define SWAP8(a, b) do { vec lo = __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23); \
+    b = __builtin_shufflevector(a, b, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31); a = lo; } while (0)
+#define SWAP4(a, b) do { vec lo = __builtin_shufflevector(a, b, 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27); \
+    b = __builtin_shufflevector(a, b, 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31); a = lo; } while (0)
+#define SWAP2(a, b) do { vec lo = __builtin_shufflevector(a, b, 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29); \
+    b = __builtin_shufflevector(a, b, 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31); a = lo; } while (0)
+#define SWAP1(a, b) do { vec lo = __builtin_shufflevector(a, b, 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30); \
+    b = __builtin_shufflevector(a, b, 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31); a = lo; } while (0)
+
+/* wt[k][col0 + i] = w[i][k] for i < 16, k < 16 (w rows ldw apart); `pf` rows are prefetched alongside. */
+static inline void transpose16(const wtype *w, int64_t ldw, const wtype *pf, float *wt, int col0) {
+    vec r[16];
+    for (int i = 0; i < 16; i++) {
+        r[i] = load_w(w + i * ldw);
+        __builtin_prefetch(pf + i * ldw);
+    }
+    for (int i = 0; i < 8; i++) SWAP8(r[i], r[i + 8]);
+    for (int i = 0; i < 16; i += 8)
+        for (int j = 0; j < 4; j++) SWAP4(r[i + j], r[i + j + 4]);
+    for (int i = 0; i < 16; i += 4)
+        for (int j = 0; j < 2; j++) SWAP2(r[i + j], r[i + j + 2]);
+    for (int i = 0; i < 16; i += 2) SWAP1(r[i], r[i + 1]);
+    for (int k = 0; k < 16; k++) *(vec *)(wt + k * BN + col0) = r[k];
+}
+
+/* acc[t][0:BN] += sum over k < kc of x[t][k] * wt[k][0:BN] for t < NT (x rows ldx apart). */
+#define DEFINE_OUTER(NT)                                                                               \
+    static void outer_##NT(const float *x, int64_t ldx, const float *wt, int64_t kc, float *acc) {    \
+        vec a0[NT], a1[NT];                                                                            \
+        for (int t = 0; t < NT; t++) {                                                                 \
+            a0[t] = *(const vec *)(acc + t * BN);                                                      \
+            a1[t] = *(const vec *)(acc + t * BN + LANES);                                              \
+        }                                                                                              \
+        for (int64_t k = 0; k < kc; k++) {                                                             \
+            vec w0 = *(const vec *)(wt + k * BN), w1 = *(const vec *)(wt + k * BN + LANES);           \
+            PIN(w0); PIN(w1);                                                                          \
+            for (int t = 0; t < NT; t++) {                                                             \
+                vec xb = (vec)_mm512_set1_ps(x[t * ldx + k]); /* a broadcast load, no shuffle */     \
+                a0[t] += xb * w0;                                                                      \
+                a1[t] += xb * w1;                                                                      \
+            }                                                                                          \
+        }                                                                                              \
+        for (int t = 0; t < NT; t++) {                                                                 \
+            *(vec *)(acc + t * BN) = a0[t];                                                            \
+            *(vec *)(acc + t * BN + LANES) = a1[t];                                                    \
+        }                                                                                              \
+    }
+DEFINE_OUTER(1) DEFINE_OUTER(2) DEFINE_OUTER(3) DEFINE_OUTER(4) DEFINE_OUTER(5) DEFINE_OUTER(6)
+DEFINE_OUTER(7) DEFINE_OUTER(8) DEFINE_OUTER(9) DEFINE_OUTER(10) DEFINE_OUTER(11) DEFINE_OUTER(12)
+typedef void (*outer_fn)(const float *, int64_t, const float *, int64_t, float *);
+static const outer_fn OUTER[TB + 1] = {0, outer_1, outer_2, outer_3, outer_4, outer_5, outer_6,
+                                       outer_7, outer_8, outer_9, outer_10, outer_11, outer_12};
+
+/* Rows [n0, n1) of y by the outer-product form (same contract as dense_rows4). */
+static void dense_rows_outer(const float *x, int64_t ldx, const wtype *w, const float *bias, float *y, int64_t T,
+                             int64_t K, int64_t N, int64_t n0, int64_t n1) {
+    float wt[KC * BN] __attribute__((aligned(64)));
+    float acc[T_SUPER * BN] __attribute__((aligned(64)));
+    for (int64_t blk = n0; blk < n1; blk += BN) {
+        int64_t nr = n1 - blk < BN ? n1 - blk : BN; /* rows in this block; the rest of wt stays 0 */
+        for (int64_t ts = 0; ts < T; ts += T_SUPER) {
+            int64_t tn = T - ts < T_SUPER ? T - ts : T_SUPER;
+            for (int64_t t = 0; t < tn; t++)
+                for (int j = 0; j < BN; j++) acc[t * BN + j] = bias && j < nr ? bias[blk + j] : 0.f;
+            for (int64_t c = 0; c < K; c += KC) {
+                int64_t kc = K - c < KC ? K - c : KC;
+                /* Where the next chunk's data is: the same rows further on, or the next block. */
+                const wtype *next = c + KC < K ? w + blk * K + c + KC : w + (blk + BN < n1 ? blk + BN : blk) * K;
+                int64_t k = 0;
+                if (nr == BN)
+                    for (; k + 16 <= kc; k += 16) {
+                        transpose16(w + blk * K + c + k, K, next + k, wt + k * BN, 0);
+                        transpose16(w + (blk + 16) * K + c + k, K, next + 16 * K + k, wt + k * BN, 16);
+                    }
+                for (int64_t kk = k; kk < kc; kk++) /* a short block or K's tail: one by one */
+                    for (int j = 0; j < BN; j++) wt[kk * BN + j] = j < nr ? scalar_w(w[(blk + j) * K + c + kk]) : 0.f;
+                int64_t groups = (tn + TB - 1) / TB;
+                for (int64_t g = 0; g < groups; g++) {
+                    int64_t t0 = tn * g / groups, nt = tn * (g + 1) / groups - t0;
+                    OUTER[nt](x + (ts + t0) * ldx + c, ldx, wt, kc, acc + t0 * BN);
+                }
+            }
+            for (int64_t t = 0; t < tn; t++) memcpy(y + (ts + t) * N + blk, acc + t * BN, nr * sizeof(float));
+        }
+    }
+}
+
+/* ---- The dot form on 4 rows x 4 tokens, with the sums across lanes done 16 at a time ------------------
+ * 4 weight vectors and 4 x vectors feed 16 FMAs (the 2 x 8 form needs 10 loads for as many), and the 16
+ * accumulators are summed across lanes together: at each of 4 levels a pair of vectors is interleaved
+ * (the transpose swaps above) and added, ending in one vector holding the 16 sums; 45 vector ops for 16
+ * outputs where one horizontal sum each costs ~7. For 1-4 tokens this is a plain stream over W. PF: prefetch the rows `ahead` further (the pass that
+ * streams the rows from memory; later token groups find them in cache). */
+#define DEFINE_DOT4(NT, PF)                                                                            \
+    static void dot4_##NT##_##PF(const wtype *w, int64_t ldw, const float *x, int64_t ldx, int64_t n,     \
+                                 int64_t ahead, float *res) {                                          \
+        vec acc[16];                                                                                   \
+        for (int i = 0; i < 16; i++) acc[i] = (vec){0};                                                \
+        int64_t h = 0;                                                                                 \
+        for (; h + LANES <= n; h += LANES) {                                                           \
+            vec wv[4];                                                                                 \
+            for (int r = 0; r < 4; r++) {                                                              \
+                wv[r] = load_w(w + r * ldw + h);                                                       \
+                if (PF) __builtin_prefetch(w + r * ldw + h + ahead);                                   \
+                PIN(wv[r]);                                                                            \
+            }                                                                                          \
+            for (int t = 0; t < NT; t++) {                                                             \
+                vec xv = *(const vec_u *)(x + t * ldx + h);                                            \
+                PIN(xv);                                                                               \
+                for (int r = 0; r < 4; r++) acc[r * 4 + t] += wv[r] * xv;                              \
+            }                                                                                          \
+        }                                                                                              \
+        for (int i = 0; i < 8; i++) { SWAP8(acc[i], acc[i + 8]); acc[i] += acc[i + 8]; }               \
+        for (int i = 0; i < 4; i++) { SWAP4(acc[i], acc[i + 4]); acc[i] += acc[i + 4]; }               \
+        for (int i = 0; i < 2; i++) { SWAP2(acc[i], acc[i + 2]); acc[i] += acc[i + 2]; }               \
+        SWAP1(acc[0], acc[1]);                                                                         \
+        *(vec_u *)res = acc[0] + acc[1]; /* res[r * 4 + t] */                                          \
+        for (; h < n; h++) /* n % 16 leftovers */                                                      \
+            for (int r = 0; r < 4; r++)                                                                \
+                for (int t = 0; t < NT; t++) res[r * 4 + t] += scalar_w(w[r * ldw + h]) * x[t * ldx + h]; \
+    }
+DEFINE_DOT4(1, 0) DEFINE_DOT4(2, 0) DEFINE_DOT4(3, 0) DEFINE_DOT4(4, 0)
+DEFINE_DOT4(1, 1) DEFINE_DOT4(2, 1) DEFINE_DOT4(3, 1) DEFINE_DOT4(4, 1)
+typedef void (*dot4_fn)(const wtype *, int64_t, const float *, int64_t, int64_t, int64_t, float *);
+static const dot4_fn DOT4[2][5] = {{0, dot4_1_0, dot4_2_0, dot4_3_0, dot4_4_0}, {0, dot4_1_1, dot4_2_1, dot4_3_1, dot4_4_1}};
+
+#define ROWS4_BLOCK 16 /* weight rows reused from L2 by every group of 4 tokens */
+/* Rows [n0, n1) of y: y[t, n] = x[t] . w[n] (+ bias[n]), x [T, K] with rows ldx floats apart, y [T, N].
+ * Tokens in balanced groups of up to 4; a block of 16 rows comes from memory once (the first group's
+ * pass) and is reused from L2 by the other groups, each group's x rows staying in L1 (chunked along K
+ * when they would not fit). A last block of fewer than 4 rows repeats
+ * its last row (computed twice, stored once). */
+static void dense_rows4(const float *x, int64_t ldx, const wtype *w, const float *bias, float *y, int64_t T,
+                        int64_t K, int64_t N, int64_t n0, int64_t n1) {
+    float res[16] __attribute__((aligned(64)));
+    int64_t groups = (T + 3) / 4;
+    for (int64_t blk = n0; blk < n1; blk += ROWS4_BLOCK) {
+        int64_t blk_end = blk + ROWS4_BLOCK < n1 ? blk + ROWS4_BLOCK : n1;
+        for (int64_t g = 0; g < groups; g++) {
+            int64_t t0 = T * g / groups, nb = T * (g + 1) / groups - t0; /* balanced: 6 = 3 + 3 */
+            int64_t chunk = nb * K <= L1_FLOATS ? K : K_CHUNK;
+            for (int64_t c = 0; c < K; c += chunk) {
+                int64_t len = K - c < chunk ? K - c : chunk;
+                for (int64_t n = blk; n < blk_end; n += 4) {
+                    int64_t nr = blk_end - n < 4 ? blk_end - n : 4;
+                    const wtype *wr = w + n * K + c;
+                    if (nr == 4) {
+                        /* One token: the hardware prefetchers alone stream faster (measured). */
+                        DOT4[g == 0 && T > 1][nb](wr, K, x + t0 * ldx + c, ldx, len, 4 * K, res);
+                    } else { /* the block's last rows: copies of the last one fill the 4 */
+                        const wtype *rows[4];
+                        for (int r = 0; r < 4; r++) rows[r] = w + (n + (r < nr ? r : nr - 1)) * K + c;
+                        for (int r = 0; r < 4; r++)
+                            for (int t = 0; t < nb; t++) {
+                                float sum = 0.f;
+                                for (int64_t h = 0; h < len; h++) sum += scalar_w(rows[r][h]) * x[(t0 + t) * ldx + c + h];
+                                res[r * 4 + t] = sum;
+                            }
+                    }
+                    for (int64_t t = 0; t < nb; t++) {
+                        float *o = y + (t0 + t) * N + n;
+                        for (int64_t r = 0; r < nr; r++)
+                            o[r] = (c == 0 ? (bias ? bias[n + r] : 0.f) : o[r]) + res[r * 4 + t];
+                    }
+                }
+            }
+        }
+    }
+}
+
+#ifndef OUTER_MIN_T
+#define OUTER_MIN_T 48 /* tokens from which the outer-product form is faster (measured) */
+#endif
+
+/* y[T, N] = x[T, K] @ w[N, K]^T (+ bias[N], NULL for none) on `threads` OpenMP threads, each taking a
+ * contiguous slice of the N rows (torch's own OpenMP runtime when loaded with torch, so its already
+ * spinning workers are reused). x rows are ldx floats apart (>= K); y is contiguous. */
+void dense_small(const float *x, int64_t ldx, const wtype *w, const float *bias, float *y, int64_t T, int64_t K,
+                 int64_t N, int64_t threads) {
+    void (*rows)(const float *, int64_t, const wtype *, const float *, float *, int64_t, int64_t, int64_t, int64_t,
+                 int64_t) = T >= OUTER_MIN_T ? dense_rows_outer : dense_rows4;
+    if (threads <= 1 || N < 4) {
+        rows(x, ldx, w, bias, y, T, K, N, 0, N);
+        return;
+    }
+#pragma omp parallel num_threads(threads)
+    {
+        int64_t t = 0, nt = 1;
+#ifdef _OPENMP
+        t = omp_get_thread_num();
+        nt = omp_get_num_threads();
+#endif
+        /* Boundaries on multiples of 32 rows (the outer form's blocks; the dot form's pairs). */
+        int64_t n0 = N * t / nt / BN * BN, n1 = t == nt - 1 ? N : N * (t + 1) / nt / BN * BN;
+        rows(x, ldx, w, bias, y, T, K, N, n0, n1);
+    }
+}
