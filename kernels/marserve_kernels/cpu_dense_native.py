@@ -72,7 +72,11 @@ def small_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         x2 = x2.contiguous()
         ldx = K
     out = torch.empty((T, N))
-    if T > 0:
+    if K == 0:  # nothing to sum: the kernel would leave out unwritten
+        out.zero_()
+        if bias is not None:
+            out += bias.float()
+    elif T > 0:
         if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
             bias = bias.float().contiguous()
         if threads is None:
