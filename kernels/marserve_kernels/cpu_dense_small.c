@@ -149,11 +149,12 @@ static void dense_rows_outer(const float *x, int64_t ldx, const wtype *w, const 
 }
 
 /* ---- The dot form on 4 rows x 4 tokens, with the sums across lanes done 16 at a time ------------------
- * 4 weight vectors and 4 x vectors feed 16 FMAs (the 2 x 8 form needs 10 loads for as many), and the 16
- * accumulators are summed across lanes together: at each of 4 levels a pair of vectors is interleaved
- * (the transpose swaps above) and added, ending in one vector holding the 16 sums; 45 vector ops for 16
- * outputs where one horizontal sum each costs ~7. For 1-4 tokens this is a plain stream over W. PF: prefetch the rows `ahead` further (the pass that
- * streams the rows from memory; later token groups find them in cache). */
+ * 4 weight vectors and 4 x vectors feed 16 FMAs (2 rows x 8 tokens would need 10 loads for as many), and
+ * the 16 accumulators are summed across lanes together: at each of 4 levels a pair of vectors is
+ * interleaved (the transpose swaps above) and added, ending in one vector holding the 16 sums; 45 vector
+ * ops for 16 outputs where one horizontal sum each costs ~7. For 1-4 tokens this is a plain stream over W.
+ * PF: prefetch the rows `ahead` further (the pass that streams the rows from memory; later token groups
+ * find them in cache). */
 #define DEFINE_DOT4(NT, PF)                                                                            \
     static void dot4_##NT##_##PF(const wtype *w, int64_t ldw, const float *x, int64_t ldx, int64_t n,     \
                                  int64_t ahead, float *res) {                                          \

@@ -13,7 +13,7 @@ NATIVE_MAX_TOKENS = 64, from interleaved runs over 144 weights shaped like 24 la
                              T=96 379 / 405 / 441, T=128 387 / 409 / 439;
   weights from memory (288 MiB): T=16 211 / 131 / 212, T=32 267 / 198 / 289, T=64 316 / 306 / 366.
 Up to 64 tokens the native kernel beats oneDNN on the plain weights the engine now keeps; from ~96 oneDNN
-is faster. Packed oneDNN stays ahead by 5-15% at 32-64 tokens and ~5% at 256 (prefill), but needs the
+is faster. Packed oneDNN stays ahead by 5-15% at 32-64 tokens and 5-11% at 256-2048 (prefill), but needs the
 weight in its own layout: the engine keeps one copy, plain, when the native kernel is available
 (models.base.MoeForCausalLM.pack_for_cpu), because decode (1-16 tokens) gains more (docs/benchmarks.md).
 F.linear stays the path for autograd, other devices and builds without oneDNN.

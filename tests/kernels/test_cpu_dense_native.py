@@ -41,6 +41,8 @@ def test_small_linear_input_layouts_and_dtypes(dtype):
     _check(torch.randn(2, 3, 40, generator=g), w, None, 1, dtype)  # leading dims kept
     _check(torch.randn(4, 40, generator=g).to(dtype), w, b, 2, dtype)  # bf16 activations: bf16 out
     assert cpu_dense_native.small_linear(torch.randn(0, 40), w.float()).shape == (0, 21)
+    _check(torch.randn(3, 0), torch.randn(21, 0).to(dtype), b, 2, dtype)  # K = 0: the bias alone
+    _check(torch.randn(40, generator=g), w, b, 1, dtype)  # one token as a vector
 
 
 def test_linear_takes_the_native_kernel_up_to_the_threshold(monkeypatch):
