@@ -59,5 +59,17 @@ def measure(repeats: int = 5, buffer_mb: int = 512, matmul_n: int = 2048) -> Mac
                          mkl_gflops=mkl, onednn_gflops=onednn)
 
 
+class BandwidthProbe:
+    """A quick read-bandwidth reading (best of a few reads of a buffer far larger than the caches), to
+    take beside each timed run: on a shared host the bandwidth moves by 2x within minutes, so a share
+    of the limit is only meaningful against the limit of the same moment."""
+
+    def __init__(self, buffer_mb: int = 256):
+        self._buf = torch.ones(buffer_mb * 2**20 // 4)
+
+    def read_gbs(self, repeats: int = 3) -> float:
+        return self._buf.numel() * 4 / _best(lambda: self._buf.sum(), repeats) / 1e9
+
+
 if __name__ == "__main__":
     print(measure().describe())
