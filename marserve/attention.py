@@ -117,7 +117,7 @@ def _native_decode(q, k, v, rotary, meta: AttentionMetadata, layer_idx: int, sca
     plan = meta.__dict__.get("_native_plan")
     if plan is None or plan.rotary is not rotary[0]:  # the same for every layer of the pass
         plan = meta.__dict__["_native_plan"] = DecodePlan(
-            rotary[0], rotary[1], meta.block_tables, torch.tensor(meta.context_lens, dtype=torch.int64) + 1,
+            rotary[0], rotary[1], meta.block_tables, [n + 1 for n in meta.context_lens],
             meta.slot_mapping, q.shape[1], k_cache.shape[2], q.shape[2], k_cache.shape[1], scale, k_cache.dtype)
     return plan.run(q, k, v, k_cache, v_cache)
 

@@ -74,18 +74,24 @@ class DecodePlan:
     """What every layer of one decode pass shares (block tables, lengths, slots, rotary tables, thread
     count), converted once; `run` then calls the kernel for one layer's q/k/v and cache."""
 
-    def __init__(self, cos: torch.Tensor, sin: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
-                 slot_mapping: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int, block_size: int,
-                 scale: float, cache_dtype: torch.dtype, threads: int | None = None):
+    def __init__(self, cos: torch.Tensor, sin: torch.Tensor, block_tables: torch.Tensor,
+                 seq_lens: torch.Tensor | list[int], slot_mapping: torch.Tensor, num_heads: int, num_kv_heads: int,
+                 head_dim: int, block_size: int, scale: float, cache_dtype: torch.dtype, threads: int | None = None):
         self.rotary = cos  # the caller's tensor: a pass hands every layer the same one
-        self.cos, self.sin = cos.float().contiguous(), sin.float().contiguous()
+        f32 = torch.float32
+        self.cos = cos if cos.dtype is f32 and cos.is_contiguous() else cos.float().contiguous()
+        self.sin = sin if sin.dtype is f32 and sin.is_contiguous() else sin.float().contiguous()
         self.tables = block_tables if block_tables.dtype == torch.int64 and block_tables.stride(-1) == 1 \
             else block_tables.to(torch.int64).contiguous()
-        self.lens = seq_lens.to(torch.int64).contiguous()
-        self.slots = slot_mapping.to(torch.int64).contiguous()
+        total = sum(seq_lens) if isinstance(seq_lens, list) else None  # a host list spares a tensor read
+        self.lens = torch.tensor(seq_lens, dtype=torch.int64) if total is not None \
+            else seq_lens.to(torch.int64).contiguous()
+        self.slots = slot_mapping if slot_mapping.dtype is torch.int64 and slot_mapping.is_contiguous() \
+            else slot_mapping.to(torch.int64).contiguous()
         B = self.lens.shape[0]
         if threads is None:
-            kv_bytes = 2 * int(self.lens.sum()) * num_kv_heads * head_dim * torch.empty((), dtype=cache_dtype).element_size()
+            total = int(self.lens.sum()) if total is None else total
+            kv_bytes = 2 * total * num_kv_heads * head_dim * (2 if cache_dtype == torch.bfloat16 else 4)
             threads = max(1, min(torch.get_num_threads(), B * num_kv_heads, kv_bytes // SPLIT_BYTES))
         self.shape = (B, num_heads, head_dim)
         self.lib = _libs[cache_dtype]
