@@ -23,25 +23,18 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "cpu_simd.h"
+
 #ifdef CACHE_BF16
 typedef uint16_t ctype;
-static inline float load_c(const ctype *p) {
-    uint32_t u = (uint32_t)*p << 16;
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
-static inline ctype store_c(float f) {
-    uint32_t u;
-    memcpy(&u, &f, sizeof u);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (ctype)((u >> 16) | 0x40); /* NaN stays NaN */
-    u += 0x7fffu + ((u >> 16) & 1u);                                      /* round to nearest even */
-    return (ctype)(u >> 16);
-}
+static inline float load_c(const ctype *p) { return bf16_to_float(*p); }
+static inline ctype store_c(float f) { return float_to_bf16(f); }
+static inline vec load_cv(const ctype *p) { return load_bf16(p); }
 #else
 typedef float ctype;
 static inline float load_c(const ctype *p) { return *p; }
 static inline ctype store_c(float f) { return f; }
+static inline vec load_cv(const ctype *p) { return *(const vec_u *)p; }
 #endif
 
 #define MAX_GROUP 16 /* query heads per KV head handled together (GQA ratio) */
@@ -56,19 +49,7 @@ static inline void rope(const float *restrict x, const float *restrict cos_row, 
     }
 }
 
-typedef float vec __attribute__((vector_size(64)));               /* 16 fp32 lanes */
-typedef float vec_u __attribute__((vector_size(64), aligned(4))); /* unaligned access */
-#define LANES 16
 #define MAX_DV 16 /* head dims up to 256 in registers-sized chunks */
-
-static inline float hsum(vec v) {
-    typedef float half __attribute__((vector_size(32)));
-    typedef float quarter __attribute__((vector_size(16)));
-    half a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
-             __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-    quarter b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
-    return (b[0] + b[2]) + (b[1] + b[3]);
-}
 
 /* Per-thread scratch that grows as needed and is kept between calls (no malloc per layer). */
 static float *scratch(size_t floats) {
@@ -83,37 +64,6 @@ static float *scratch(size_t floats) {
     return buf;
 }
 
-#ifdef CACHE_BF16
-typedef uint16_t cvec_u __attribute__((vector_size(32), aligned(2)));
-typedef uint32_t u32vec __attribute__((vector_size(64)));
-static inline vec load_cv(const ctype *p) { return (vec)(__builtin_convertvector(*(const cvec_u *)p, u32vec) << 16); }
-#else
-static inline vec load_cv(const ctype *p) { return *(const vec_u *)p; }
-#endif
-
-/* e^x for x <= 0 (scores minus their max), 16 lanes: x = n ln2 + r, |r| <= ln2/2, e^r by a degree-6
- * polynomial (relative error ~2e-7, below fp32 rounding of the sums it feeds), 2^n into the exponent bits.
- * Below -87 the result flushes to 0 (e^-87 ~ 1.6e-38: nothing next to the max's e^0 = 1). */
-static inline vec exp_nonpositive(vec x) {
-    typedef int32_t ivec __attribute__((vector_size(64)));
-    const vec lo = (vec){0} - 87.f;
-    const ivec below = x < lo; /* all ones where x < lo */
-    x = (vec)(((ivec)lo & below) | ((ivec)x & ~below));
-    vec n = x * 1.44269504088896341f;
-    n = __builtin_convertvector(__builtin_convertvector(n - 0.5f, ivec), vec); /* round (x < 0 side) */
-    vec r = x - n * 0.693359375f;
-    r = r - n * -2.12194440e-4f;
-    vec p = (vec){0} + 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.f;
-    ivec bits = (__builtin_convertvector(n, ivec) + 127) << 23;
-    return p * (vec)bits;
-}
-
 /* Softmax of each of the G score rows [L] in place. */
 static void softmax_rows(float *restrict scores, int64_t G, int64_t L) {
     for (int64_t h = 0; h < G; h++) {
@@ -124,7 +74,7 @@ static void softmax_rows(float *restrict scores, int64_t G, int64_t L) {
         int64_t t = 0;
         vec zv = {0};
         for (; t + LANES <= L; t += LANES) {
-            vec e = exp_nonpositive(*(vec_u *)(sh + t) - m);
+            vec e = vexp(*(vec_u *)(sh + t) - m);
             *(vec_u *)(sh + t) = e;
             zv += e;
         }

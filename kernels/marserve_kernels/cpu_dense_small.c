@@ -18,35 +18,11 @@
 #include <stdint.h>
 #include <string.h>
 
-typedef float vec __attribute__((vector_size(64)));               /* 16 fp32 lanes */
-typedef float vec_u __attribute__((vector_size(64), aligned(4))); /* unaligned access */
-#define LANES 16
-
-#ifdef WEIGHT_BF16
-typedef uint16_t wtype;
-typedef uint16_t wvec_u __attribute__((vector_size(32), aligned(2))); /* 16 bf16 */
-typedef uint32_t u32vec __attribute__((vector_size(64)));
-static inline vec load_w(const wtype *p) {
-    u32vec u = __builtin_convertvector(*(const wvec_u *)p, u32vec) << 16; /* bf16 = the top half of fp32 */
-    return (vec)u;
-}
-static inline float scalar_w(wtype v) {
-    uint32_t u = (uint32_t)v << 16;
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
-#else
-typedef float wtype;
-static inline vec load_w(const wtype *p) { return *(const vec_u *)p; }
-static inline float scalar_w(wtype v) { return v; }
-#endif
+#include "cpu_simd.h"
 
 #define K_CHUNK 1024    /* floats of each x row per pass when a group's whole rows would not fit L1 */
 #define L1_FLOATS 8192  /* 32 KiB of the 48 KiB L1: a group's x rows up to this size stay whole */
 
-/* Keeps a loaded vector in a register: otherwise gcc re-loads it for every FMA that uses it. */
-#define PIN(v) __asm__("" : "+v"(v))
 
 /* ---- Many tokens: the outer-product form on a transposed block --------------------------------------
  * With many tokens the dot form below is compute-bound, and its sums across lanes and x loads cost a

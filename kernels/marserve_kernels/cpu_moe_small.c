@@ -19,68 +19,12 @@
 #include <stdlib.h>
 #include <string.h>
 
-typedef float vec __attribute__((vector_size(64)));               /* 16 fp32 lanes */
-typedef float vec_u __attribute__((vector_size(64), aligned(4))); /* unaligned access */
-#define LANES 16
+#include "cpu_simd.h"
 
-#ifdef WEIGHT_BF16
-typedef uint16_t wtype;
-typedef uint16_t wvec_u __attribute__((vector_size(32), aligned(2))); /* 16 bf16 */
-typedef uint32_t u32vec __attribute__((vector_size(64)));
-static inline vec load_w(const wtype *p) {
-    u32vec u = __builtin_convertvector(*(const wvec_u *)p, u32vec) << 16; /* bf16 = the top half of fp32 */
-    return (vec)u;
-}
-static inline float scalar_w(wtype v) {
-    uint32_t u = (uint32_t)v << 16;
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
-#else
-typedef float wtype;
-static inline vec load_w(const wtype *p) { return *(const vec_u *)p; }
-static inline float scalar_w(wtype v) { return v; }
-#endif
 #define MAX_GROUP 8   /* pairs per pass over a weight row: 2*8 accumulators fit the registers */
 #define ROW_BLOCK 16  /* weight rows reused from L2 by every group of pairs; = LANES (one SiLU vector) */
 #define K_CHUNK 1024  /* floats of each act row per pass of the down kernel: a group's chunks fit L1 */
 #define L1_FLOATS 6144 /* 24 KiB: act rows of a group up to this size stay in L1 next to the weight rows */
-
-/* Keeps a loaded vector in a register: otherwise gcc re-loads it for every FMA that uses it, and the
- * loads, not the FMAs, become the bottleneck. */
-#define PIN(v) __asm__("" : "+v"(v))
-
-static inline float hsum(vec v) {
-    typedef float half __attribute__((vector_size(32)));
-    typedef float quarter __attribute__((vector_size(16)));
-    half a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
-             __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-    quarter b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
-    return (b[0] + b[2]) + (b[1] + b[3]);
-}
-
-typedef int32_t ivec __attribute__((vector_size(64)));
-
-/* e^x on 16 lanes (Cephes-style: 2^k * polynomial on the reduced argument, ~1 ulp): scalar expf per value
- * would cost more than the dot products it follows once an expert has several pairs. */
-static inline vec vexp(vec x) {
-    const vec hi = (vec){0} + 88.3762626647949f, lo = (vec){0} - 87.3365478515625f;
-    ivec over = x > hi, under = x < lo;
-    x = (vec)(((ivec)x & ~over) | ((ivec)hi & over));
-    x = (vec)(((ivec)x & ~under) | ((ivec)lo & under));
-    const vec magic = (vec){0} + 12582912.f; /* 1.5 * 2^23: adding it rounds to an integer */
-    vec k = (x * 1.44269504088896341f + magic) - magic;
-    vec r = x - k * 0.693359375f + k * 2.12194440e-4f;
-    vec p = 1.9875691500e-4f * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.f;
-    ivec bits = (__builtin_convertvector(k, ivec) + 127) << 23;
-    return p * (vec)bits;
-}
 
 /* res_a[p] = w_a . xs[p] and res_b[p] = w_b . xs[p] for p < NB: two weight rows share every load of x.
  * S partial sums per (row, pair) keep >= 8 independent FMA chains in flight when NB is small

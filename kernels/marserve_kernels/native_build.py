@@ -2,7 +2,7 @@
 
 Each source is built with the system C compiler (`cc -O3 -march=native -fopenmp`), once per variant
 (e.g. per weight dtype), into a per-machine cache (MARSERVE_KERNEL_CACHE, default ~/.cache/marserve/kernels)
-keyed by the source, the flags and this CPU's feature flags, so a shared cache never hands one CPU
+keyed by the source, the headers beside it (cpu_simd.h), the flags and this CPU's feature flags, so a shared cache never hands one CPU
 another's build. Without a compiler, off Linux, or with MARSERVE_NATIVE=0 (or the kernel's own switch)
 `load` returns None and callers use torch. The libraries link libgomp by soname, so they share the
 OpenMP runtime torch already loaded.
@@ -40,7 +40,8 @@ def _compile(source: Path, variant: str, defines: list[str]) -> ctypes.CDLL | No
     if compiler is None or not source.exists():
         return None
     flags = [*FLAGS, *defines]
-    key = hashlib.sha256(source.read_bytes() + " ".join(flags).encode() + _cpu_signature().encode()
+    headers = b"".join(h.read_bytes() for h in sorted(source.parent.glob("*.h")))  # what the sources include
+    key = hashlib.sha256(source.read_bytes() + headers + " ".join(flags).encode() + _cpu_signature().encode()
                          + platform.machine().encode()).hexdigest()[:16]
     cache = Path(os.environ.get("MARSERVE_KERNEL_CACHE", Path.home() / ".cache" / "marserve" / "kernels"))
     stem = f"{source.stem}-{variant}"
