@@ -13,6 +13,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from marserve_kernels import cpu_attention_native
+from marserve_kernels.reference import apply_rope
+
 
 @dataclass
 class AttentionMetadata:
@@ -37,13 +40,6 @@ class AttentionMetadata:
     @property
     def is_paged(self) -> bool:
         return self.kv_caches is not None
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half rotary embedding. x [T, heads, D]; cos/sin [T, D]."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos[:, None, :] + rotated * sin[:, None, :]
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata,
@@ -106,17 +102,15 @@ def _native_decode_possible(q: torch.Tensor, meta: AttentionMetadata, layer_idx:
         return False
     if any(n != 1 for n in meta.query_lens):
         return False
-    from marserve_kernels import cpu_attention_native
     return cpu_attention_native.supports(q, meta.kv_caches[layer_idx][0])
 
 
 def _native_decode(q, k, v, rotary, meta: AttentionMetadata, layer_idx: int, scale: float) -> torch.Tensor:
     """RoPE, cache write and paged attention in one native call (marserve_kernels/cpu_decode_attention.c)."""
-    from marserve_kernels.cpu_attention_native import DecodePlan
     k_cache, v_cache = meta.kv_caches[layer_idx]
     plan = meta.__dict__.get("_native_plan")
     if plan is None or plan.rotary is not rotary[0]:  # the same for every layer of the pass
-        plan = meta.__dict__["_native_plan"] = DecodePlan(
+        plan = meta.__dict__["_native_plan"] = cpu_attention_native.DecodePlan(
             rotary[0], rotary[1], meta.block_tables, [n + 1 for n in meta.context_lens],
             meta.slot_mapping, q.shape[1], k_cache.shape[2], q.shape[2], k_cache.shape[1], scale, k_cache.dtype)
     return plan.run(q, k, v, k_cache, v_cache)

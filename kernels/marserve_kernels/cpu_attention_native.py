@@ -18,11 +18,11 @@ from pathlib import Path
 import torch
 
 from marserve_kernels import native_build
+from marserve_kernels.reference import apply_rope
 
 _SOURCE = Path(__file__).with_name("cpu_decode_attention.c")
 VARIANTS = {torch.float32: [], torch.bfloat16: ["-DCACHE_BF16"]}  # cache dtype -> build flags
 SPLIT_BYTES = 2**18  # K/V bytes a step reads below which one thread does it all (a wake-up costs more)
-_libs: dict[torch.dtype, ctypes.CDLL | None] = {}
 
 
 class _Args(ctypes.Structure):
@@ -35,22 +35,17 @@ class _Args(ctypes.Structure):
                                    ("D", "i"), ("BS", "i"), ("scale", "f"), ("threads", "i"))]
 
 
-def _load(dtype: torch.dtype) -> ctypes.CDLL | None:
-    lib = native_build.load(_SOURCE, str(dtype).replace("torch.", ""), VARIANTS[dtype],
-                            switch="MARSERVE_NATIVE_ATTENTION")
-    if lib is not None:
-        lib.decode_attention_struct.argtypes = [ctypes.POINTER(_Args)]
-        lib.decode_attention_struct.restype = ctypes.c_int
-    return lib
+def _declare(lib: ctypes.CDLL) -> None:
+    lib.decode_attention_struct.argtypes = [ctypes.POINTER(_Args)]
+    lib.decode_attention_struct.restype = ctypes.c_int
+
+
+_KERNEL = native_build.Kernel(_SOURCE, VARIANTS, "MARSERVE_NATIVE_ATTENTION", _declare)
 
 
 def available(cache_dtype: torch.dtype = torch.float32) -> bool:
     """True if the kernel for a cache of `cache_dtype` (fp32 or bf16) is built (building it on first call)."""
-    if cache_dtype not in VARIANTS:
-        return False
-    if cache_dtype not in _libs:
-        _libs[cache_dtype] = _load(cache_dtype)
-    return _libs[cache_dtype] is not None
+    return _KERNEL.lib(cache_dtype) is not None
 
 
 def supports(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
@@ -94,7 +89,7 @@ class DecodePlan:
             kv_bytes = 2 * total * num_kv_heads * head_dim * (2 if cache_dtype == torch.bfloat16 else 4)
             threads = max(1, min(torch.get_num_threads(), B * num_kv_heads, kv_bytes // SPLIT_BYTES))
         self.shape = (B, num_heads, head_dim)
-        self.lib = _libs[cache_dtype]
+        self.lib = _KERNEL.lib(cache_dtype)
         self.args = _Args(cos=self.cos.data_ptr(), sin=self.sin.data_ptr(), block_tables=self.tables.data_ptr(),
                           bt_stride=self.tables.stride(0), seq_lens=self.lens.data_ptr(),
                           slot_mapping=self.slots.data_ptr(), B=B, Hq=num_heads, Hkv=num_kv_heads, D=head_dim,
@@ -132,17 +127,10 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: tor
     return plan.run(q, k, v, k_cache, v_cache)
 
 
-def rotate_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [T, heads, D]; cos/sin [T, D]: the rotary embedding every model here uses (rotate-half)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos[:, None, :] + rotated * sin[:, None, :]
-
-
 def decode_attention_reference(q, k, v, cos, sin, k_cache, v_cache, block_tables, seq_lens, slot_mapping,
                                scale) -> torch.Tensor:
     """The definition in torch: rotate q and k, write k/v into their slots, attend over each sequence's L tokens."""
     from marserve_kernels.paged_attention import paged_attention_decode_reference, write_kv_cache_reference
-    q, k = rotate_half(q.float(), cos.float(), sin.float()), rotate_half(k.float(), cos.float(), sin.float())
+    q, k = apply_rope(q.float(), cos.float(), sin.float()), apply_rope(k.float(), cos.float(), sin.float())
     write_kv_cache_reference(k, v, k_cache, v_cache, slot_mapping)
     return paged_attention_decode_reference(q, k_cache, v_cache, block_tables, seq_lens, scale)

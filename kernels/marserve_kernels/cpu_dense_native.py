@@ -23,32 +23,27 @@ _SOURCE = Path(__file__).with_name("cpu_dense_small.c")
 # 1 vs 2 threads): 32 KiB 5.6 vs 6.1 us, 64 KiB 6.8 vs 7.0, 128 KiB 9.4 vs 8.7, 256 KiB 16.0 vs 14.1,
 # 1 MiB 49.7 vs 35.4: the second thread pays from 128 KiB.
 SPLIT_BYTES = 2**16
-_libs: dict[torch.dtype, ctypes.CDLL | None] = {}  # weight dtype -> its build (None: unavailable)
-_fns: dict[torch.dtype, object] = {}  # weight dtype -> its dense_small entry point
+_fns: dict[torch.dtype, object] = {}  # weight dtype -> its dense_small entry point (a dict lookup per call)
 
 # weight dtype -> extra compiler flags of its build
 VARIANTS = {torch.float32: [], torch.bfloat16: ["-DWEIGHT_BF16"]}
 
 
-def _load(dtype: torch.dtype) -> ctypes.CDLL | None:
-    lib = native_build.load(_SOURCE, str(dtype).replace("torch.", ""), VARIANTS[dtype],
-                            switch="MARSERVE_NATIVE_DENSE")
-    if lib is None:
-        return None
+def _declare(lib: ctypes.CDLL) -> None:
     p, i64 = ctypes.c_void_p, ctypes.c_int64
     lib.dense_small.argtypes = [p, i64, p, p, p, i64, i64, i64, i64]
     lib.dense_small.restype = None
-    _fns[dtype] = lib.dense_small
-    return lib
+
+
+_KERNEL = native_build.Kernel(_SOURCE, VARIANTS, "MARSERVE_NATIVE_DENSE", _declare)
 
 
 def available(dtype: torch.dtype = torch.float32) -> bool:
     """True if the kernel for weights of `dtype` (fp32 or bf16) is built (building it on first call)."""
-    if dtype not in _libs:
-        if dtype not in VARIANTS:
-            return False
-        _libs[dtype] = _load(dtype)
-    return _libs[dtype] is not None
+    lib = _KERNEL.lib(dtype)
+    if lib is not None:
+        _fns[dtype] = lib.dense_small
+    return lib is not None
 
 
 def small_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,

@@ -60,7 +60,7 @@ def native_available(dtype: torch.dtype) -> bool:
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., K], weight [N, K] (plain or packed), bias [N] | None -> [..., N]; same result as F.linear."""
-    if (not weight.is_mkldnn and (_native.get(weight.dtype) or native_available(weight.dtype))
+    if (not weight.is_mkldnn and native_available(weight.dtype)
             and weight.dtype == x.dtype and x.device.type == "cpu" and weight.dim() == 2
             and (x.shape[0] if x.dim() == 2 else x.numel() // max(1, x.shape[-1])) <= NATIVE_MAX_TOKENS
             and x.shape[-1] == weight.shape[1] and weight.is_contiguous()

@@ -21,17 +21,11 @@ from marserve_kernels import native_build
 
 _SOURCE = Path(__file__).with_name("cpu_moe_small.c")
 SPLIT_BYTES = 2**18  # weight bytes per thread below which small_moe stays on fewer threads (measured)
-_libs: dict[torch.dtype, ctypes.CDLL | None] = {}  # weight dtype -> its build (None: unavailable)
-
-
 # weight dtype -> extra compiler flags of its build
 VARIANTS = {torch.float32: [], torch.bfloat16: ["-DWEIGHT_BF16"]}
 
 
-def _load(dtype: torch.dtype) -> ctypes.CDLL | None:
-    lib = native_build.load(_SOURCE, str(dtype).replace("torch.", ""), VARIANTS[dtype], switch="MARSERVE_NATIVE_MOE")
-    if lib is None:
-        return None
+def _declare(lib: ctypes.CDLL) -> None:
     p, i64 = ctypes.c_void_p, ctypes.c_int64
     lib.moe_small.argtypes = [p, p, p, p, p, p, p, p, i64, i64, i64, i64]
     lib.moe_small.restype = None
@@ -39,16 +33,14 @@ def _load(dtype: torch.dtype) -> ctypes.CDLL | None:
     lib.moe_routed.restype = ctypes.c_int
     lib.read_sum.argtypes = [p, i64, i64]
     lib.read_sum.restype = ctypes.c_double
-    return lib
+
+
+_KERNEL = native_build.Kernel(_SOURCE, VARIANTS, "MARSERVE_NATIVE_MOE", _declare)
 
 
 def available(dtype: torch.dtype = torch.float32) -> bool:
     """True if the kernel for weights of `dtype` (fp32 or bf16) is built (building it on first call)."""
-    if dtype not in VARIANTS:
-        return False
-    if dtype not in _libs:
-        _libs[dtype] = _load(dtype)
-    return _libs[dtype] is not None
+    return _KERNEL.lib(dtype) is not None
 
 
 def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -71,7 +63,7 @@ def small_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_we
         # Below ~256 KB of weights per thread, waking another thread costs more than it saves.
         touched_bytes = min(T * K, E) * 3 * H * inter * w13.element_size()
         threads = max(1, min(torch.get_num_threads(), touched_bytes // SPLIT_BYTES))
-    rc = _libs[w13.dtype].moe_routed(x.data_ptr(), w13.data_ptr(), w2.data_ptr(), out.data_ptr(), ids.data_ptr(),
+    rc = _KERNEL.lib(w13.dtype).moe_routed(x.data_ptr(), w13.data_ptr(), w2.data_ptr(), out.data_ptr(), ids.data_ptr(),
                                      weights.data_ptr(), T, K, E, H, inter, threads)
     if rc == -1:
         raise ValueError(f"topk_ids holds an expert id outside 0..{E - 1}")
@@ -92,6 +84,6 @@ def read_bandwidth_gbs(buffer_mb: int = 512, repeats: int = 5, threads: int | No
     best = float("inf")
     for _ in range(repeats + 1):  # the first pass is a warm-up
         t0 = time.perf_counter()
-        _libs[torch.float32].read_sum(buf.data_ptr(), buf.numel(), threads)
+        _KERNEL.lib(torch.float32).read_sum(buf.data_ptr(), buf.numel(), threads)
         best = min(best, time.perf_counter() - t0)
     return buf.numel() * 4 / best / 1e9

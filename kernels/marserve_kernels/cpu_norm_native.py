@@ -17,17 +17,21 @@ import torch.nn.functional as F
 from marserve_kernels import native_build
 
 _SOURCE = Path(__file__).with_name("cpu_rms_norm.c")
-_lib: list[ctypes.CDLL | None] = []
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    lib.add_rms_norm.argtypes = [p, p, p, ctypes.c_float, p, i64, i64, i64]
+    lib.add_rms_norm.restype = None
+
+
+_KERNEL = native_build.Kernel(_SOURCE, {torch.float32: []}, "MARSERVE_NATIVE_NORM", _declare)
+_lib: list[ctypes.CDLL | None] = []  # [the fp32 build or None] once asked: applies() runs twice a layer
 
 
 def available() -> bool:
     if not _lib:
-        lib = native_build.load(_SOURCE, "float32", [], switch="MARSERVE_NATIVE_NORM")
-        if lib is not None:
-            p, i64 = ctypes.c_void_p, ctypes.c_int64
-            lib.add_rms_norm.argtypes = [p, p, p, ctypes.c_float, p, i64, i64, i64]
-            lib.add_rms_norm.restype = None
-        _lib.append(lib)
+        _lib.append(_KERNEL.lib(torch.float32))
     return _lib[0] is not None
 
 

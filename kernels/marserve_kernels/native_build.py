@@ -4,7 +4,8 @@ Each source is built with the system C compiler (`cc -O3 -march=native -fopenmp`
 (e.g. per weight dtype), into a per-machine cache (MARSERVE_KERNEL_CACHE, default ~/.cache/marserve/kernels)
 keyed by the source, the headers beside it (cpu_simd.h), the flags and this CPU's feature flags, so a shared cache never hands one CPU
 another's build. Without a compiler, off Linux, or with MARSERVE_NATIVE=0 (or the kernel's own switch)
-`load` returns None and callers use torch. The libraries link libgomp by soname, so they share the
+`load` returns None and callers use torch. Each kernel's Python side holds one `Kernel`, which loads
+each variant once and keeps it. The libraries link libgomp by soname, so they share the
 OpenMP runtime torch already loaded.
 """
 
@@ -18,12 +19,12 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
 FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC"]
-_loaded: dict[tuple[str, str], ctypes.CDLL | None] = {}
 
 
 def _cpu_signature() -> str:
@@ -64,15 +65,34 @@ def _compile(source: Path, variant: str, defines: list[str]) -> ctypes.CDLL | No
 
 
 def load(source: Path, variant: str, defines: list[str], switch: str | None = None) -> ctypes.CDLL | None:
-    """The built library for (source, variant), building it on first call; None when unavailable.
+    """The built library for (source, variant), building it if the cache lacks it; None when unavailable.
     `switch` names an environment variable that turns this kernel off when set to 0."""
-    slot = (str(source), variant)
-    if slot not in _loaded:
-        _loaded[slot] = None
-        off = os.environ.get("MARSERVE_NATIVE", "1") == "0" or (switch and os.environ.get(switch, "1") == "0")
-        if not off and platform.system() == "Linux":
-            try:
-                _loaded[slot] = _compile(source, variant, defines)
-            except (OSError, subprocess.SubprocessError) as e:
-                logger.warning("native kernel %s unavailable, using torch: %s", source.name, e)
-    return _loaded[slot]
+    off = os.environ.get("MARSERVE_NATIVE", "1") == "0" or (switch and os.environ.get(switch, "1") == "0")
+    if off or platform.system() != "Linux":
+        return None
+    try:
+        return _compile(source, variant, defines)
+    except (OSError, subprocess.SubprocessError) as e:
+        logger.warning("native kernel %s unavailable, using torch: %s", source.name, e)
+        return None
+
+
+class Kernel:
+    """One C source of marserve_kernels, built once per variant on first ask and kept loaded.
+
+    variants: key (a torch dtype) -> its extra compiler flags; declare(lib) sets the entry points'
+    ctypes signatures once a build is loaded. `lib(key)` is the library, or None when unavailable."""
+
+    def __init__(self, source: Path, variants: dict, switch: str, declare: Callable[[ctypes.CDLL], None]):
+        self.source, self.variants, self.switch, self.declare = source, variants, switch, declare
+        self._libs: dict = {}
+
+    def lib(self, key) -> ctypes.CDLL | None:
+        if key not in self._libs:
+            lib = None
+            if key in self.variants:
+                lib = load(self.source, str(key).replace("torch.", ""), self.variants[key], self.switch)
+                if lib is not None:
+                    self.declare(lib)
+            self._libs[key] = lib
+        return self._libs[key]

@@ -1,6 +1,6 @@
-"""Plain-torch MoE references: the definition every faster path is tested against.
+"""Plain-torch references: the definitions every faster path is tested against (the MoE, the rotary embedding).
 
-Legend: T=tokens, H=hidden, E=experts, I=expert intermediate size, K=experts per token.
+Legend: T=tokens, H=hidden, E=experts, I=expert intermediate size, K=experts per token, D=head dim.
 """
 
 from __future__ import annotations
@@ -21,3 +21,10 @@ def moe_reference(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     act = F.silu(gate_up[..., :inter]) * gate_up[..., inter:]  # [T, K, I]
     down = torch.einsum("tki,tkhi->tkh", act, w2[topk_ids])  # [T, K, H]
     return (down * topk_weights.to(down.dtype).unsqueeze(-1)).sum(1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half rotary embedding, the one every model here uses. x [T, heads, D]; cos/sin [T, D]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos[:, None, :] + rotated * sin[:, None, :]

@@ -27,10 +27,11 @@ def route(z: torch.Tensor, top_k: int, renormalise: bool) -> tuple[torch.Tensor,
     softmax is monotone, so its top-k are the logits' top-k; renormalised, the weights are a softmax over
     those k logits; otherwise exp(z_k - logsumexp(z)). One rule for all four architectures.
     """
-    top_z, ids = torch.topk(z.float(), top_k, dim=-1)
+    z = z.float()
+    top_z, ids = torch.topk(z, top_k, dim=-1)
     if renormalise:
         return torch.softmax(top_z, dim=-1), ids
-    return torch.exp(top_z - torch.logsumexp(z.float(), dim=-1, keepdim=True)), ids
+    return torch.exp(top_z - torch.logsumexp(z, dim=-1, keepdim=True)), ids
 
 
 def _experts_moe():
