@@ -68,6 +68,19 @@ class ExpertProvider(nn.Module):
     def prefetch(self, expert_ids: torch.Tensor) -> None:
         """Hint that these experts will be wanted soon. Resident experts need nothing."""
 
+    def resident(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(w13 [E, 2I, H], w2 [E, H, I]) covering every expert, when all of them stay in fast memory for as
+        long as the provider lives; None otherwise. A caller that computes with these instead of calling
+        fetch() (the fused CPU decode kernel, which routes and runs the experts in one call) reports its
+        routing decisions with record_lookups()."""
+        return None
+
+    def record_lookups(self, topk_ids: torch.Tensor) -> None:
+        """Count routing decisions served from resident() weights (each is a hit)."""
+        n = topk_ids.numel()
+        self.stats.lookups += n
+        self.stats.hits += n
+
 
 class ResidentExperts(ExpertProvider):
     """All experts of the layer live in one stacked pair of parameters on the model's device."""
@@ -80,7 +93,8 @@ class ResidentExperts(ExpertProvider):
         self.w2 = nn.Parameter(torch.empty(E, H, I, dtype=dtype, device=device))
 
     def fetch(self, topk_ids: torch.Tensor) -> ExpertWeights:
-        n = topk_ids.numel()
-        self.stats.lookups += n
-        self.stats.hits += n
+        self.record_lookups(topk_ids)
         return ExpertWeights(self.w13, self.w2, topk_ids)
+
+    def resident(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.w13, self.w2

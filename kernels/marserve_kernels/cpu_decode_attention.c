@@ -143,19 +143,12 @@ static void attend_group(const float *restrict qg, int64_t G, const ctype *k_cac
 #undef FOR_POSITIONS
 }
 
-/* q [B, Hq, D], k/v [B, Hkv, D]: fp32, token strides q_stride/k_stride/v_stride (in floats), heads contiguous.
- * cos/sin [B, D] fp32 contiguous. k_cache/v_cache [N_blocks, BS, Hkv, D]. block_tables [B, bt_stride] int64.
- * seq_lens [B] int64: tokens of each sequence including the new one (L). slot_mapping [B] int64. out [B, Hq, D] fp32.
- * Returns 0, -1 for a bad shape (Hq not a multiple of Hkv, group too large, odd D), -2 out of memory. */
-int decode_attention(const float *q, int64_t q_stride, const float *k, int64_t k_stride, const float *v,
-                     int64_t v_stride, const float *cos, const float *sin, ctype *k_cache, ctype *v_cache,
-                     const int64_t *block_tables, int64_t bt_stride, const int64_t *seq_lens,
-                     const int64_t *slot_mapping, float *out, int64_t B, int64_t Hq, int64_t Hkv, int64_t D,
-                     int64_t BS, float scale, int64_t threads) {
-    if (Hkv <= 0 || Hq % Hkv != 0 || Hq / Hkv > MAX_GROUP || D % 2 != 0 || D <= 0) return -1;
-    const int64_t G = Hq / Hkv;
+/* Step 1 of a decode pass: each sequence's new key (rotated) and value into its slot, so that every
+ * later read of the step sees them. k/v [B, Hkv, D] with token strides k_stride/v_stride. */
+static void write_new_kv(const float *k, int64_t k_stride, const float *v, int64_t v_stride, const float *cos,
+                         const float *sin, ctype *k_cache, ctype *v_cache, const int64_t *slot_mapping, int64_t B,
+                         int64_t Hkv, int64_t D) {
     const int64_t slot_stride = Hkv * D;
-    /* 1. New keys (rotated) and values into their slots: every later read of this step sees them. */
     for (int64_t b = 0; b < B; b++) {
         ctype *kdst = k_cache + slot_mapping[b] * slot_stride;
         ctype *vdst = v_cache + slot_mapping[b] * slot_stride;
@@ -168,22 +161,49 @@ int decode_attention(const float *q, int64_t q_stride, const float *k, int64_t k
             }
         }
     }
+}
+
+/* Steps 2-3 for one work item (sequence b = item / Hkv, KV head g = item % Hkv): rotate and scale the
+ * group's G query heads into the end of `scores` (G * max_len + G * D floats), attend, write out rows. */
+static void attend_item(int64_t item, const float *q, int64_t q_stride, const float *cos, const float *sin,
+                        const ctype *k_cache, const ctype *v_cache, const int64_t *block_tables, int64_t bt_stride,
+                        const int64_t *seq_lens, float *out, int64_t Hq, int64_t Hkv, int64_t D, int64_t BS,
+                        float scale, int64_t max_len, float *scores) {
+    const int64_t G = Hq / Hkv, b = item / Hkv, g = item % Hkv;
+    float *qg = scores + G * max_len; /* the group's rotated, scaled queries [G, D] */
+    for (int64_t h = 0; h < G; h++) {
+        rope(q + b * q_stride + (g * G + h) * D, cos + b * D, sin + b * D, qg + h * D, D);
+        for (int64_t d = 0; d < D; d++) qg[h * D + d] *= scale;
+    }
+    attend_group(qg, G, k_cache, v_cache, block_tables + b * bt_stride, seq_lens[b], g, Hkv, D, BS, scores,
+                 out + (b * Hq + g * G) * D, D);
+}
+
+static int64_t max_seq_len(const int64_t *seq_lens, int64_t B) {
     int64_t max_len = 0;
     for (int64_t b = 0; b < B; b++) max_len = seq_lens[b] > max_len ? seq_lens[b] : max_len;
+    return max_len;
+}
+
+/* q [B, Hq, D], k/v [B, Hkv, D]: fp32, token strides q_stride/k_stride/v_stride (in floats), heads contiguous.
+ * cos/sin [B, D] fp32 contiguous. k_cache/v_cache [N_blocks, BS, Hkv, D]. block_tables [B, bt_stride] int64.
+ * seq_lens [B] int64: tokens of each sequence including the new one (L). slot_mapping [B] int64. out [B, Hq, D] fp32.
+ * Returns 0, -1 for a bad shape (Hq not a multiple of Hkv, group too large, odd D), -2 out of memory. */
+int decode_attention(const float *q, int64_t q_stride, const float *k, int64_t k_stride, const float *v,
+                     int64_t v_stride, const float *cos, const float *sin, ctype *k_cache, ctype *v_cache,
+                     const int64_t *block_tables, int64_t bt_stride, const int64_t *seq_lens,
+                     const int64_t *slot_mapping, float *out, int64_t B, int64_t Hq, int64_t Hkv, int64_t D,
+                     int64_t BS, float scale, int64_t threads) {
+    if (Hkv <= 0 || Hq % Hkv != 0 || Hq / Hkv > MAX_GROUP || D % 2 != 0 || D <= 0) return -1;
+    const int64_t G = Hq / Hkv;
+    write_new_kv(k, k_stride, v, v_stride, cos, sin, k_cache, v_cache, slot_mapping, B, Hkv, D);
+    const int64_t max_len = max_seq_len(seq_lens, B);
     int failed = 0;
     const size_t need = (size_t)(G * max_len + G * D);
-    /* 2-3. One work item per (sequence, KV head); no parallel region at all for one thread. */
-#define WORK_ITEM(item, scores)                                                                              \
-    do {                                                                                                     \
-        const int64_t b = (item) / Hkv, g = (item) % Hkv;                                                    \
-        float *qg = (scores) + G * max_len; /* the group's rotated, scaled queries [G, D] */                 \
-        for (int64_t h = 0; h < G; h++) {                                                                    \
-            rope(q + b * q_stride + (g * G + h) * D, cos + b * D, sin + b * D, qg + h * D, D);               \
-            for (int64_t d = 0; d < D; d++) qg[h * D + d] *= scale;                                          \
-        }                                                                                                    \
-        attend_group(qg, G, k_cache, v_cache, block_tables + b * bt_stride, seq_lens[b], g, Hkv, D, BS,     \
-                     (scores), out + (b * Hq + g * G) * D, D);                                               \
-    } while (0)
+#define WORK_ITEM(item, scores)                                                                               \
+    attend_item(item, q, q_stride, cos, sin, k_cache, v_cache, block_tables, bt_stride, seq_lens, out, Hq, Hkv, D, \
+                BS, scale, max_len, scores)
+    /* One work item per (sequence, KV head); no parallel region at all for one thread. */
     if (threads <= 1) {
         float *scores = scratch(need);
         if (!scores) return -2;
@@ -202,6 +222,7 @@ int decode_attention(const float *q, int64_t q_stride, const float *k, int64_t k
             if (scores) WORK_ITEM(item, scores);
         }
     }
+#undef WORK_ITEM
     return failed ? -2 : 0;
 }
 

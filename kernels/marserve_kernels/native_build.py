@@ -2,7 +2,8 @@
 
 Each source is built with the system C compiler (`cc -O3 -march=native -fopenmp`), once per variant
 (e.g. per weight dtype), into a per-machine cache (MARSERVE_KERNEL_CACHE, default ~/.cache/marserve/kernels)
-keyed by the source, the headers beside it (cpu_simd.h), the flags and this CPU's feature flags, so a shared cache never hands one CPU
+keyed by the source, the local files it includes (cpu_simd.h; cpu_decode_layer.c includes two
+other kernels' sources), the flags and this CPU's feature flags, so a shared cache never hands one CPU
 another's build. Without a compiler, off Linux, or with MARSERVE_NATIVE=0 (or the kernel's own switch)
 `load` returns None and callers use torch. Each kernel's Python side holds one `Kernel`, which loads
 each variant once and keeps it. The libraries link libgomp by soname, so they share the
@@ -36,12 +37,27 @@ def _cpu_signature() -> str:
         return platform.processor()
 
 
+def _local_includes(source: Path) -> list[Path]:
+    """The files beside `source` that it includes with #include "..." (recursively): a build's key hashes them."""
+    found: list[Path] = []
+    todo = [source]
+    while todo:
+        for line in todo.pop().read_text().splitlines():
+            line = line.strip()
+            if line.startswith("#include") and '"' in line:
+                dep = source.parent / line.split('"')[1]
+                if dep.exists() and dep not in found and dep != source:
+                    found.append(dep)
+                    todo.append(dep)
+    return sorted(found)
+
+
 def _compile(source: Path, variant: str, defines: list[str]) -> ctypes.CDLL | None:
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None or not source.exists():
         return None
     flags = [*FLAGS, *defines]
-    headers = b"".join(h.read_bytes() for h in sorted(source.parent.glob("*.h")))  # what the sources include
+    headers = b"".join(h.read_bytes() for h in _local_includes(source))
     key = hashlib.sha256(source.read_bytes() + headers + " ".join(flags).encode() + _cpu_signature().encode()
                          + platform.machine().encode()).hexdigest()[:16]
     cache = Path(os.environ.get("MARSERVE_KERNEL_CACHE", Path.home() / ".cache" / "marserve" / "kernels"))

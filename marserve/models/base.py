@@ -13,6 +13,7 @@ from torch import nn
 from marserve.attention import AttentionMetadata
 from marserve.config import ModelConfig
 from marserve.models.layers import Attention, DenseMLP, Linear, RMSNorm, RotaryEmbedding
+from marserve.models import native_decode
 from marserve.models.moe import SparseMoeBlock
 
 # Per-expert checkpoint names -> (stacked provider parameter, half of w13 or None).
@@ -39,7 +40,11 @@ class DecoderLayer(nn.Module):
     def forward(self, x, residual, cos, sin, attn: AttentionMetadata):
         """x: the previous block's output; residual: the stream before it (None at the first layer, where x
         is the embeddings). Returns (this layer's MoE output, the stream before it): the adds happen in
-        the norms, fused with them."""
+        the norms, fused with them. CPU decode passes take native_decode's one-call attention half."""
+        if attn.is_paged and native_decode.pass_applies(x, attn):
+            kernel = native_decode.layer_kernel(self, x.dtype)
+            if kernel is not None:
+                return native_decode.run_layer(self, kernel, x, residual, cos, sin, attn)
         if residual is None:
             h, residual = self.input_layernorm(x), x
         else:
@@ -76,6 +81,10 @@ class MoeForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionMetadata) -> torch.Tensor:
         x = self.model.embed_tokens(input_ids)  # [T,H]
         cos, sin = self.model.rotary(positions, x.dtype)
+        if attn.is_paged and native_decode.pass_applies(x, attn):  # CPU decode: the layers in one native call
+            stack = native_decode.stack_for(self, x.dtype)
+            if stack is not None:
+                return self.model.norm(*native_decode.run_stack(self, stack, x, cos, sin, attn))[0]
         residual = None
         for layer in self.model.layers:
             x, residual = layer(x, residual, cos, sin, attn)

@@ -76,6 +76,12 @@ class SparseMoeBlock(nn.Module):
         """x [T,H] (post-attention-norm hidden) -> [T,H]."""
         z = self.router_logits(x)  # [T,E]
         weights, ids = route(z, self.top_k, self.renormalise)  # [T,K] each
+        return self.forward_routed(x, z, weights, ids)
+
+    def forward_routed(self, x: torch.Tensor, z: torch.Tensor, weights: torch.Tensor,
+                       ids: torch.Tensor) -> torch.Tensor:
+        """The block once routed (the CPU decode kernel routes inside its own call): z [T,E] router logits,
+        weights/ids [T,K] -> [T,H]."""
         if self.routing_observer is not None:
             self.routing_observer(self.layer_idx, x, z, ids, weights)
         ew = self.experts.fetch(ids)

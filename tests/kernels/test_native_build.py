@@ -9,7 +9,8 @@ import shutil
 import pytest
 import torch
 
-from marserve_kernels import cpu_attention_native, cpu_dense_native, cpu_moe_native, cpu_norm_native
+from marserve_kernels import (cpu_attention_native, cpu_decode_layer_native, cpu_dense_native, cpu_moe_native,
+                              cpu_norm_native)
 
 HAVE_CC = bool(os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc"))
 
@@ -25,5 +26,7 @@ def test_every_native_kernel_builds_here():
         "cpu_rms_norm": cpu_norm_native.available(),
         "cpu_dense_small fp32": cpu_dense_native.available(torch.float32),
         "cpu_dense_small bf16": cpu_dense_native.available(torch.bfloat16),
+        "cpu_decode_layer fp32": cpu_decode_layer_native.available(torch.float32),
+        "cpu_decode_layer bf16": cpu_decode_layer_native.available(torch.bfloat16),
     }
     assert all(built.values()), f"failed to build (see the warning logged above): {built}"

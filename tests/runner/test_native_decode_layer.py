@@ -1,0 +1,79 @@
+"""CPU decode through the native decode layer (marserve.models.native_decode) gives the logits of the
+module-by-module path, for every architecture and both model dtypes; and it is what runs by default."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from marserve.loader import load_model
+from marserve.model_runner import ModelRunner, ScheduledChunk
+from marserve.models import native_decode
+from marserve_kernels import cpu_decode_layer_native
+
+pytestmark = pytest.mark.skipif(not cpu_decode_layer_native.available(torch.float32),
+                                reason="no C compiler: the native kernel is not built")
+
+CASES = {
+    "mixtral": dict(),
+    "qwen2_moe": dict(config_overrides={"mlp_only_layers": [1]}),  # qkv bias, shared expert, a dense layer
+    "qwen3_moe": dict(mar=True),  # per-head q/k norms, MAR memory affinity in the router
+    "olmoe": dict(config_overrides={"clip_qkv": 0.5}),  # whole-projection q/k norms, clipping
+}
+
+
+def _decode_logits(runner, prompts, tables, steps):
+    """Prefill each prompt, then `steps` greedy decode steps of all of them together -> logits of each step."""
+    out = runner.execute([ScheduledChunk(p, 0, t, True) for p, t in zip(prompts, tables)])
+    seqs = [list(p) + [int(i)] for p, i in zip(prompts, out.argmax(-1))]
+    history = []
+    for _ in range(steps):
+        out = runner.execute([ScheduledChunk(s[-1:], len(s) - 1, t, True) for s, t in zip(seqs, tables)])
+        history.append(out)
+        for s, i in zip(seqs, out.argmax(-1)):
+            s.append(int(i))
+    return history
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("arch", list(CASES))
+@pytest.mark.parametrize("form", ["stack", "layer"])
+def test_native_decode_matches_the_modules(baby_checkpoint, monkeypatch, arch, dtype, form):
+    """form "stack": the whole stack in one call (every layer MoE with resident experts; qwen2_moe's shared
+    expert and dense layer keep it on the per-layer form); "layer": one call per layer's attention half."""
+    model, cfg = load_model(baby_checkpoint(arch, **CASES[arch]), dtype=dtype)
+    model.pack_for_cpu()  # what the engine does: q/k/v fused into one plain projection
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, cfg.vocab_size, (n,), generator=g).tolist() for n in (5, 9, 2)]
+    tables = [[3, 7, 1, 12], [0, 5, 9, 14], [2, 11, 4, 6]]  # scattered blocks of 4 slots
+    if form == "layer":
+        monkeypatch.setattr(native_decode, "stack_for", lambda model, dtype: None)
+
+    calls = {"layer": 0, "stack": 0}
+    for cls, name in ((cpu_decode_layer_native.DecodeLayer, "layer"), (cpu_decode_layer_native.DecodeStack, "stack")):
+        def counted(self, *a, _real=cls.run, _name=name):
+            calls[_name] += 1
+            return _real(self, *a)
+        monkeypatch.setattr(cls, "run", counted)
+    lookups_before = sum(b.experts.stats.lookups for b in model.moe_blocks())
+    native = _decode_logits(ModelRunner(model, cfg, block_size=4, num_blocks=16, dtype=getattr(torch, dtype)),
+                            prompts, tables, 5)
+    used = dict(calls)
+    lookups = sum(b.experts.stats.lookups for b in model.moe_blocks()) - lookups_before
+    monkeypatch.setattr(native_decode, "pass_applies", lambda x, meta: False)
+    modules = _decode_logits(ModelRunner(model, cfg, block_size=4, num_blocks=16, dtype=getattr(torch, dtype)),
+                             prompts, tables, 5)
+
+    if form == "stack" and arch != "qwen2_moe":
+        assert used == {"layer": 0, "stack": 5}  # one call per decode step, by default
+    else:
+        assert used == {"layer": 5 * cfg.num_hidden_layers, "stack": 0}
+    assert calls == used  # and never on the module path
+    # every routing decision of the prefill and the 5 decode steps reached the expert providers' counters
+    blocks = len(model.moe_blocks())
+    assert lookups == blocks * cfg.num_experts_per_tok * (sum(len(p) for p in prompts) + 5 * len(prompts))
+    tol = dict(atol=2e-4, rtol=2e-4) if dtype == "float32" else dict(atol=0.1, rtol=0.05)
+    for a, b in zip(native, modules):
+        torch.testing.assert_close(a, b, **tol)
+        if dtype == "float32":
+            assert torch.equal(a.argmax(-1), b.argmax(-1))
