@@ -79,4 +79,6 @@ class ModelRunner:
         rows = [end - 1 for end, c in zip(ends, chunks) if c.needs_logits]
         if not rows:
             return hidden.new_zeros(0, self.config.vocab_size, dtype=torch.float32)
-        return self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)]).float()
+        if len(rows) < hidden.shape[0]:  # (decode: every row is a last token, no gather)
+            hidden = hidden[torch.tensor(rows, device=self.device)]
+        return self.model.compute_logits(hidden).float()

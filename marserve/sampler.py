@@ -85,9 +85,8 @@ class Sampler:
         # costs as much as a small layer at batch 1, so only when some row asked.
         logprobs_all = logits.log_softmax(-1) if want_logprobs else None
 
-        greedy = torch.tensor([p.is_greedy for p in params])
         chosen = logits.argmax(-1)
-        if not bool(greedy.all()):
+        if not all(p.is_greedy for p in params):
             temps = torch.tensor([p.temperature if not p.is_greedy else 1.0 for p in params]).unsqueeze(1)
             scaled = logits / temps
             cut = truncation_mask(scaled, torch.tensor([p.top_k for p in params]),

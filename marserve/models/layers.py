@@ -129,7 +129,10 @@ class RotaryEmbedding(nn.Module):
         self._args = (head_dim, theta, scaling, max_positions)
         with torch.device("cpu"):
             rope_inv_freq(*self._args)  # validate the rope type now, not at the first forward
-        self._cache: dict = {}
+        self._cache: dict = {}  # device -> (inverse frequencies, attention factor)
+        self._tables: dict = {}  # dtype -> (cos, sin) [positions, D] on the CPU
+
+    TABLE_POSITIONS = 16384  # CPU: cos/sin rows kept for positions below this (<= 16 MB at D=128, fp32)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         key = positions.device
@@ -138,6 +141,18 @@ class RotaryEmbedding(nn.Module):
                 inv, attn = rope_inv_freq(*self._args)
             self._cache[key] = (inv.to(positions.device), attn)
         inv, attn = self._cache[key]
+        if positions.device.type == "cpu":
+            # A decode step needs a row or a few: reading them from a table costs 2 ops instead of ~8.
+            table = self._tables.get(dtype)
+            if table is None:
+                n = min(self._args[3], self.TABLE_POSITIONS)
+                table = self._tables[dtype] = self._cos_sin(torch.arange(n, device="cpu"), inv, attn, dtype)
+            if positions.numel() and int(positions.max()) < table[0].shape[0]:
+                return table[0].index_select(0, positions), table[1].index_select(0, positions)
+        return self._cos_sin(positions, inv, attn, dtype)
+
+    @staticmethod
+    def _cos_sin(positions: torch.Tensor, inv: torch.Tensor, attn: float, dtype: torch.dtype):
         freqs = positions.float()[:, None] * inv[None, :]  # [T, D/2]
         emb = torch.cat([freqs, freqs], dim=-1)
         return (emb.cos() * attn).to(dtype), (emb.sin() * attn).to(dtype)
