@@ -153,3 +153,20 @@ def test_stack_refuses_layers_without_their_experts():
     w = _weights(g, torch.float32, 32, 4, 2, 16, 4, 2)
     with pytest.raises(ValueError):
         native.DecodeStack([native.DecodeLayer(w, torch.float32)])
+
+
+def test_many_sequences_take_the_outer_product_form():
+    """48+ sequences: the projections switch to cpu_dense_small's outer-product form inside the layer call."""
+    g = torch.Generator().manual_seed(3)
+    H, Hq, Hkv, D, E, K = 64, 4, 2, 16, 8, 2
+    w = _weights(g, torch.float32, H, Hq, Hkv, D, E, K, mar_slots=2)
+    lens = [1 + (i * 7) % 30 for i in range(53)]
+    k_cache, v_cache, tables, slots, cos, sin = _paged(g, lens, 8, Hkv, D, torch.float32, num_blocks=300)
+    x, residual = torch.randn(53, H, generator=g), torch.randn(53, H, generator=g)
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    want = native.decode_layer_reference(w, x, residual, cos, sin, k_ref, v_ref, tables, lens, slots)
+    layer = native.DecodeLayer(w, torch.float32)
+    got = layer.run(layer.new_pass(cos, sin, tables, lens, slots, 8), x, residual.clone(), k_cache, v_cache)
+    for a, b in zip(got[:2] + got[2], want[:2] + want[2]):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(k_cache, k_ref, atol=1e-5, rtol=1e-5)
