@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -69,6 +70,20 @@ def measure(repeats: int = 5, buffer_mb: int = 512, matmul_n: int = 2048) -> Mac
     return MachineLimits(bandwidth_gbs=n * 4 / read_s / 1e9, matmul_gflops=max(mkl, onednn),
                          threads=torch.get_num_threads(), copy_gbs=2 * n * 4 / copy_s / 1e9,
                          mkl_gflops=mkl, onednn_gflops=onednn)
+
+
+def last_level_cache_bytes(default: int = 32 * 2**20) -> int:
+    """Size of this machine's largest CPU cache (sysfs; `default` where it cannot be read). Hosts here range
+    from 32 MiB to 480 MiB of L3: a buffer read to push weights out of the caches must be sized from it."""
+    sizes = []
+    for f in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = f.read_text().strip()
+        unit = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:], 1)
+        try:
+            sizes.append(int(text.rstrip("KMG")) * unit)
+        except ValueError:
+            continue
+    return max(sizes, default=default)
 
 
 class BandwidthProbe:

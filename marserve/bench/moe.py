@@ -3,8 +3,8 @@
 All three get the same hidden states, the same expert weights (the very same tensors) and the same routing
 (top-k weights and ids from a random router, renormalised as Mixtral does), so what is timed is the expert
 computation alone: router excluded on every side. After one warm-up, each round times every side once, in
-turn, caches flushed before each call (64 MB read); the best of --repeats rounds is reported. The machine's
-limits are measured in the same run, before, between and after the timings (best kept). Legend: T=tokens,
+turn, caches flushed before each call (a read of twice the last-level cache); the best of --repeats rounds
+is reported. The machine's limits are measured in the same run, before, between and after the timings (best kept). Legend: T=tokens,
 E=experts, K=active per token, H=hidden, I=expert intermediate.
 """
 
@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from marserve.bench.machine_limits import measure
+from marserve.bench.machine_limits import last_level_cache_bytes, measure
 
 
 @dataclass(frozen=True)
@@ -144,11 +144,12 @@ _FLUSH = None
 
 
 def _flush_caches() -> None:
-    """Read a buffer twice the size of this machine's L3: the next timed call finds its weights cold, as a
-    decode step does (it streams each layer's experts once), instead of partly cached by the previous repeat."""
+    """Read a buffer twice the size of this machine's last-level cache (at least 64 MiB): the next timed call
+    finds its weights cold, as a decode step does (it streams each layer's experts once), instead of partly
+    cached by the previous repeat."""
     global _FLUSH
     if _FLUSH is None:
-        _FLUSH = torch.ones(64 * 2**20 // 4)
+        _FLUSH = torch.ones(max(64 * 2**20, 2 * last_level_cache_bytes()) // 4)
     _FLUSH.sum()
 
 
