@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 from marserve.attention import AttentionMetadata
 from marserve.config import ModelConfig
 from marserve.loader import load_model
-from marserve.models.layers import rope_inv_freq
+from marserve.models.layers import RotaryEmbedding, rope_inv_freq
 
 SCALINGS = [
     {"rope_type": "linear", "factor": 4.0},
@@ -19,6 +19,22 @@ SCALINGS = [
     {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64},
     {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "beta_fast": 16, "beta_slow": 2},
 ]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_rows_from_the_cpu_table_equal_the_computed_ones(dtype, monkeypatch):
+    """CPU passes read cos/sin rows from a per-dtype table of the first positions; positions past it are
+    computed. Both must give exactly what computing them gives."""
+    monkeypatch.setattr(RotaryEmbedding, "TABLE_POSITIONS", 32)
+    rope = RotaryEmbedding(16, 10000.0, {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16},
+                           max_positions=64)
+    inv, attn = rope_inv_freq(16, 10000.0, {"rope_type": "yarn", "factor": 4.0,
+                                            "original_max_position_embeddings": 16}, 64)
+    for positions in (torch.tensor([0, 5, 31, 7]), torch.tensor([3, 40, 63])):  # in the table; past it
+        cos, sin = rope(positions, dtype)
+        want_cos, want_sin = RotaryEmbedding._cos_sin(positions, inv, attn, dtype)
+        assert cos.dtype == dtype and torch.equal(cos, want_cos) and torch.equal(sin, want_sin)
+    assert rope._tables[dtype][0].shape == (32, 16)
 
 
 @pytest.mark.parametrize("scaling", SCALINGS, ids=lambda s: s["rope_type"])
