@@ -153,24 +153,6 @@ static void split_rows(int64_t N, int64_t t, int64_t nt, int64_t *n0, int64_t *n
     *n1 = t == nt - 1 ? N : N * (t + 1) / nt / BN * BN;
 }
 
-/* Groups the (token, slot) pairs by expert for moe_gate_up/moe_down (as moe_routed does): pairs of expert e
- * are offsets[e] .. offsets[e+1]-1, each with its token and routing weight (rounded as torch's path rounds it). */
-static void sort_pairs(const int64_t *ids, const float *weights, int64_t P_, int64_t K, int64_t E, int64_t *index,
-                       float *pair_weight) {
-    int64_t *offsets = index, *fill = index + E + 1, *pair_token = fill + E;
-    memset(offsets, 0, (E + 1) * sizeof(int64_t));
-    for (int64_t p = 0; p < P_; p++) offsets[ids[p] + 1]++;
-    for (int64_t e = 0; e < E; e++) {
-        offsets[e + 1] += offsets[e];
-        fill[e] = offsets[e];
-    }
-    for (int64_t p = 0; p < P_; p++) {
-        int64_t q = fill[ids[p]]++;
-        pair_token[q] = p / K;
-        pair_weight[q] = round_a(weights[p]);
-    }
-}
-
 /* One layer. x [B, H] and residual [B, H] in the activation dtype (residual updated in place; with first = 1
  * it is only written: residual = x). Outputs: h [B, H] (activation dtype; may be NULL when the experts run
  * here), and for MoE layers z [B, E] fp32 router logits, ids [B, K] int64, weights [B, K] fp32; with resident
@@ -272,7 +254,9 @@ static int layer_step(const struct layer_args *L, const struct pass_args *P, con
             const int64_t I = L->I, *offsets = P->moe_index, *pair_token = P->moe_index + 2 * E + 1;
 #pragma omp single
             {
-                sort_pairs(ids, weights, B * L->K, L->K, E, P->moe_index, P->pair_weight);
+                group_pairs(ids, weights, B * L->K, L->K, E, P->moe_index, P->pair_weight); /* ids < E: ours */
+                for (int64_t q = 0; q < B * L->K; q++) /* the routing weights, as torch's path rounds them */
+                    P->pair_weight[q] = round_a(P->pair_weight[q]);
                 memset(P->moe_out, 0, B * H * sizeof(float));
             }
             moe_gate_up(P->xn, L->w13, P->act, offsets, pair_token, E, H, I, I * t / nt, I * (t + 1) / nt);

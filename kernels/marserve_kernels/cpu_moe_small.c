@@ -177,6 +177,30 @@ void moe_small(const float *x, const wtype *w13, const wtype *w2, float *act, fl
     }
 }
 
+/* Counting sort of the (token, slot) pairs by expert (stable: each expert's pairs stay in token order):
+ * index [2E + 1 + P] int64 receives offsets [E + 1] (pairs of expert e are offsets[e] .. offsets[e+1]-1), a fill
+ * counter per expert, and pair_token [P]; pair_weight [P] the pairs' routing weights. Returns -1 for an
+ * expert id out of range, else 0. */
+static int group_pairs(const int64_t *topk_ids, const float *topk_weights, int64_t P, int64_t K, int64_t num_experts,
+                       int64_t *index, float *pair_weight) {
+    int64_t *offsets = index, *fill = index + num_experts + 1, *pair_token = fill + num_experts;
+    memset(offsets, 0, (num_experts + 1) * sizeof(int64_t));
+    for (int64_t p = 0; p < P; p++) {
+        if (topk_ids[p] < 0 || topk_ids[p] >= num_experts) return -1;
+        offsets[topk_ids[p] + 1]++;
+    }
+    for (int64_t e = 0; e < num_experts; e++) {
+        offsets[e + 1] += offsets[e];
+        fill[e] = offsets[e];
+    }
+    for (int64_t p = 0; p < P; p++) {
+        int64_t q = fill[topk_ids[p]]++;
+        pair_token[q] = p / K;
+        pair_weight[q] = topk_weights[p];
+    }
+    return 0;
+}
+
 /* The whole call from the router's output: a counting sort groups the (token, slot) pairs by expert
  * (stable: each expert's pairs stay in token order), then moe_small. topk_ids [T, K] int64, topk_weights
  * [T, K] fp32. Returns 0, -1 for an expert id out of range, -2 if out of memory. Doing the grouping here
@@ -191,23 +215,11 @@ int moe_routed(const float *x, const wtype *w13, const wtype *w2, float *out, co
         free(offsets); free(pair_weight); free(act);
         return -2;
     }
-    int64_t *fill = offsets + num_experts + 1, *pair_token = fill + num_experts;
-    for (int64_t p = 0; p < P; p++) {
-        if (topk_ids[p] < 0 || topk_ids[p] >= num_experts) {
-            free(offsets); free(pair_weight); free(act);
-            return -1;
-        }
-        offsets[topk_ids[p] + 1]++;
+    if (group_pairs(topk_ids, topk_weights, P, K, num_experts, offsets, pair_weight)) {
+        free(offsets); free(pair_weight); free(act);
+        return -1;
     }
-    for (int64_t e = 0; e < num_experts; e++) {
-        offsets[e + 1] += offsets[e];
-        fill[e] = offsets[e];
-    }
-    for (int64_t p = 0; p < P; p++) {
-        int64_t q = fill[topk_ids[p]]++;
-        pair_token[q] = p / K;
-        pair_weight[q] = topk_weights[p];
-    }
+    const int64_t *pair_token = offsets + 2 * num_experts + 1;
     moe_small(x, w13, w2, act, out, offsets, pair_token, pair_weight, num_experts, H, I, threads);
     free(offsets); free(pair_weight); free(act);
     return 0;
