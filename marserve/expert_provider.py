@@ -75,9 +75,8 @@ class ExpertProvider(nn.Module):
         routing decisions with record_lookups()."""
         return None
 
-    def record_lookups(self, topk_ids: torch.Tensor) -> None:
-        """Count routing decisions served from resident() weights (each is a hit)."""
-        n = topk_ids.numel()
+    def record_lookups(self, n: int) -> None:
+        """Count n routing decisions (token, expert) served from resident() weights (each is a hit)."""
         self.stats.lookups += n
         self.stats.hits += n
 
@@ -93,7 +92,7 @@ class ResidentExperts(ExpertProvider):
         self.w2 = nn.Parameter(torch.empty(E, H, I, dtype=dtype, device=device))
 
     def fetch(self, topk_ids: torch.Tensor) -> ExpertWeights:
-        self.record_lookups(topk_ids)
+        self.record_lookups(topk_ids.numel())
         return ExpertWeights(self.w13, self.w2, topk_ids)
 
     def resident(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -123,26 +123,36 @@ class DecodePass:
                  slot_mapping: torch.Tensor, block_size: int, hidden: int, qkv_rows: int, attn_width: int,
                  experts: int = 0, top_k: int = 0, expert_inter: int = 0):
         f32, i64 = torch.float32, torch.int64
-        self.cos, self.sin = cos.to(f32).contiguous(), sin.to(f32).contiguous()
-        self.tables = block_tables.to(i64).contiguous()
-        self.lens = torch.tensor(seq_lens, dtype=i64)
-        self.slots = slot_mapping.to(i64).contiguous()
         B = len(seq_lens)
-        self.B, self.hidden = B, hidden
+        self.B, self.hidden, self.block_size = B, hidden, block_size
         self.scratch = torch.empty(B * (2 * hidden + qkv_rows + attn_width + 1), dtype=f32)
         xn, qkv, attn, o, inv_norm = self.scratch.split([B * hidden, B * qkv_rows, B * attn_width, B * hidden, B])
         pairs = B * top_k
         self.moe_index = torch.empty(2 * experts + 1 + pairs, dtype=i64)
         self.moe_scratch = torch.empty(pairs + pairs * expert_inter + B * hidden, dtype=f32)
         pair_weight, act, moe_out = self.moe_scratch.split([pairs, pairs * expert_inter, B * hidden])
-        self.threads = torch.get_num_threads()
-        self.args = _Pass(cos=self.cos.data_ptr(), sin=self.sin.data_ptr(), block_tables=self.tables.data_ptr(),
-                          seq_lens=self.lens.data_ptr(), slot_mapping=self.slots.data_ptr(),
-                          bt_stride=self.tables.stride(0), B=B, BS=block_size, xn=xn.data_ptr(), qkv=qkv.data_ptr(),
-                          attn=attn.data_ptr(), o=o.data_ptr(), inv_norm=inv_norm.data_ptr(),
-                          moe_index=self.moe_index.data_ptr(), pair_weight=pair_weight.data_ptr(),
-                          act=act.data_ptr(), moe_out=moe_out.data_ptr())
+        self.args = _Pass(B=B, BS=block_size, xn=xn.data_ptr(), qkv=qkv.data_ptr(), attn=attn.data_ptr(),
+                          o=o.data_ptr(), inv_norm=inv_norm.data_ptr(), moe_index=self.moe_index.data_ptr(),
+                          pair_weight=pair_weight.data_ptr(), act=act.data_ptr(), moe_out=moe_out.data_ptr())
         self.args_ref = ctypes.byref(self.args)
+        self.refill(cos, sin, block_tables, seq_lens, slot_mapping)
+
+    def refill(self, cos: torch.Tensor, sin: torch.Tensor, block_tables: torch.Tensor, seq_lens: list[int],
+               slot_mapping: torch.Tensor) -> "DecodePass":
+        """The same pass shape (B sequences, block size) for the next step: new positions, tables, lengths
+        and slots; the scratch and the argument struct are kept (a decode loop makes one pass a step)."""
+        f32, i64 = torch.float32, torch.int64
+        assert len(seq_lens) == self.B
+        self.cos, self.sin = cos.to(f32).contiguous(), sin.to(f32).contiguous()
+        self.tables = block_tables.to(i64).contiguous()
+        self.lens = torch.tensor(seq_lens, dtype=i64)
+        self.slots = slot_mapping.to(i64).contiguous()
+        self.threads = torch.get_num_threads()
+        a = self.args
+        a.cos, a.sin, a.block_tables, a.seq_lens, a.slot_mapping, a.bt_stride = (
+            self.cos.data_ptr(), self.sin.data_ptr(), self.tables.data_ptr(), self.lens.data_ptr(),
+            self.slots.data_ptr(), self.tables.stride(0))
+        return self
 
 
 class DecodeLayer:
@@ -228,10 +238,16 @@ class DecodeStack:
         self.layers, self.dtype, self.lib = layers, first.dtype, first.lib
         self.table = (ctypes.POINTER(_Layer) * len(layers))(*[ctypes.pointer(layer.args) for layer in layers])
         self._caches = None
+        self._largest = max(layers, key=lambda layer: layer.I)  # sizes the pass scratch
+        self._pass: DecodePass | None = None
 
-    def new_pass(self, *args, **kwargs) -> DecodePass:
-        largest = max(self.layers, key=lambda layer: layer.I)
-        return largest.new_pass(*args, **kwargs)
+    def new_pass(self, cos, sin, block_tables, seq_lens: list[int], slot_mapping, block_size: int) -> DecodePass:
+        """The pass of this step: the previous one refilled when the batch keeps its size (its scratch reused)."""
+        p = self._pass
+        if p is not None and p.B == len(seq_lens) and p.block_size == block_size:
+            return p.refill(cos, sin, block_tables, seq_lens, slot_mapping)
+        self._pass = self._largest.new_pass(cos, sin, block_tables, seq_lens, slot_mapping, block_size)
+        return self._pass
 
     def run(self, p: DecodePass, x: torch.Tensor, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]):
         """x [B, H] the embeddings -> (the last layer's MoE output [B, H], the residual stream before it [B, H],

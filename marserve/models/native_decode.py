@@ -76,8 +76,9 @@ def run_stack(model, stack: kernel.DecodeStack, x: torch.Tensor, cos: torch.Tens
     p = stack.new_pass(cos, sin, meta.block_tables, [n + 1 for n in meta.context_lens], meta.slot_mapping,
                        meta.kv_caches[0][0].shape[1])
     out, residual, (z, weights, ids) = stack.run(p, x, meta.kv_caches)
-    for block, layer_ids in zip(stack.blocks, ids):
-        block.experts.record_lookups(layer_ids)
+    per_layer = ids[0].numel()
+    for block in stack.blocks:
+        block.experts.record_lookups(per_layer)
     return out, residual
 
 
