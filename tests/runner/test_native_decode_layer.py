@@ -77,3 +77,23 @@ def test_native_decode_matches_the_modules(baby_checkpoint, monkeypatch, arch, d
         torch.testing.assert_close(a, b, **tol)
         if dtype == "float32":
             assert torch.equal(a.argmax(-1), b.argmax(-1))
+
+
+def test_a_routing_observer_keeps_the_per_layer_form_and_sees_every_decision(baby_checkpoint, monkeypatch):
+    """Routing analysis sets routing_observer on the blocks: decode then runs layer by layer (the whole-stack
+    call would not hand each layer's router input out), and the observer sees every layer's decisions."""
+    model, cfg = load_model(baby_checkpoint("qwen3_moe", mar=True), dtype="float32")
+    model.pack_for_cpu()
+    seen = []
+    for block in model.moe_blocks():
+        block.routing_observer = lambda layer, x, z, ids, w: seen.append((layer, x.shape[0], tuple(ids.shape)))
+    stack_calls = []
+    real = cpu_decode_layer_native.DecodeStack.run
+    monkeypatch.setattr(cpu_decode_layer_native.DecodeStack, "run",
+                        lambda self, *a: stack_calls.append(1) or real(self, *a))
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(0, cfg.vocab_size, (n,), generator=g).tolist() for n in (3, 6)]
+    _decode_logits(ModelRunner(model, cfg, block_size=4, num_blocks=16), prompts, [[1, 2, 3], [4, 5, 6]], 3)
+    assert not stack_calls
+    decode = [s for s in seen if s[1] == 2]  # the 3 decode steps of 2 sequences (the prefill pass has 9 rows)
+    assert decode == [(i, 2, (2, cfg.num_experts_per_tok)) for _ in range(3) for i in range(cfg.num_hidden_layers)]
