@@ -85,7 +85,8 @@ class Sampler:
         # costs as much as a small layer at batch 1, so only when some row asked.
         logprobs_all = logits.log_softmax(-1) if want_logprobs else None
 
-        chosen = logits.max(-1).indices  # = argmax(-1), first maximum on ties; ~3x faster on CPU (44 vs 17 us at V=32000)
+        # = argmax(-1) (the first maximum on ties), ~3x faster on CPU: 17 vs 44 us at V=32000
+        chosen = logits.max(-1).indices
         if not all(p.is_greedy for p in params):
             temps = torch.tensor([p.temperature if not p.is_greedy else 1.0 for p in params]).unsqueeze(1)
             scaled = logits / temps

@@ -4,8 +4,8 @@ All three get the same hidden states, the same expert weights (the very same ten
 (top-k weights and ids from a random router, renormalised as Mixtral does), so what is timed is the expert
 computation alone: router excluded on every side. After one warm-up, each round times every side once, in
 turn, caches flushed before each call (a read of twice the last-level cache); the best of --repeats rounds
-is reported. The machine's limits are measured in the same run, before, between and after the timings (best kept). Legend: T=tokens,
-E=experts, K=active per token, H=hidden, I=expert intermediate.
+is reported. The machine's limits are measured in the same run, before, between and after the timings
+(best kept). Legend: T=tokens, E=experts, K=active per token, H=hidden, I=expert intermediate.
 """
 
 from __future__ import annotations

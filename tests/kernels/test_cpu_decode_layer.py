@@ -92,8 +92,10 @@ def test_matches_reference(dtype, name, first, threads):
     # Whatever it picked, the weights are those of its own choice under its logits.
     top = z.gather(1, ids)
     assert torch.all(top[:, :-1] >= top[:, 1:]) and torch.all(top[:, -1:] >= z.sort(1, descending=True)[0][:, K - 1:K])
-    expect = torch.softmax(top, -1) if opts.get("renormalise", True) else torch.exp(top - torch.logsumexp(z, -1,
-                                                                                                           keepdim=True))
+    if opts.get("renormalise", True):
+        expect = torch.softmax(top, -1)
+    else:
+        expect = torch.exp(top - torch.logsumexp(z, -1, keepdim=True))
     torch.testing.assert_close(weights, expect, atol=1e-5, rtol=1e-5)
 
 
