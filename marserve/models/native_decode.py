@@ -9,7 +9,9 @@ afterwards. Otherwise each layer makes one call for everything from its input no
 Applies to passes where every sequence decodes one token, on CPU, over the paged cache, without autograd,
 for fp32 and bf16 models whose layers have their q/k/v fused into one plain projection (what the engine's
 `pack_for_cpu` leaves when the native kernels are available). Anything else keeps the module-by-module path,
-which stays the definition; MARSERVE_NATIVE_LAYER=0 turns this path off.
+which stays the definition; MARSERVE_NATIVE_LAYER=0 turns this path off. The kernels keep the weight
+tensors they were built from (on the layer and the model, at the first decode pass): weights are not to be
+replaced after that (the engine prepares them once, with pack_for_cpu, before serving).
 """
 
 from __future__ import annotations
