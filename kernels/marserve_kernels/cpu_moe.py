@@ -39,6 +39,13 @@ def _can_use_native(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -
             and w13.is_contiguous() and w2.is_contiguous() and cpu_moe_native.available(w13.dtype))
 
 
+def native_is_faster(tokens: int, top_k: int, experts: int, hidden: int, inter: int, dtype: torch.dtype) -> bool:
+    """Whether the native few-token kernel beats the per-expert GEMMs for this call (the crossovers above);
+    the CPU decode-layer kernel, which runs the experts natively, asks the same question."""
+    flops = 6 * tokens * top_k * hidden * inter
+    return tokens * top_k <= NATIVE_MAX_PAIRS_PER_EXPERT.get(dtype, 0) * experts or flops <= NATIVE_MAX_FLOPS
+
+
 def grouped_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
                 topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
     """hidden [T, H], w13 [E, 2I, H], w2 [E, H, I], topk_* [T, K] -> [T, H]."""
@@ -46,8 +53,7 @@ def grouped_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     E = w13.shape[0]
     if T == 0:
         return torch.zeros_like(hidden)
-    flops = 6 * T * K * hidden.shape[1] * (w13.shape[1] // 2)
-    few_pairs = T * K <= NATIVE_MAX_PAIRS_PER_EXPERT.get(w13.dtype, 0) * E or flops <= NATIVE_MAX_FLOPS
+    few_pairs = native_is_faster(T, K, E, hidden.shape[1], w13.shape[1] // 2, w13.dtype)
     if few_pairs and _can_use_native(hidden, w13, w2):
         return cpu_moe_native.small_moe(hidden, w13, w2, topk_weights, topk_ids)
     return gemm_moe(hidden, w13, w2, topk_weights, topk_ids)

@@ -82,7 +82,7 @@ class MoeForCausalLM(nn.Module):
         x = self.model.embed_tokens(input_ids)  # [T,H]
         cos, sin = self.model.rotary(positions, x.dtype)
         if attn.is_paged and native_decode.pass_applies(x, attn):  # CPU decode: the layers in one native call
-            stack = native_decode.stack_for(self, x.dtype)
+            stack = native_decode.stack_for(self, x.dtype, x.shape[0])
             if stack is not None:
                 return self.model.norm(*native_decode.run_stack(self, stack, x, cos, sin, attn))[0]
         residual = None

@@ -22,6 +22,7 @@ import torch
 
 from marserve.attention import AttentionMetadata
 from marserve_kernels import cpu_decode_layer_native as kernel
+from marserve_kernels import cpu_moe
 
 _UNSUPPORTED = object()  # cached on a layer the kernel cannot take
 
@@ -50,9 +51,11 @@ def layer_kernel(layer, dtype: torch.dtype) -> kernel.DecodeLayer | None:
     return None if found is _UNSUPPORTED else found
 
 
-def stack_for(model, dtype: torch.dtype) -> kernel.DecodeStack | None:
+def stack_for(model, dtype: torch.dtype, num_seqs: int) -> kernel.DecodeStack | None:
     """The whole-stack kernel of a model (built on first ask and kept on it), or None when some layer does not
-    qualify: a dense or shared-expert layer, experts not all resident, or a layer the kernel cannot take."""
+    qualify (a dense or shared-expert layer, experts not all resident, a layer the kernel cannot take), a
+    routing observer is set, or the pass is so large that per-expert GEMMs beat the native experts (then the
+    per-layer form hands the experts to marserve_kernels.moe, which picks the GEMMs)."""
     found = model.__dict__.get("_native_stack")
     if found is None:
         found = _UNSUPPORTED
@@ -68,6 +71,9 @@ def stack_for(model, dtype: torch.dtype) -> kernel.DecodeStack | None:
                 found.blocks = model.moe_blocks()  # whose providers get the routing decisions reported
         model.__dict__["_native_stack"] = found
     if found is _UNSUPPORTED or any(block.routing_observer is not None for block in found.blocks):
+        return None
+    first = found.layers[0]
+    if not cpu_moe.native_is_faster(num_seqs, first.K, first.E, first.hidden, first.I, dtype):
         return None
     return found
 

@@ -47,7 +47,7 @@ def test_native_decode_matches_the_modules(baby_checkpoint, monkeypatch, arch, d
     prompts = [torch.randint(0, cfg.vocab_size, (n,), generator=g).tolist() for n in (5, 9, 2)]
     tables = [[3, 7, 1, 12], [0, 5, 9, 14], [2, 11, 4, 6]]  # scattered blocks of 4 slots
     if form == "layer":
-        monkeypatch.setattr(native_decode, "stack_for", lambda model, dtype: None)
+        monkeypatch.setattr(native_decode, "stack_for", lambda model, dtype, num_seqs: None)
 
     calls = {"layer": 0, "stack": 0}
     for cls, name in ((cpu_decode_layer_native.DecodeLayer, "layer"), (cpu_decode_layer_native.DecodeStack, "stack")):
@@ -97,3 +97,25 @@ def test_a_routing_observer_keeps_the_per_layer_form_and_sees_every_decision(bab
     assert not stack_calls
     decode = [s for s in seen if s[1] == 2]  # the 3 decode steps of 2 sequences (the prefill pass has 9 rows)
     assert decode == [(i, 2, (2, cfg.num_experts_per_tok)) for _ in range(3) for i in range(cfg.num_hidden_layers)]
+
+
+def test_passes_past_the_native_experts_crossover_take_the_per_layer_form(baby_checkpoint, monkeypatch):
+    """Where per-expert GEMMs beat the native experts (cpu_moe.native_is_faster says no), the whole-stack call
+    is skipped: each layer routes natively and hands its experts to marserve_kernels.moe."""
+    from marserve_kernels import cpu_moe
+    model, cfg = load_model(baby_checkpoint("mixtral"), dtype="float32")
+    model.pack_for_cpu()
+    monkeypatch.setattr(cpu_moe, "NATIVE_MAX_PAIRS_PER_EXPERT", {})
+    monkeypatch.setattr(cpu_moe, "NATIVE_MAX_FLOPS", 0)
+    assert native_decode.stack_for(model, torch.float32, 2) is None
+    calls = []
+    real = cpu_decode_layer_native.DecodeLayer.run
+    monkeypatch.setattr(cpu_decode_layer_native.DecodeLayer, "run", lambda self, *a: calls.append(1) or real(self, *a))
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(0, cfg.vocab_size, (n,), generator=g).tolist() for n in (4, 7)]
+    native = _decode_logits(ModelRunner(model, cfg, block_size=4, num_blocks=16), prompts, [[1, 2, 3], [4, 5, 6]], 3)
+    assert len(calls) == 3 * cfg.num_hidden_layers
+    monkeypatch.setattr(native_decode, "pass_applies", lambda x, meta: False)
+    modules = _decode_logits(ModelRunner(model, cfg, block_size=4, num_blocks=16), prompts, [[1, 2, 3], [4, 5, 6]], 3)
+    for a, b in zip(native, modules):
+        torch.testing.assert_close(a, b, atol=2e-4, rtol=2e-4)
