@@ -76,7 +76,7 @@ def _dense_attend(q, k, v, query_lens: list[int], scale: float) -> torch.Tensor:
 BACKENDS = ("triton", "native", "torch")
 
 
-def _forced_backend() -> str | None:
+def forced_backend() -> str | None:
     forced = os.environ.get("MARSERVE_ATTENTION_BACKEND", "").strip().lower()
     if forced and forced not in BACKENDS:
         raise ValueError(f"MARSERVE_ATTENTION_BACKEND={forced!r}: expected one of {', '.join(BACKENDS)}")
@@ -84,7 +84,7 @@ def _forced_backend() -> str | None:
 
 
 def _use_triton(q: torch.Tensor) -> bool:
-    forced = _forced_backend()
+    forced = forced_backend()
     return forced == "triton" if forced else q.device.type == "cuda"
 
 
@@ -98,7 +98,7 @@ def _native_decode_applies(q: torch.Tensor, meta: AttentionMetadata, layer_idx: 
 
 
 def _native_decode_possible(q: torch.Tensor, meta: AttentionMetadata, layer_idx: int) -> bool:
-    if _forced_backend() not in (None, "native") or q.device.type != "cpu" or q.requires_grad:
+    if forced_backend() not in (None, "native") or q.device.type != "cpu" or q.requires_grad:
         return False
     if any(n != 1 for n in meta.query_lens):
         return False

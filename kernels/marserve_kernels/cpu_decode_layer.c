@@ -147,12 +147,6 @@ static void route_row(const float *z, int64_t E, int64_t K, int renormalise, int
     for (int64_t k = 0; k < K; k++) weights[k] = expf(top[k] - m) / sum;
 }
 
-/* Rows [n0, n1) of this thread's share of N rows (boundaries on multiples of 32, cpu_dense_small's split). */
-static void split_rows(int64_t N, int64_t t, int64_t nt, int64_t *n0, int64_t *n1) {
-    *n0 = N * t / nt / BN * BN;
-    *n1 = t == nt - 1 ? N : N * (t + 1) / nt / BN * BN;
-}
-
 /* One layer. x [B, H] and residual [B, H] in the activation dtype (residual updated in place; with first = 1
  * it is only written: residual = x). Outputs: h [B, H] (activation dtype; may be NULL when the experts run
  * here), and for MoE layers z [B, E] fp32 router logits, ids [B, K] int64, weights [B, K] fp32; with resident

@@ -203,18 +203,13 @@ class DecodeLayer:
         a = self.args
         a.k_cache, a.v_cache = k_cache.data_ptr(), v_cache.data_ptr()
         a.threads = min(self.max_threads, p.threads)
+        routing = None
         if self.E:
-            z = torch.empty((B, self.E), dtype=torch.float32)
-            topk_w = torch.empty((B, self.K), dtype=torch.float32)
-            ids = torch.empty((B, self.K), dtype=torch.int64)
-            rc = self.lib.decode_layer_attention(self.args_ref, p.args_ref, x.data_ptr(), residual.data_ptr(), first,
-                                                 h.data_ptr(), z.data_ptr(), ids.data_ptr(), topk_w.data_ptr())
-            routing = (z, topk_w, ids)
-        else:
-            rc = self.lib.decode_layer_attention(self.args_ref, p.args_ref, x.data_ptr(), residual.data_ptr(), first,
-                                                 h.data_ptr(), None, None, None)
-            routing = None
-        _check(rc)
+            routing = (torch.empty((B, self.E), dtype=torch.float32), torch.empty((B, self.K), dtype=torch.float32),
+                       torch.empty((B, self.K), dtype=torch.int64))
+        z, topk_w, ids = routing or (None, None, None)
+        _check(self.lib.decode_layer_attention(self.args_ref, p.args_ref, x.data_ptr(), residual.data_ptr(), first,
+                                               h.data_ptr(), _ptr(z), _ptr(ids), _ptr(topk_w)))
         return h, residual, routing
 
 

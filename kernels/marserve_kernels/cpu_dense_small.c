@@ -214,6 +214,13 @@ static void dense_rows4(const float *x, int64_t ldx, const wtype *w, const float
 #define OUTER_MIN_T 48 /* tokens from which the outer-product form is faster (measured) */
 #endif
 
+/* Rows [n0, n1) of thread t's share of N rows among nt: boundaries on multiples of 32 rows (the outer form's
+ * blocks; the dot form's groups of 4); the last thread takes the rest. */
+static void split_rows(int64_t N, int64_t t, int64_t nt, int64_t *n0, int64_t *n1) {
+    *n0 = N * t / nt / BN * BN;
+    *n1 = t == nt - 1 ? N : N * (t + 1) / nt / BN * BN;
+}
+
 /* y[T, N] = x[T, K] @ w[N, K]^T (+ bias[N], NULL for none) on `threads` OpenMP threads, each taking a
  * contiguous slice of the N rows (torch's own OpenMP runtime when loaded with torch, so its already
  * spinning workers are reused). x rows are ldx floats apart (>= K); y is contiguous. */
@@ -232,8 +239,8 @@ void dense_small(const float *x, int64_t ldx, const wtype *w, const float *bias,
         t = omp_get_thread_num();
         nt = omp_get_num_threads();
 #endif
-        /* Boundaries on multiples of 32 rows (the outer form's blocks; the dot form's pairs). */
-        int64_t n0 = N * t / nt / BN * BN, n1 = t == nt - 1 ? N : N * (t + 1) / nt / BN * BN;
+        int64_t n0, n1;
+        split_rows(N, t, nt, &n0, &n1);
         rows(x, ldx, w, bias, y, T, K, N, n0, n1);
     }
 }

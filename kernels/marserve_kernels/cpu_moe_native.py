@@ -72,14 +72,14 @@ def small_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_we
     return out if hidden.dtype is torch.float32 else out.to(hidden.dtype)
 
 
-def read_bandwidth_gbs(buffer_mb: int = 512, repeats: int = 5, threads: int | None = None) -> float:
-    """GB/s of the kernel's own vector loads over a buffer far larger than the caches, split like small_moe.
+def read_bandwidth_gbs(buf: torch.Tensor, repeats: int = 5, threads: int | None = None) -> float:
+    """GB/s of the kernel's own vector loads over `buf` (contiguous fp32, far larger than the caches), split
+    like small_moe; best of `repeats` after a warm-up pass.
 
     A second opinion on the machine's read bandwidth: torch's sum() can fall short of what streaming
     code reaches, and a share of the limit is only honest if the limit is the best rate seen.
     """
-    assert available(), "call available() first"
-    buf = torch.ones(buffer_mb * 2**20 // 4)
+    assert available() and buf.dtype == torch.float32 and buf.is_contiguous(), "call available() first"
     threads = threads or torch.get_num_threads()
     best = float("inf")
     for _ in range(repeats + 1):  # the first pass is a warm-up

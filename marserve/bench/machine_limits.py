@@ -41,21 +41,20 @@ def _best(fn, repeats: int) -> float:
     return best
 
 
-def _native_read_gbs(buf: torch.Tensor, repeats: int) -> float:
-    """Read rate of marserve_kernels' native vector loop over buf (0.0 without the native kernels): on these
-    machines it reads ~20% faster than torch's sum(), and the limit must be the best rate seen."""
+def _read_gbs(buf: torch.Tensor, repeats: int) -> float:
+    """Read rate over buf: the faster of torch's sum() and marserve_kernels' native read loop (on these
+    machines the native loop reads ~20% faster, and the limit must be the best rate seen)."""
     from marserve_kernels import cpu_moe_native
+    torch_gbs = buf.numel() * 4 / _best(lambda: buf.sum(), repeats) / 1e9
     if not cpu_moe_native.available(torch.float32):
-        return 0.0
-    lib = cpu_moe_native._KERNEL.lib(torch.float32)
-    threads = torch.get_num_threads()
-    return buf.numel() * 4 / _best(lambda: lib.read_sum(buf.data_ptr(), buf.numel(), threads), repeats) / 1e9
+        return torch_gbs
+    return max(torch_gbs, cpu_moe_native.read_bandwidth_gbs(buf, repeats))
 
 
 def measure(repeats: int = 5, buffer_mb: int = 512, matmul_n: int = 2048) -> MachineLimits:
     n = buffer_mb * 2**20 // 4
     src, dst = torch.ones(n), torch.empty(n)
-    read_s = min(_best(lambda: src.sum(), repeats), n * 4 / 1e9 / max(_native_read_gbs(src, repeats), 1e-9))
+    read_gbs = _read_gbs(src, repeats)
     copy_s = _best(lambda: dst.copy_(src), repeats)
     src = dst = None  # free the 1 GiB of buffers before the matmuls
     a, b = torch.randn(matmul_n, matmul_n), torch.randn(matmul_n, matmul_n)
@@ -67,7 +66,7 @@ def measure(repeats: int = 5, buffer_mb: int = 512, matmul_n: int = 2048) -> Mac
         bt = b.t().contiguous()  # [N, K] weight layout: a @ b == linear(a, b^T)
         onednn = flops / _best(lambda: torch.ops.mkldnn._linear_pointwise(a, bt, None, "none", [], ""),
                                repeats) / 1e9
-    return MachineLimits(bandwidth_gbs=n * 4 / read_s / 1e9, matmul_gflops=max(mkl, onednn),
+    return MachineLimits(bandwidth_gbs=read_gbs, matmul_gflops=max(mkl, onednn),
                          threads=torch.get_num_threads(), copy_gbs=2 * n * 4 / copy_s / 1e9,
                          mkl_gflops=mkl, onednn_gflops=onednn)
 
@@ -96,8 +95,7 @@ class BandwidthProbe:
 
     def read_gbs(self, repeats: int = 3) -> float:
         """The faster of torch's sum() and the native read loop over the buffer."""
-        return max(self._buf.numel() * 4 / _best(lambda: self._buf.sum(), repeats) / 1e9,
-                   _native_read_gbs(self._buf, repeats))
+        return _read_gbs(self._buf, repeats)
 
 
 if __name__ == "__main__":

@@ -16,11 +16,9 @@ replaced after that (the engine prepares them once, with pack_for_cpu, before se
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-from marserve.attention import AttentionMetadata
+from marserve.attention import AttentionMetadata, forced_backend
 from marserve_kernels import cpu_decode_layer_native as kernel
 from marserve_kernels import cpu_moe
 
@@ -31,8 +29,7 @@ def pass_applies(x: torch.Tensor, meta: AttentionMetadata) -> bool:
     """Whether this forward pass can take the native decode layers; decided once per pass (kept on meta)."""
     ok = meta.__dict__.get("_native_layer_ok")
     if ok is None:
-        forced = os.environ.get("MARSERVE_ATTENTION_BACKEND", "").strip().lower()
-        ok = (meta.is_paged and x.device.type == "cpu" and forced in ("", "native")
+        ok = (meta.is_paged and x.device.type == "cpu" and forced_backend() in (None, "native")
               and x.dtype in kernel.VARIANTS and all(n == 1 for n in meta.query_lens)
               and not (torch.is_grad_enabled() and x.requires_grad)
               and meta.kv_caches[0][0].dtype == x.dtype and kernel.available(x.dtype))
