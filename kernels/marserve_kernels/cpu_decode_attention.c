@@ -49,7 +49,7 @@ static inline void rope(const float *restrict x, const float *restrict cos_row, 
     }
 }
 
-#define MAX_DV 16 /* head dims up to 256 in registers-sized chunks */
+#define MAX_DV (256 / LANES) /* head dims up to 256 in register-sized chunks */
 
 /* Per-thread scratch that grows as needed and is kept between calls (no malloc per layer). */
 static float *scratch(size_t floats) {

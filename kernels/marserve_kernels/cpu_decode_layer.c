@@ -126,6 +126,7 @@ static void shape_qkv_row(const struct layer_args *L, float *row) {
 
 /* Top-k of one token's router logits z[0:E) -> ids (largest first), weights. */
 static void route_row(const float *z, int64_t E, int64_t K, int renormalise, int64_t *ids, float *weights) {
+    if (K <= 0) return;
     unsigned char taken[MAX_EXPERTS];
     memset(taken, 0, (size_t)E);
     float top[MAX_EXPERTS];

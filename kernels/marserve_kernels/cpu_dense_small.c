@@ -2,19 +2,20 @@
  *
  * Decode reads every weight once per step, so a linear layer with a handful of tokens is a stream over
  * W: each weight row comes from memory once and is dotted with all T tokens while it sits in L1 or L2.
- * Two forms: below OUTER_MIN_T tokens the dot form (4 rows x up to 4 tokens per pass, token groups
+ * Two forms: below OUTER_MIN_T tokens the dot form (4 rows x up to DOT_T tokens per pass, token groups
  * reusing a block of rows from L2), from there the outer-product form on a transposed block of W (fewer
  * loads per FMA, no sums across lanes, once the transpose is paid for by enough tokens). oneDNN's GEMMs
  * reach 50-75% of the memory bandwidth at decode shapes, even on its packed layout (docs/benchmarks.md,
  * "CPU linear layers").
  * Weights are fp32, or bf16 when built with -DWEIGHT_BF16 (widened to fp32 in registers: half the bytes
  * streamed); activations, accumulation and outputs are fp32 in both builds.
- * Built at first use by cpu_dense_native.py (native_build) with -O3 -march=<this machine>.
+ * Register tiles follow the vector width (cpu_simd.h): AVX-512 runs 4 rows x 4 tokens and 12-token outer passes,
+ * AVX2 and the portable path 4 x 2 (4 x 1) and 6-token passes, so no accumulator spills on 16 registers.
+ * Built at first use by cpu_dense_native.py (native_build) for the ISA cpu_features picks.
  */
 #ifdef _OPENMP
 #include <omp.h>
 #endif
-#include <immintrin.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -30,36 +31,20 @@
  * an L1 scratch wt[KC][BN] once per call, and each group of up to TB tokens accumulates
  * y[t, n:n+BN] += x[t, k] * wt[k, :] over the chunk: 2 vector loads and TB broadcasts feed 2*TB FMAs,
  * and the outputs come out as whole vectors, no sums across lanes. */
-#define BN 32        /* rows per block: two vectors of outputs */
-#define KC 256       /* columns per chunk: wt is KC x BN fp32 = 32 KiB */
-#define TB 12        /* tokens per pass: 2*12 accumulators + 2 weight vectors + a broadcast < 32 registers */
-#define T_SUPER 64   /* tokens whose outputs one block keeps in its buffer; more are done in turns */
+#define BN (2 * LANES) /* rows per block: two vectors of outputs */
+#define KC 256         /* columns per chunk: wt is KC x BN fp32 = 16 (AVX2) or 32 KiB (AVX-512) */
+#define TB (VREGS == 32 ? 12 : 6) /* tokens per pass: 2 * TB accumulators + 2 weight vectors + a broadcast fit */
+#define T_SUPER 64     /* tokens whose outputs one block keeps in its buffer; more are done in turns */
 
-/* Swaps bit D of the row index with bit D of the lane index for rows i and i + D (a 16x16 transpose is
- * the four swaps D = 8, 4, 2, 1). */
-#define SWAP8(a, b) do { vec lo = __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23); \
-    b = __builtin_shufflevector(a, b, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31); a = lo; } while (0)
-#define SWAP4(a, b) do { vec lo = __builtin_shufflevector(a, b, 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27); \
-    b = __builtin_shufflevector(a, b, 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31); a = lo; } while (0)
-#define SWAP2(a, b) do { vec lo = __builtin_shufflevector(a, b, 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29); \
-    b = __builtin_shufflevector(a, b, 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31); a = lo; } while (0)
-#define SWAP1(a, b) do { vec lo = __builtin_shufflevector(a, b, 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30); \
-    b = __builtin_shufflevector(a, b, 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31); a = lo; } while (0)
-
-/* wt[k][col0 + i] = w[i][k] for i < 16, k < 16 (w rows ldw apart); `pf` rows are prefetched alongside. */
-static inline void transpose16(const wtype *w, int64_t ldw, const wtype *pf, float *wt, int col0) {
-    vec r[16];
-    for (int i = 0; i < 16; i++) {
+/* wt[k][col0 + i] = w[i][k] for i, k < LANES (w rows ldw apart); `pf` rows are prefetched alongside. */
+static inline void transpose_block(const wtype *w, int64_t ldw, const wtype *pf, float *wt, int col0) {
+    vec r[LANES];
+    for (int i = 0; i < LANES; i++) {
         r[i] = load_w(w + i * ldw);
         __builtin_prefetch(pf + i * ldw);
     }
-    for (int i = 0; i < 8; i++) SWAP8(r[i], r[i + 8]);
-    for (int i = 0; i < 16; i += 8)
-        for (int j = 0; j < 4; j++) SWAP4(r[i + j], r[i + j + 4]);
-    for (int i = 0; i < 16; i += 4)
-        for (int j = 0; j < 2; j++) SWAP2(r[i + j], r[i + j + 2]);
-    for (int i = 0; i < 16; i += 2) SWAP1(r[i], r[i + 1]);
-    for (int k = 0; k < 16; k++) *(vec *)(wt + k * BN + col0) = r[k];
+    TRANSPOSE(r);
+    for (int k = 0; k < LANES; k++) *(vec *)(wt + k * BN + col0) = r[k];
 }
 
 /* acc[t][0:BN] += sum over k < kc of x[t][k] * wt[k][0:BN] for t < NT (x rows ldx apart). */
@@ -74,7 +59,7 @@ static inline void transpose16(const wtype *w, int64_t ldw, const wtype *pf, flo
             vec w0 = *(const vec *)(wt + k * BN), w1 = *(const vec *)(wt + k * BN + LANES);           \
             PIN(w0); PIN(w1);                                                                          \
             for (int t = 0; t < NT; t++) {                                                             \
-                vec xb = (vec)_mm512_set1_ps(x[t * ldx + k]); /* a broadcast load, no shuffle */     \
+                vec xb = SPLAT(x[t * ldx + k]); /* a broadcast load, no shuffle */                    \
                 a0[t] += xb * w0;                                                                      \
                 a1[t] += xb * w1;                                                                      \
             }                                                                                          \
@@ -84,11 +69,15 @@ static inline void transpose16(const wtype *w, int64_t ldw, const wtype *pf, flo
             *(vec *)(acc + t * BN + LANES) = a1[t];                                                    \
         }                                                                                              \
     }
-DEFINE_OUTER(1) DEFINE_OUTER(2) DEFINE_OUTER(3) DEFINE_OUTER(4) DEFINE_OUTER(5) DEFINE_OUTER(6)
-DEFINE_OUTER(7) DEFINE_OUTER(8) DEFINE_OUTER(9) DEFINE_OUTER(10) DEFINE_OUTER(11) DEFINE_OUTER(12)
 typedef void (*outer_fn)(const float *, int64_t, const float *, int64_t, float *);
+DEFINE_OUTER(1) DEFINE_OUTER(2) DEFINE_OUTER(3) DEFINE_OUTER(4) DEFINE_OUTER(5) DEFINE_OUTER(6)
+#if TB == 12
+DEFINE_OUTER(7) DEFINE_OUTER(8) DEFINE_OUTER(9) DEFINE_OUTER(10) DEFINE_OUTER(11) DEFINE_OUTER(12)
 static const outer_fn OUTER[TB + 1] = {0, outer_1, outer_2, outer_3, outer_4, outer_5, outer_6,
                                        outer_7, outer_8, outer_9, outer_10, outer_11, outer_12};
+#else
+static const outer_fn OUTER[TB + 1] = {0, outer_1, outer_2, outer_3, outer_4, outer_5, outer_6};
+#endif
 
 /* Rows [n0, n1) of y by the outer-product form (same contract as dense_rows4). */
 static void dense_rows_outer(const float *x, int64_t ldx, const wtype *w, const float *bias, float *y, int64_t T,
@@ -107,9 +96,9 @@ static void dense_rows_outer(const float *x, int64_t ldx, const wtype *w, const 
                 const wtype *next = c + KC < K ? w + blk * K + c + KC : w + (blk + BN < n1 ? blk + BN : blk) * K;
                 int64_t k = 0;
                 if (nr == BN)
-                    for (; k + 16 <= kc; k += 16) {
-                        transpose16(w + blk * K + c + k, K, next + k, wt + k * BN, 0);
-                        transpose16(w + (blk + 16) * K + c + k, K, next + 16 * K + k, wt + k * BN, 16);
+                    for (; k + LANES <= kc; k += LANES) {
+                        transpose_block(w + blk * K + c + k, K, next + k, wt + k * BN, 0);
+                        transpose_block(w + (blk + LANES) * K + c + k, K, next + LANES * K + k, wt + k * BN, LANES);
                     }
                 for (int64_t kk = k; kk < kc; kk++) /* a short block or K's tail: one by one */
                     for (int j = 0; j < BN; j++) wt[kk * BN + j] = j < nr ? scalar_w(w[(blk + j) * K + c + kk]) : 0.f;
@@ -124,20 +113,20 @@ static void dense_rows_outer(const float *x, int64_t ldx, const wtype *w, const 
     }
 }
 
-/* ---- The dot form on 4 rows x 4 tokens, with the sums across lanes done 16 at a time ------------------
- * 4 weight vectors and 4 x vectors feed 16 FMAs (2 rows x 8 tokens would need 10 loads for as many), and
- * the 16 accumulators are summed across lanes together: at each of 4 levels a pair of vectors is
- * interleaved (the transpose swaps above) and added, ending in one vector holding the 16 sums; 45 vector
- * ops for 16 outputs where one horizontal sum each costs ~7. For 1-4 tokens this is a plain stream over W.
- * The small loops are unrolled by pragma so that gcc keeps the 16 accumulators in registers throughout (without
- * it, it zeroes and reloads a stack copy for the reduction: 3-5% of the 4-32-token rate in cache).
+/* ---- The dot form on 4 rows x DOT_T tokens, with the sums across lanes done LANES at a time -----------
+ * DOT_T = LANES / 4 (4 with AVX-512, 2 with AVX2, 1 portable), so the tile has exactly LANES accumulators:
+ * 4 weight vectors and DOT_T x vectors feed 4 * DOT_T FMAs (AVX-512: 16 accumulators + 8 loads of 32
+ * registers; AVX2: 8 + 5 of 16), and the LANES accumulators are summed across lanes together
+ * (TRANSPOSE_SUM), ending in one vector of LANES sums; at 16 lanes 45 vector ops for 16 outputs where one
+ * horizontal sum each costs ~7. For 1-DOT_T tokens this is a plain stream over W.
  * PF: prefetch the rows `ahead` further (the pass that streams the rows from memory; later token groups
  * find them in cache). */
+#define DOT_T (LANES / 4)
 #define DEFINE_DOT4(NT, PF)                                                                            \
     static void dot4_##NT##_##PF(const wtype *w, int64_t ldw, const float *x, int64_t ldx, int64_t n,     \
                                  int64_t ahead, float *res) {                                          \
-        vec acc[16];                                                                                   \
-        _Pragma("GCC unroll 16") for (int i = 0; i < 16; i++) acc[i] = (vec){0};                       \
+        vec acc[LANES];                                                                                \
+        _Pragma("GCC unroll 16") for (int i = 0; i < LANES; i++) acc[i] = (vec){0};                    \
         int64_t h = 0;                                                                                 \
         for (; h + LANES <= n; h += LANES) {                                                           \
             vec wv[4];                                                                                 \
@@ -149,37 +138,43 @@ static void dense_rows_outer(const float *x, int64_t ldx, const wtype *w, const 
             for (int t = 0; t < NT; t++) {                                                             \
                 vec xv = *(const vec_u *)(x + t * ldx + h);                                            \
                 PIN(xv);                                                                               \
-                for (int r = 0; r < 4; r++) acc[r * 4 + t] += wv[r] * xv;                              \
+                for (int r = 0; r < 4; r++) acc[r * DOT_T + t] += wv[r] * xv;                          \
             }                                                                                          \
         }                                                                                              \
-        _Pragma("GCC unroll 8") for (int i = 0; i < 8; i++) { SWAP8(acc[i], acc[i + 8]); acc[i] += acc[i + 8]; } \
-        _Pragma("GCC unroll 4") for (int i = 0; i < 4; i++) { SWAP4(acc[i], acc[i + 4]); acc[i] += acc[i + 4]; } \
-        _Pragma("GCC unroll 2") for (int i = 0; i < 2; i++) { SWAP2(acc[i], acc[i + 2]); acc[i] += acc[i + 2]; } \
-        SWAP1(acc[0], acc[1]);                                                                         \
-        *(vec_u *)res = acc[0] + acc[1]; /* res[r * 4 + t] */                                          \
-        for (; h < n; h++) /* n % 16 leftovers */                                                      \
+        vec sums;                                                                                      \
+        TRANSPOSE_SUM(acc, sums);                                                                      \
+        *(vec_u *)res = sums; /* res[r * DOT_T + t] */                                                 \
+        for (; h < n; h++) /* n % LANES leftovers */                                                   \
             for (int r = 0; r < 4; r++)                                                                \
-                for (int t = 0; t < NT; t++) res[r * 4 + t] += scalar_w(w[r * ldw + h]) * x[t * ldx + h]; \
+                for (int t = 0; t < NT; t++) res[r * DOT_T + t] += scalar_w(w[r * ldw + h]) * x[t * ldx + h]; \
     }
-DEFINE_DOT4(1, 0) DEFINE_DOT4(2, 0) DEFINE_DOT4(3, 0) DEFINE_DOT4(4, 0)
-DEFINE_DOT4(1, 1) DEFINE_DOT4(2, 1) DEFINE_DOT4(3, 1) DEFINE_DOT4(4, 1)
 typedef void (*dot4_fn)(const wtype *, int64_t, const float *, int64_t, int64_t, int64_t, float *);
-static const dot4_fn DOT4[2][5] = {{0, dot4_1_0, dot4_2_0, dot4_3_0, dot4_4_0}, {0, dot4_1_1, dot4_2_1, dot4_3_1, dot4_4_1}};
+DEFINE_DOT4(1, 0) DEFINE_DOT4(1, 1)
+#if DOT_T == 4
+DEFINE_DOT4(2, 0) DEFINE_DOT4(3, 0) DEFINE_DOT4(4, 0) DEFINE_DOT4(2, 1) DEFINE_DOT4(3, 1) DEFINE_DOT4(4, 1)
+static const dot4_fn DOT4[2][DOT_T + 1] = {{0, dot4_1_0, dot4_2_0, dot4_3_0, dot4_4_0},
+                                           {0, dot4_1_1, dot4_2_1, dot4_3_1, dot4_4_1}};
+#elif DOT_T == 2
+DEFINE_DOT4(2, 0) DEFINE_DOT4(2, 1)
+static const dot4_fn DOT4[2][DOT_T + 1] = {{0, dot4_1_0, dot4_2_0}, {0, dot4_1_1, dot4_2_1}};
+#else
+static const dot4_fn DOT4[2][DOT_T + 1] = {{0, dot4_1_0}, {0, dot4_1_1}};
+#endif
 
-#define ROWS4_BLOCK 16 /* weight rows reused from L2 by every group of 4 tokens */
+#define ROWS4_BLOCK 16 /* weight rows reused from L2 by every group of DOT_T tokens */
 /* Rows [n0, n1) of y: y[t, n] = x[t] . w[n] (+ bias[n]), x [T, K] with rows ldx floats apart, y [T, N].
- * Tokens in balanced groups of up to 4; a block of 16 rows comes from memory once (the first group's
+ * Tokens in balanced groups of up to DOT_T; a block of 16 rows comes from memory once (the first group's
  * pass) and is reused from L2 by the other groups, each group's x rows staying in L1 (chunked along K
  * when they would not fit). A last block of fewer than 4 rows repeats
  * its last row (computed twice, stored once). */
 static void dense_rows4(const float *x, int64_t ldx, const wtype *w, const float *bias, float *y, int64_t T,
                         int64_t K, int64_t N, int64_t n0, int64_t n1) {
-    float res[16] __attribute__((aligned(64)));
-    int64_t groups = (T + 3) / 4;
+    float res[LANES] __attribute__((aligned(64)));
+    int64_t groups = (T + DOT_T - 1) / DOT_T;
     for (int64_t blk = n0; blk < n1; blk += ROWS4_BLOCK) {
         int64_t blk_end = blk + ROWS4_BLOCK < n1 ? blk + ROWS4_BLOCK : n1;
         for (int64_t g = 0; g < groups; g++) {
-            int64_t t0 = T * g / groups, nb = T * (g + 1) / groups - t0; /* balanced: 6 = 3 + 3 */
+            int64_t t0 = T * g / groups, nb = T * (g + 1) / groups - t0; /* balanced: 6 = 3 + 3 (DOT_T 4) */
             int64_t chunk = nb * K <= L1_FLOATS ? K : K_CHUNK;
             for (int64_t c = 0; c < K; c += chunk) {
                 int64_t len = K - c < chunk ? K - c : chunk;
@@ -196,13 +191,13 @@ static void dense_rows4(const float *x, int64_t ldx, const wtype *w, const float
                             for (int t = 0; t < nb; t++) {
                                 float sum = 0.f;
                                 for (int64_t h = 0; h < len; h++) sum += scalar_w(rows[r][h]) * x[(t0 + t) * ldx + c + h];
-                                res[r * 4 + t] = sum;
+                                res[r * DOT_T + t] = sum;
                             }
                     }
                     for (int64_t t = 0; t < nb; t++) {
                         float *o = y + (t0 + t) * N + n;
                         for (int64_t r = 0; r < nr; r++)
-                            o[r] = (c == 0 ? (bias ? bias[n + r] : 0.f) : o[r]) + res[r * 4 + t];
+                            o[r] = (c == 0 ? (bias ? bias[n + r] : 0.f) : o[r]) + res[r * DOT_T + t];
                     }
                 }
             }
@@ -214,8 +209,8 @@ static void dense_rows4(const float *x, int64_t ldx, const wtype *w, const float
 #define OUTER_MIN_T 48 /* tokens from which the outer-product form is faster (measured) */
 #endif
 
-/* Rows [n0, n1) of thread t's share of N rows among nt: boundaries on multiples of 32 rows (the outer form's
- * blocks; the dot form's groups of 4); the last thread takes the rest. */
+/* Rows [n0, n1) of thread t's share of N rows among nt: boundaries on multiples of BN rows (the outer form's
+ * blocks, a multiple of the dot form's groups of 4); the last thread takes the rest. */
 static void split_rows(int64_t N, int64_t t, int64_t nt, int64_t *n0, int64_t *n1) {
     *n0 = N * t / nt / BN * BN;
     *n1 = t == nt - 1 ? N : N * (t + 1) / nt / BN * BN;

@@ -9,7 +9,8 @@
  * races: gate_up writes columns [i0, i1) of act, down writes columns [h0, h1) of out.
  * Weights are fp32, or bf16 when built with -DWEIGHT_BF16 (widened to fp32 in registers: half the bytes
  * streamed); activations, accumulation and outputs are fp32 in both builds.
- * Built at first use by cpu_moe_native.py with -O3 -march=<this machine>.
+ * Register tiles follow the vector width and register count (cpu_simd.h).
+ * Built at first use by cpu_moe_native.py (native_build) for the ISA cpu_features picks.
  */
 #include <math.h>
 #ifdef _OPENMP
@@ -21,8 +22,9 @@
 
 #include "cpu_simd.h"
 
-#define MAX_GROUP 8   /* pairs per pass over a weight row: 2*8 accumulators fit the registers */
-#define ROW_BLOCK 16  /* weight rows reused from L2 by every group of pairs; = LANES (one SiLU vector) */
+#define MAX_GROUP (VREGS == 32 ? 8 : 6) /* pairs per pass over a weight row: 2 * MAX_GROUP accumulators, 2 weight
+                                          vectors and an x vector fit the registers */
+#define ROW_BLOCK 16  /* weight rows reused from L2 by every group of pairs; a multiple of LANES (SiLU vectors) */
 #define K_CHUNK 1024  /* floats of each act row per pass of the down kernel: a group's chunks fit L1 */
 #define L1_FLOATS 6144 /* 24 KiB: act rows of a group up to this size stay in L1 next to the weight rows */
 
@@ -70,17 +72,22 @@
             res_b[p] = sb;                                                                         \
         }                                                                                          \
     }
+/* 2 * NB * S accumulators + 3 <= 16 registers up to NB = 6. */
 DEFINE_DOT2(1, 4)
 DEFINE_DOT2(2, 2)
 DEFINE_DOT2(3, 2)
 DEFINE_DOT2(4, 1)
 DEFINE_DOT2(5, 1)
 DEFINE_DOT2(6, 1)
-DEFINE_DOT2(7, 1)
-DEFINE_DOT2(8, 1)
 
 typedef void (*dot2_fn)(const wtype *, const wtype *, const float *const *, int64_t, int64_t, float *, float *);
+#if MAX_GROUP == 8
+DEFINE_DOT2(7, 1)
+DEFINE_DOT2(8, 1)
 static const dot2_fn DOT2[MAX_GROUP + 1] = {0, dot2_1, dot2_2, dot2_3, dot2_4, dot2_5, dot2_6, dot2_7, dot2_8};
+#else
+static const dot2_fn DOT2[MAX_GROUP + 1] = {0, dot2_1, dot2_2, dot2_3, dot2_4, dot2_5, dot2_6};
+#endif
 
 /* act[p, i] = silu(x_p . w13[e, i]) * (x_p . w13[e, I + i]) for i in [i0, i1): x [T, H], w13 [E, 2I, H], act [P, I]. */
 void moe_gate_up(const float *x, const wtype *w13, float *act, const int64_t *offsets, const int64_t *pair_token,
@@ -106,16 +113,16 @@ void moe_gate_up(const float *x, const wtype *w13, float *act, const int64_t *of
                         u_blk[p][i - blk] = u[p];
                     }
                 }
-                /* SiLU(gate) * up for the whole block at once: one vector per pair. */
+                /* SiLU(gate) * up for the whole block at once: whole vectors, then any rest one by one. */
                 for (int64_t p = 0; p < nb; p++) {
                     float *dst = act + (p0 + p) * I + blk;
-                    if (blk_end - blk == LANES) {
-                        vec gv = *(const vec *)g_blk[p], uv = *(const vec *)u_blk[p];
-                        *(vec_u *)dst = gv / (1.f + vexp(-gv)) * uv;
-                    } else {
-                        for (int64_t j = 0; j < blk_end - blk; j++)
-                            dst[j] = g_blk[p][j] / (1.f + expf(-g_blk[p][j])) * u_blk[p][j];
+                    int64_t j = 0;
+                    for (; j + LANES <= blk_end - blk; j += LANES) {
+                        vec gv = *(const vec *)(g_blk[p] + j), uv = *(const vec *)(u_blk[p] + j);
+                        *(vec_u *)(dst + j) = gv / (1.f + vexp(-gv)) * uv;
                     }
+                    for (; j < blk_end - blk; j++)
+                        dst[j] = g_blk[p][j] / (1.f + expf(-g_blk[p][j])) * u_blk[p][j];
                 }
             }
         }
