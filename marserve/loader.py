@@ -7,6 +7,7 @@ so peak memory stays close to the size of the weights.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -17,18 +18,49 @@ from marserve.config import ModelConfig
 from marserve.errors import CheckpointError, ConfigError
 from marserve.models import get_model_class
 
+logger = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def resolve_dtype(dtype: str | torch.dtype, config: ModelConfig) -> torch.dtype:
-    """"auto" = the checkpoint's dtype (config dtype/torch_dtype), else one of DTYPES."""
+def resolve_dtype(dtype: str | torch.dtype, config: ModelConfig, device: str = "cpu") -> torch.dtype:
+    """"auto" = what runs the checkpoint correctly and fastest on `device` (auto_dtype; logged in one line),
+    else one of DTYPES."""
     if isinstance(dtype, torch.dtype):
         return dtype
-    name = config.dtype if dtype == "auto" else dtype
-    name = str(name).replace("torch.", "")
+    if dtype == "auto":
+        chosen, why = auto_dtype(config.dtype, device)
+        logger.info("dtype auto: %s (%s)", str(chosen).replace("torch.", ""), why)
+        return chosen
+    name = str(dtype).replace("torch.", "")
     if name not in DTYPES:
         raise ConfigError(f"dtype {dtype!r} is not supported; choose auto, {', '.join(DTYPES)}")
     return DTYPES[name]
+
+
+def auto_dtype(checkpoint_dtype: str, device: str = "cpu") -> tuple[torch.dtype, str]:
+    """(dtype, why) for a checkpoint stored in `checkpoint_dtype` on `device`.
+
+    Off the CPU: the checkpoint's dtype. On the CPU, bf16 stays bf16 where a fast bf16 path exists (the native
+    kernels, which stream bf16 weights at half the bytes of fp32 on every ISA, or oneDNN's bf16 on AVX-512):
+    decode reads every weight once per step, so it runs up to ~2x faster than fp32. Without either, torch's
+    bf16 matmuls run several times slower than fp32, so fp32 is chosen; fp16 has no fast CPU path at all."""
+    name = str(checkpoint_dtype).replace("torch.", "")
+    if name not in DTYPES:
+        raise ConfigError(f"checkpoint dtype {checkpoint_dtype!r} is not supported; pass dtype= one of "
+                          f"{', '.join(DTYPES)}")
+    if not str(device).startswith("cpu"):
+        return DTYPES[name], "the checkpoint's dtype"
+    if name == "float32":
+        return torch.float32, "the checkpoint's dtype"
+    from marserve_kernels import cpu_features, cpu_linear
+    if name == "bfloat16":
+        isa = cpu_features.isa()
+        if cpu_linear.native_available(torch.bfloat16):
+            return torch.bfloat16, f"the checkpoint's dtype; native bf16 kernels for {isa}"
+        if cpu_linear.onednn_runs(torch.bfloat16):
+            return torch.bfloat16, "the checkpoint's dtype; oneDNN runs bf16 on this CPU"
+        return torch.float32, f"bf16 checkpoint, but no fast bf16 path on this {isa} CPU (no native kernels)"
+    return torch.float32, f"{name} checkpoint; the CPU has no fast {name} path"
 
 
 def checkpoint_files(model_dir: Path) -> dict[str, Path]:
@@ -63,7 +95,7 @@ def load_model(model_dir, dtype: str | torch.dtype = "auto", device: str = "cpu"
     """Build the architecture on `meta`, then fill every parameter and buffer from the checkpoint -> (model, config)."""
     model_dir = Path(model_dir)
     config = ModelConfig.from_dir(model_dir)
-    torch_dtype = resolve_dtype(dtype, config)
+    torch_dtype = resolve_dtype(dtype, config, device)
     with torch.device("meta"):
         model = get_model_class(config.model_type)(config)
     targets = dict(model.named_parameters(remove_duplicate=False))

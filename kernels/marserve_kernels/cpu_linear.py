@@ -17,6 +17,11 @@ is faster. Packed oneDNN stays ahead by 5-15% at 32-64 tokens and 5-11% at 256-2
 weight in its own layout: the engine keeps one copy, plain, when the native kernel is available
 (models.base.MoeForCausalLM.pack_for_cpu), because decode (1-16 tokens) gains more (docs/benchmarks.md).
 F.linear stays the path for autograd, other devices and builds without oneDNN.
+
+oneDNN runs bf16 only on CPUs with AVX-512 (BW/VL/DQ) or AVX-NE-CONVERT (`cpu_features.onednn_bf16`); elsewhere
+(AVX2 hosts, or MARSERVE_NATIVE_ISA below avx512) bf16 weights stay plain and the native kernel takes them at
+every token count: torch's own bf16 matmul there runs at ~12-18 GFLOP/s, the native kernel's outer-product
+form at ~70-120 (AMD EPYC, AVX2, 2 threads, 1024 x 1024).
 """
 
 from __future__ import annotations
@@ -24,9 +29,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from marserve_kernels import cpu_dense_native
+from marserve_kernels import cpu_dense_native, cpu_features
 
-_ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
+_NATIVE_DTYPES = (torch.float32, torch.bfloat16)
 NATIVE_MAX_TOKENS = 64  # rows of x up to which plain weights go to the native kernel (measured: see above)
 _native: dict[torch.dtype, bool] = {}  # weight dtype -> cpu_dense_native.available(dtype), asked once
 
@@ -38,8 +43,17 @@ def _onednn_available() -> bool:
 ONEDNN = _onednn_available()
 
 
+def onednn_runs(dtype: torch.dtype) -> bool:
+    """Whether oneDNN's inner product (and its weight packing) runs `dtype` on this CPU."""
+    if not ONEDNN:
+        return False
+    if dtype == torch.float32:
+        return True
+    return dtype == torch.bfloat16 and cpu_features.onednn_bf16()
+
+
 def can_pack(weight: torch.Tensor) -> bool:
-    return ONEDNN and weight.device.type == "cpu" and weight.dtype in _ONEDNN_DTYPES and weight.dim() == 2
+    return weight.device.type == "cpu" and weight.dim() == 2 and onednn_runs(weight.dtype)
 
 
 def pack(weight: torch.Tensor) -> torch.Tensor:
@@ -54,7 +68,7 @@ def native_available(dtype: torch.dtype) -> bool:
     """Whether plain weights of `dtype` can take the native few-token kernel (built on first ask)."""
     ok = _native.get(dtype)
     if ok is None:
-        ok = _native[dtype] = dtype in _ONEDNN_DTYPES and cpu_dense_native.available(dtype)
+        ok = _native[dtype] = dtype in _NATIVE_DTYPES and cpu_dense_native.available(dtype)
     return ok
 
 
@@ -62,7 +76,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """x [..., K], weight [N, K] (plain or packed), bias [N] | None -> [..., N]; same result as F.linear."""
     if (not weight.is_mkldnn and native_available(weight.dtype)
             and weight.dtype == x.dtype and x.device.type == "cpu" and weight.dim() == 2
-            and (x.shape[0] if x.dim() == 2 else x.numel() // max(1, x.shape[-1])) <= NATIVE_MAX_TOKENS
+            and ((x.shape[0] if x.dim() == 2 else x.numel() // max(1, x.shape[-1])) <= NATIVE_MAX_TOKENS
+                 or not onednn_runs(weight.dtype))  # bf16 without oneDNN: the native kernel at every size
             and x.shape[-1] == weight.shape[1] and weight.is_contiguous()
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                                    or (bias is not None and bias.requires_grad)))):
@@ -79,7 +94,7 @@ def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
             return x.new_empty(*lead, weight.shape[0])
         out = torch.ops.mkldnn._linear_pointwise(x2.contiguous(), weight, bias, "none", [], "")
         return out.view(*lead, weight.shape[0])
-    if (ONEDNN and x.device.type == "cpu" and x.dtype in _ONEDNN_DTYPES and weight.dtype == x.dtype
+    if (x.device.type == "cpu" and weight.dtype == x.dtype and onednn_runs(x.dtype)
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
             and weight.is_contiguous() and x.dim() >= 1 and x.shape[-1] == weight.shape[1]):
         lead = x.shape[:-1]

@@ -1,6 +1,6 @@
 import pytest
 import torch
-from marserve_kernels import cpu_moe, cpu_moe_native, grouped_moe, moe, moe_reference
+from marserve_kernels import cpu_features, cpu_moe, cpu_moe_native, grouped_moe, moe, moe_reference
 from marserve_kernels.cpu_moe import gemm_moe
 
 NATIVE = cpu_moe_native.available(torch.float32) and cpu_moe_native.available(torch.bfloat16)
@@ -104,7 +104,7 @@ def test_native_kernel_rejects_expert_ids_out_of_range():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_packed_experts_give_the_same_result_and_follow_weight_changes(dtype):
     if not cpu_moe.cpu_linear.can_pack(torch.empty(2, 2, dtype=dtype)):
-        pytest.skip("this torch build has no oneDNN weight packing")
+        pytest.skip(f"oneDNN packs no {dtype} weights on this CPU ({cpu_features.describe()})")
     hidden, w13, w2, topk_weights, topk_ids = _case(40, 4, 2, 32, 48, dtype, seed=9)
     tol = 1e-4 if dtype == torch.float32 else 5e-2
     want = naive_loop(hidden.float(), w13.float(), w2.float(), topk_weights, topk_ids)
