@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 MAX_N = 16
 MAX_LOGPROBS = 20
 
+TOP_K_ALL = 2**31  # a top_k from here on keeps the whole vocabulary
+
 
 @dataclass
 class SamplingParams:
@@ -36,8 +38,8 @@ class SamplingParams:
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
-        if self.top_k == -1:
-            self.top_k = 0
+        if self.top_k == -1 or (isinstance(self.top_k, int) and self.top_k >= TOP_K_ALL):
+            self.top_k = 0  # more than any vocabulary keeps every token: off (and no int64 overflow)
         self._check("n", 1 <= self.n <= MAX_N, f"must be between 1 and {MAX_N}")
         self._check("max_tokens", self.max_tokens is None or self.max_tokens >= 1, "must be at least 1")
         self._check("min_tokens", self.min_tokens >= 0, "must be non-negative")

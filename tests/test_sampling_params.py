@@ -7,6 +7,8 @@ def test_defaults_and_normalisation():
     p = SamplingParams(stop="###", top_k=-1)
     assert p.stop == ["###"] and p.top_k == 0 and not p.is_greedy
     assert SamplingParams(temperature=0).is_greedy
+    # A top_k beyond any vocabulary keeps every token, and must not overflow the sampler's int64 tensor.
+    assert SamplingParams(top_k=2**70).top_k == 0 and SamplingParams(top_k=2**31 - 1).top_k == 2**31 - 1
 
 
 @pytest.mark.parametrize("kwargs,param", [
