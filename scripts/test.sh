@@ -1,13 +1,58 @@
 #!/usr/bin/env bash
-# Sets up .venv and runs the whole test suite (what .ci/run calls).
+# Sets up .venv and runs the tests (what .ci/run calls).
+#
+# With no arguments: the whole suite on this host's CPU, then the legs that stand in for lesser CPUs: the
+# kernel, model, runner, engine and server-smoke tests again with marserve treating the host as AVX2-only and
+# once as a CPU with no AVX at all (MARSERVE_NATIVE_ISA; torch and oneDNN capped alike), each leg a host ISA
+# above the capped one allows (on an AVX2 host the AVX2 leg is the host run itself). Every ISA the kernels
+# have is compiled by tests/kernels/test_native_build.py on any host. With arguments: one pytest run with them.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh || exit 1
 export TRITON_INTERPRET=1
-.venv/bin/python -m pytest -q "$@"
-rc=$?
-if [ "$rc" -eq 5 ]; then
-  echo "pytest collected no tests: failing" >&2
-  exit 1
+PY=.venv/bin/python
+
+pytest_run() { # pytest with its own exit codes, but "no tests collected" (5) is a failure
+  "$PY" -m pytest -q "$@"
+  local rc=$?
+  if [ "$rc" -eq 5 ]; then
+    echo "pytest collected no tests: failing" >&2
+    return 1
+  fi
+  return "$rc"
+}
+
+if [ "$#" -gt 0 ]; then
+  pytest_run "$@"
+  exit $?
 fi
-exit "$rc"
+
+host_isa=$("$PY" -c "from marserve_kernels import cpu_features as c; print(c.host_isa())") || exit 1
+LEG_TESTS=(tests/kernels tests/models tests/runner tests/engine tests/train/test_default_model.py
+           "tests/server/test_api.py::test_completion_matches_offline_and_reports_usage"
+           "tests/server/test_api.py::test_chat_whole_and_streamed")
+failed=0
+echo "== host leg: $("$PY" -c "from marserve_kernels import cpu_features as c; print(c.describe())")"
+pytest_run tests || failed=1
+
+leg() { # name, then env assignments
+  local name=$1
+  shift
+  echo "== $name leg: marserve, torch and oneDNN capped ($*)"
+  env "$@" "$PY" -m pytest -q "${LEG_TESTS[@]}"
+  local rc=$?
+  if [ "$rc" -ne 0 ]; then
+    echo "$name leg failed (exit $rc)" >&2
+    failed=1
+  fi
+}
+
+case "$host_isa" in
+  avx512) leg avx2 MARSERVE_NATIVE_ISA=avx2 ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 ;;
+  avx2) echo "== avx2 leg: this host is an AVX2 one, so the host leg ran as on it" ;;
+  *) echo "== avx2 leg: not possible on this $host_isa host" ;;
+esac
+if [ "$host_isa" != generic ]; then
+  leg generic MARSERVE_NATIVE_ISA=generic ONEDNN_MAX_CPU_ISA=SSE41 ATEN_CPU_CAPABILITY=default
+fi
+exit "$failed"
