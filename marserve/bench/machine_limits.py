@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from marserve_kernels import cpu_features
+
 
 @dataclass
 class MachineLimits:
@@ -24,11 +26,12 @@ class MachineLimits:
     copy_gbs: float = 0.0  # GB/s copying a large buffer, read + write bytes counted
     mkl_gflops: float = 0.0  # torch.mm (MKL here)
     onednn_gflops: float = 0.0  # oneDNN inner product
+    isa: str = ""  # cpu_features.describe(): the ISA the kernels are built for, and the CPU
 
     def describe(self) -> str:
         return (f"{self.bandwidth_gbs:.1f} GB/s memory read bandwidth (copy {self.copy_gbs:.1f} GB/s), "
                 f"{self.matmul_gflops:.0f} GFLOP/s fp32 matmul peak (MKL mm {self.mkl_gflops:.0f}, "
-                f"oneDNN {self.onednn_gflops:.0f}), {self.threads} threads")
+                f"oneDNN {self.onednn_gflops:.0f}), {self.threads} threads; ISA {self.isa}")
 
 
 def _best(fn, repeats: int) -> float:
@@ -68,7 +71,7 @@ def measure(repeats: int = 5, buffer_mb: int = 512, matmul_n: int = 2048) -> Mac
                                repeats) / 1e9
     return MachineLimits(bandwidth_gbs=read_gbs, matmul_gflops=max(mkl, onednn),
                          threads=torch.get_num_threads(), copy_gbs=2 * n * 4 / copy_s / 1e9,
-                         mkl_gflops=mkl, onednn_gflops=onednn)
+                         mkl_gflops=mkl, onednn_gflops=onednn, isa=cpu_features.describe())
 
 
 def last_level_cache_bytes(default: int = 32 * 2**20) -> int:

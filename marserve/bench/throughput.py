@@ -32,6 +32,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--workloads", default="batch1,16x128,mixed64,prefix", help="comma-separated")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--dtypes", default="float32", help="comma-separated marserve weight dtypes, each run "
+                        "side by side with the others (e.g. float32,bfloat16); transformers always runs fp32")
     parser.add_argument("--quick", action="store_true", help="shorter outputs and fewer prompts (smoke run)")
     parser.add_argument("--skip-hf", action="store_true", help="marserve only")
 
@@ -133,11 +135,15 @@ def run(args) -> int:
     path = _model_dir(args.model)
     limits = measure()
     print(f"machine: {limits.describe()}")
-    llm = LLM(path, dtype="float32", kv_cache_gb=2.0, max_num_seqs=64, max_num_batched_tokens=2048)
+    dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    llms = {d: LLM(path, dtype=d, kv_cache_gb=2.0, max_num_seqs=64, max_num_batched_tokens=2048) for d in dtypes}
+    llm = llms[dtypes[0]]
+    # transformers in fp32: its strongest form on a CPU (its bf16 matmuls are slower wherever oneDNN lacks bf16).
     hf = None if args.skip_hf else AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
     # Warm-up, untimed: the first decode pass builds marserve's native kernels (seconds, once per machine).
     warm = [(list(range(1, 9)), 4), (list(range(2, 14)), 4)]
-    _run_marserve(llm, warm)
+    for each in llms.values():
+        _run_marserve(each, warm)
     if hf is not None:
         _run_hf(hf, warm)
     results = {}
@@ -145,36 +151,45 @@ def run(args) -> int:
     bandwidths = [limits.bandwidth_gbs]
     for name in args.workloads.split(","):
         if name == "prefix":
-            cold, warm = _prefix_ttft(llm, llm.config.vocab_size)
-            print(f"  prefix: TTFT with a new 400-token prefix {cold * 1e3:.1f} ms, same prefix again "
-                  f"{warm * 1e3:.1f} ms: {cold / warm:.1f}x lower", flush=True)
-            results[name] = {"cold_ttft_s": cold, "warm_ttft_s": warm}
+            for dtype, each in llms.items():
+                cold, warm = _prefix_ttft(each, each.config.vocab_size)
+                print(f"  prefix [{dtype}]: TTFT with a new 400-token prefix {cold * 1e3:.1f} ms, same prefix again "
+                      f"{warm * 1e3:.1f} ms: {cold / warm:.1f}x lower", flush=True)
+                results[f"{name}/{dtype}"] = {"cold_ttft_s": cold, "warm_ttft_s": warm}
             continue
-        ours, theirs, beside = [], [], []
+        ours = {d: [] for d in dtypes}
+        beside = {d: [] for d in dtypes}
+        theirs = []
         for repeat in range(args.repeats):
             work = _workload(name, llm.config.vocab_size, args.quick, repeat)  # new prompts: no prefix-cache hits
-            before = probe.read_gbs()
-            ours.append(_run_marserve(llm, work))
-            beside.append(max(before, probe.read_gbs()))
+            for dtype, each in llms.items():
+                before = probe.read_gbs()
+                ours[dtype].append(_run_marserve(each, work))
+                beside[dtype].append(max(before, probe.read_gbs()))
             if hf is not None:
                 theirs.append(_run_hf(hf, work))
-        bandwidths += beside
-        best, best_hf = max(ours), max(theirs) if theirs else None
-        line = f"{name:>8}: marserve {best:8.1f} tok/s"
-        if best_hf:
-            line += f" | transformers {best_hf:8.1f} tok/s | ratio {best / best_hf:5.2f}x"
-        result = {"marserve_tok_s": best, "transformers_tok_s": best_hf}
-        if name == "batch1":
-            nbytes = _decode_bytes(llm.model)
-            share_now = max(o * nbytes / (bw * 1e9) for o, bw in zip(ours, beside))
-            top_bw = max(bandwidths)
-            line += (f" | {nbytes / 1e6:.0f} MB/token; share of the roofline {share_now:.0%} against the "
-                     f"bandwidth read beside the run, {best * nbytes / (top_bw * 1e9):.0%} against the best "
-                     f"of the whole run ({top_bw:.1f} GB/s: {top_bw * 1e9 / nbytes:.0f} tok/s)")
-            result.update(bytes_per_token=nbytes, share_beside=share_now, share_of_best_bandwidth=best * nbytes /
-                          (top_bw * 1e9), bandwidth_beside_gbs=beside, best_bandwidth_gbs=top_bw)
-        print(line, flush=True)
-        results[name] = result
+        for dtype in dtypes:
+            bandwidths += beside[dtype]
+        best_hf = max(theirs) if theirs else None
+        for dtype in dtypes:
+            best = max(ours[dtype])
+            line = f"{name:>8} [{dtype}]: marserve {best:8.1f} tok/s"
+            if best_hf:
+                line += f" | transformers fp32 {best_hf:8.1f} tok/s | ratio {best / best_hf:5.2f}x"
+            if dtype != dtypes[0]:
+                line += f" | {best / max(ours[dtypes[0]]):.2f}x marserve {dtypes[0]}"
+            result = {"marserve_tok_s": best, "transformers_tok_s": best_hf}
+            if name == "batch1":
+                nbytes = _decode_bytes(llms[dtype].model)
+                share_now = max(o * nbytes / (bw * 1e9) for o, bw in zip(ours[dtype], beside[dtype]))
+                top_bw = max(bandwidths)
+                line += (f" | {nbytes / 1e6:.0f} MB/token; share of the roofline {share_now:.0%} against the "
+                         f"bandwidth read beside the run, {best * nbytes / (top_bw * 1e9):.0%} against the best "
+                         f"of the whole run ({top_bw:.1f} GB/s: {top_bw * 1e9 / nbytes:.0f} tok/s)")
+                result.update(bytes_per_token=nbytes, share_beside=share_now, share_of_best_bandwidth=best * nbytes /
+                              (top_bw * 1e9), bandwidth_beside_gbs=beside[dtype], best_bandwidth_gbs=top_bw)
+            print(line + f" | ISA {limits.isa}", flush=True)
+            results[f"{name}/{dtype}"] = result
     print("command: marserve bench throughput " + " ".join(shlex.quote(a) for a in sys.argv[3:]))
     print(json.dumps({"limits": limits.__dict__, "results": results}))
     return 0
