@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import importlib
 import logging
 import os
 import platform
@@ -103,7 +104,8 @@ def build(source: Path, variant: str, defines: list[str], isa: str | None = None
     if target.exists() and target.stat().st_size > 0:  # a 0-byte file is no build: built again
         return target
     if failed.exists():
-        raise BuildError(f"{failed.read_text().strip()} (an earlier build failed; remove {failed} to retry)")
+        first_error = failed.read_text().split("\n", 1)[0]  # the full compiler output stays in the file
+        raise BuildError(f"{first_error} (an earlier build failed; remove {failed} to retry)")
     cache.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)  # build aside, rename: concurrent builders are safe
     os.close(fd)
@@ -173,6 +175,16 @@ class Kernel:
             return None
         self.declare(lib)
         return lib
+
+
+# The modules of marserve_kernels that each hold one Kernel as _KERNEL (imported on request: they import this one).
+KERNEL_MODULES = ("cpu_moe_native", "cpu_dense_native", "cpu_attention_native", "cpu_norm_native",
+                  "cpu_decode_layer_native")
+
+
+def kernels() -> dict[str, Kernel]:
+    """Every native kernel, by the name of its module: what `marserve doctor` reports and the build tests compile."""
+    return {name: importlib.import_module(f"marserve_kernels.{name}")._KERNEL for name in KERNEL_MODULES}
 
 
 def _isa_or_error() -> str:
