@@ -6,6 +6,7 @@ of turning those tests into skips.)"""
 from __future__ import annotations
 
 import ctypes
+import importlib
 import os
 import platform
 import subprocess
@@ -46,6 +47,24 @@ def test_every_native_kernel_builds_here():
         "cpu_decode_layer bf16": cpu_decode_layer_native.available(torch.bfloat16),
     }
     assert all(built.values()), f"failed to build (see the warning logged above): {built}"
+    reasons = {f"{name} {key}": importlib.import_module(f"marserve_kernels.{name}").unavailable_reason(key)
+               for name, kernel in KERNELS.items() for key in kernel.variants}
+    assert not any(reasons.values()), reasons  # built, so no module gives a reason for a skip
+
+
+@pytest.mark.parametrize("name", native_build.KERNEL_MODULES)
+def test_each_module_says_its_own_switch_turned_it_off(monkeypatch, name):
+    """What the kernel tests skip with: the real reason, here the module's own switch (not "no compiler")."""
+    module = importlib.import_module(f"marserve_kernels.{name}")
+    kernel = module._KERNEL
+    monkeypatch.setattr(kernel, "_libs", {})  # as in a fresh process
+    monkeypatch.setattr(kernel, "_reasons", {})
+    monkeypatch.delenv("MARSERVE_NATIVE", raising=False)
+    monkeypatch.setenv(kernel.switch, "0")
+    if platform.system() != "Linux":
+        pytest.skip(f"native kernels are built on Linux only (this is {platform.system()})")
+    assert module.unavailable_reason(torch.float32) == f"switched off ({kernel.switch}=0)"
+    assert module.unavailable_reason(torch.float16) == f"{kernel.source.name} has no torch.float16 variant"
 
 
 def test_every_c_source_is_a_kernel():
