@@ -168,9 +168,15 @@ class Kernel:
             return None
         variant = str(key).replace("torch.", "")
         try:
-            lib = ctypes.CDLL(str(build(self.source, variant, self.variants[key])))
-        except (BuildError, OSError, subprocess.SubprocessError, ValueError) as e:
-            self._reasons[key] = f"{self.source.name} ({variant}, {_isa_or_error()}) did not build: {e}"
+            isa = cpu_features.isa()
+        except ValueError as e:  # MARSERVE_NATIVE_ISA names no ISA, or one above this host's
+            self._reasons[key] = f"{self.source.name} ({variant}) not built: {e}"
+            logger.warning("native kernel unavailable, using torch: %s", self._reasons[key])
+            return None
+        try:
+            lib = ctypes.CDLL(str(build(self.source, variant, self.variants[key], isa)))
+        except (BuildError, OSError, subprocess.SubprocessError) as e:
+            self._reasons[key] = f"{self.source.name} ({variant}, {isa}) did not build: {e}"
             logger.warning("native kernel unavailable, using torch: %s", self._reasons[key])
             return None
         self.declare(lib)
@@ -186,9 +192,3 @@ def kernels() -> dict[str, Kernel]:
     """Every native kernel, by the name of its module: what `marserve doctor` reports and the build tests compile."""
     return {name: importlib.import_module(f"marserve_kernels.{name}")._KERNEL for name in KERNEL_MODULES}
 
-
-def _isa_or_error() -> str:
-    try:
-        return cpu_features.isa()
-    except ValueError as e:
-        return str(e)

@@ -199,3 +199,25 @@ def test_reason_for_a_missing_variant(tmp_path):
     kernel = native_build.Kernel(tmp_path / "tiny.c", {torch.float32: []}, "MARSERVE_NATIVE_TEST_TINY",
                                  lambda lib: None)
     assert kernel.reason(torch.float16) == "tiny.c has no torch.float16 variant"
+
+
+@pytest.mark.parametrize("forced, says", [
+    ("sse9", "MARSERVE_NATIVE_ISA='sse9': expected one of generic, avx2, avx512"),
+    ("avx2", "MARSERVE_NATIVE_ISA=avx2: this CPU supports generic at most"),
+])
+def test_reason_when_marserve_native_isa_cannot_apply_says_so_once(tmp_path, counted_compiles, monkeypatch, forced,
+                                                                   says):
+    """An unknown ISA, or one above the host (here a generic host asked for avx2): one line, no compiler run."""
+    if platform.system() != "Linux":
+        pytest.skip(f"native kernels are built on Linux only (this is {platform.system()})")
+    monkeypatch.delenv("MARSERVE_NATIVE", raising=False)
+    monkeypatch.setattr(cpu_features, "host_isa", lambda: "generic")
+    monkeypatch.setenv("MARSERVE_NATIVE_ISA", forced)
+    source = tmp_path / "tiny.c"
+    source.write_text("int tiny(void) { return 7; }\n")
+    kernel = native_build.Kernel(source, {torch.float32: []}, "MARSERVE_NATIVE_TEST_TINY", lambda lib: None)
+    assert kernel.lib(torch.float32) is None
+    reason = kernel.reason(torch.float32)
+    assert reason.startswith(f"tiny.c (float32) not built: {says}")
+    assert reason.count("MARSERVE_NATIVE_ISA") == 1 and "\n" not in reason
+    assert counted_compiles == []
