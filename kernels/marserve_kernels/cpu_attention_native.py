@@ -48,6 +48,11 @@ def available(cache_dtype: torch.dtype = torch.float32) -> bool:
     return _KERNEL.lib(cache_dtype) is not None
 
 
+def unavailable_reason(dtype: torch.dtype = torch.float32) -> str | None:
+    """Why the kernel for `dtype` is not built here, in one line (building it on first call), or None when it is."""
+    return _KERNEL.reason(dtype)
+
+
 def supports(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
     """Whether decode_attention takes these tensors (CPU, cache layout, GQA group of at most 16)."""
     Hq, D = q.shape[-2], q.shape[-1]

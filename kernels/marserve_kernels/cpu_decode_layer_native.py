@@ -67,6 +67,11 @@ def available(dtype: torch.dtype = torch.float32) -> bool:
     return _KERNEL.lib(dtype) is not None
 
 
+def unavailable_reason(dtype: torch.dtype = torch.float32) -> str | None:
+    """Why the kernel for `dtype` is not built here, in one line (building it on first call), or None when it is."""
+    return _KERNEL.reason(dtype)
+
+
 @dataclass
 class LayerWeights:
     """One decoder layer's tensors the kernel reads (the model's own; nothing is copied but small fp32 vectors)."""

@@ -46,6 +46,12 @@ def available(dtype: torch.dtype = torch.float32) -> bool:
     return lib is not None
 
 
+def unavailable_reason(dtype: torch.dtype = torch.float32) -> str | None:
+    """Why the kernel for `dtype` is not built here, in one line (building it on first call), or None when it is
+    (then small_linear takes `dtype`, as after available())."""
+    return None if available(dtype) else _KERNEL.reason(dtype)
+
+
 def small_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                  threads: int | None = None) -> torch.Tensor:
     """x [..., K] (any float dtype, any strides), weight [N, K] contiguous fp32 or bf16 on the CPU,

@@ -91,14 +91,19 @@ def onednn_bf16() -> bool:
             and bool(getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)()))
 
 
-def describe() -> str:
-    """One line for logs and benchmark headers: the ISA acted on, the host's, the CPU's name."""
+def cpu_name() -> str:
+    """The CPU's model name from /proc/cpuinfo, else what the platform module knows."""
     name = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
             name = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), name)
     except OSError:
         pass
+    return name
+
+
+def describe() -> str:
+    """One line for logs and benchmark headers: the ISA acted on, the host's, the CPU's name."""
     act = isa()
     host = host_isa()
-    return f"{act}" + ("" if act == host else f" (capped; host {host})") + f", {name}"
+    return f"{act}" + ("" if act == host else f" (capped; host {host})") + f", {cpu_name()}"

@@ -43,6 +43,11 @@ def available(dtype: torch.dtype = torch.float32) -> bool:
     return _KERNEL.lib(dtype) is not None
 
 
+def unavailable_reason(dtype: torch.dtype = torch.float32) -> str | None:
+    """Why the kernel for `dtype` is not built here, in one line (building it on first call), or None when it is."""
+    return _KERNEL.reason(dtype)
+
+
 def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """t itself when it already is a contiguous `dtype` tensor (the decode case), else a converted copy."""
     return t if t.dtype is dtype and t.is_contiguous() else t.to(dtype).contiguous()

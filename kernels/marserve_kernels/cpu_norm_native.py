@@ -35,6 +35,11 @@ def available() -> bool:
     return _lib[0] is not None
 
 
+def unavailable_reason(dtype: torch.dtype = torch.float32) -> str | None:
+    """Why the kernel for `dtype` is not built here, in one line (building it on first call), or None when it is."""
+    return _KERNEL.reason(dtype)
+
+
 def applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """fp32, CPU, contiguous rows, a 1-D weight, no autograd: what the kernel takes. (Runs twice per layer
     per pass: cheapest checks first.)"""

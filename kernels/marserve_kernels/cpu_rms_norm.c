@@ -10,6 +10,8 @@
 #include <math.h>
 #include <stdint.h>
 
+#include "cpu_simd.h" /* for simd_isa(): the loops here are vectorised by the compiler for the build's -march */
+
 void add_rms_norm(const float *restrict x, float *restrict residual, const float *restrict weight, float eps,
                   float *restrict out, int64_t T, int64_t H, int64_t threads) {
 #pragma omp parallel for num_threads(threads > 0 ? threads : 1) if (threads > 1 && T * H >= 65536)

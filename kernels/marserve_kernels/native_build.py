@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import importlib
 import logging
 import os
 import platform
@@ -103,7 +104,8 @@ def build(source: Path, variant: str, defines: list[str], isa: str | None = None
     if target.exists() and target.stat().st_size > 0:  # a 0-byte file is no build: built again
         return target
     if failed.exists():
-        raise BuildError(f"{failed.read_text().strip()} (an earlier build failed; remove {failed} to retry)")
+        first_error = failed.read_text().split("\n", 1)[0]  # the full compiler output stays in the file
+        raise BuildError(f"{first_error} (an earlier build failed; remove {failed} to retry)")
     cache.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)  # build aside, rename: concurrent builders are safe
     os.close(fd)
@@ -166,17 +168,27 @@ class Kernel:
             return None
         variant = str(key).replace("torch.", "")
         try:
-            lib = ctypes.CDLL(str(build(self.source, variant, self.variants[key])))
-        except (BuildError, OSError, subprocess.SubprocessError, ValueError) as e:
-            self._reasons[key] = f"{self.source.name} ({variant}, {_isa_or_error()}) did not build: {e}"
+            isa = cpu_features.isa()
+        except ValueError as e:  # MARSERVE_NATIVE_ISA names no ISA, or one above this host's
+            self._reasons[key] = f"{self.source.name} ({variant}) not built: {e}"
+            logger.warning("native kernel unavailable, using torch: %s", self._reasons[key])
+            return None
+        try:
+            lib = ctypes.CDLL(str(build(self.source, variant, self.variants[key], isa)))
+        except (BuildError, OSError, subprocess.SubprocessError) as e:
+            self._reasons[key] = f"{self.source.name} ({variant}, {isa}) did not build: {e}"
             logger.warning("native kernel unavailable, using torch: %s", self._reasons[key])
             return None
         self.declare(lib)
         return lib
 
 
-def _isa_or_error() -> str:
-    try:
-        return cpu_features.isa()
-    except ValueError as e:
-        return str(e)
+# The modules of marserve_kernels that each hold one Kernel as _KERNEL (imported on request: they import this one).
+KERNEL_MODULES = ("cpu_moe_native", "cpu_dense_native", "cpu_attention_native", "cpu_norm_native",
+                  "cpu_decode_layer_native")
+
+
+def kernels() -> dict[str, Kernel]:
+    """Every native kernel, by the name of its module: what `marserve doctor` reports and the build tests compile."""
+    return {name: importlib.import_module(f"marserve_kernels.{name}")._KERNEL for name in KERNEL_MODULES}
+

@@ -7,8 +7,8 @@ import torch
 
 from marserve_kernels import cpu_attention_native as native
 
-pytestmark = pytest.mark.skipif(not (native.available(torch.float32) and native.available(torch.bfloat16)),
-                                reason="no C compiler: the native kernel is not built")
+UNAVAILABLE = native.unavailable_reason(torch.float32) or native.unavailable_reason(torch.bfloat16)
+pytestmark = pytest.mark.skipif(UNAVAILABLE is not None, reason=str(UNAVAILABLE))
 
 
 def _case(lens, S, Hq, Hkv, D, cache_dtype, g, num_blocks=64):

@@ -7,8 +7,8 @@ import torch
 
 from marserve_kernels import cpu_decode_layer_native as native
 
-pytestmark = pytest.mark.skipif(not (native.available(torch.float32) and native.available(torch.bfloat16)),
-                                reason="no C compiler: the native kernel is not built")
+UNAVAILABLE = native.unavailable_reason(torch.float32) or native.unavailable_reason(torch.bfloat16)
+pytestmark = pytest.mark.skipif(UNAVAILABLE is not None, reason=str(UNAVAILABLE))
 
 
 def _weights(g, dtype, H, Hq, Hkv, D, E, K, *, qk_norm=None, bias=False, clip=None, mar_slots=0, renormalise=True):

@@ -4,8 +4,8 @@ import torch.nn.functional as F
 
 from marserve_kernels import cpu_dense_native, cpu_linear
 
-NATIVE = cpu_dense_native.available(torch.float32) and cpu_dense_native.available(torch.bfloat16)
-pytestmark = pytest.mark.skipif(not NATIVE, reason="no C compiler: the native dense kernel is not built here")
+UNAVAILABLE = cpu_dense_native.unavailable_reason(torch.float32) or cpu_dense_native.unavailable_reason(torch.bfloat16)
+pytestmark = pytest.mark.skipif(UNAVAILABLE is not None, reason=str(UNAVAILABLE))
 
 
 def _check(x, w, b, threads, dtype):

@@ -7,7 +7,8 @@ import torch
 
 from marserve_kernels import cpu_norm_native as native
 
-pytestmark = pytest.mark.skipif(not native.available(), reason="no C compiler: the native kernel is not built")
+UNAVAILABLE = native.unavailable_reason()
+pytestmark = pytest.mark.skipif(UNAVAILABLE is not None, reason=str(UNAVAILABLE))
 
 
 @pytest.mark.parametrize("T,H", [(1, 512), (3, 17), (64, 2048), (300, 512), (5, 1)])

@@ -11,8 +11,8 @@ from marserve.model_runner import ModelRunner, ScheduledChunk
 from marserve.models import native_decode
 from marserve_kernels import cpu_decode_layer_native
 
-pytestmark = pytest.mark.skipif(not cpu_decode_layer_native.available(torch.float32),
-                                reason="no C compiler: the native kernel is not built")
+UNAVAILABLE = cpu_decode_layer_native.unavailable_reason(torch.float32)
+pytestmark = pytest.mark.skipif(UNAVAILABLE is not None, reason=str(UNAVAILABLE))
 
 CASES = {
     "mixtral": dict(),

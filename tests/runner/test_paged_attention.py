@@ -106,8 +106,9 @@ def test_native_decode_is_what_runs_on_cpu(monkeypatch):
     """The default CPU decode path is the native kernel (when built), not a silent fallback."""
     from marserve import attention
     from marserve_kernels import cpu_attention_native
-    if not cpu_attention_native.available(torch.float32):
-        pytest.skip("no C compiler: the native kernel is not built")
+    reason = cpu_attention_native.unavailable_reason(torch.float32)
+    if reason:
+        pytest.skip(reason)
     monkeypatch.delenv("MARSERVE_ATTENTION_BACKEND", raising=False)
     calls = []
     real = cpu_attention_native.DecodePlan.run
