@@ -29,7 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-queue-len", type=int, default=256, help="waiting requests beyond this get 429")
+    p.add_argument("--max-queue-len", type=int, default=256, help="sequences (prompts x n) allowed to wait; beyond this 429 (400 for one request larger than this)")
     p.add_argument("--max-body-mb", type=float, default=4.0, help="larger request bodies get 413")
     p.add_argument("--shutdown-grace", type=float, default=30.0,
                    help="seconds running requests may take to finish after SIGTERM")

@@ -44,14 +44,14 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: str | None = None
-    max_queue_len: int = 256  # waiting requests beyond this are refused with 429
+    max_queue_len: int = 256  # sequences waiting beyond this are refused with 429 (400 if one request is larger)
     max_body_bytes: int = 4 * 2**20
     shutdown_grace_seconds: float = 30.0
     log_level: str = "info"
 
     def __post_init__(self):
-        if self.max_queue_len < 0:
-            raise ValueError("max_queue_len must be >= 0")
+        if self.max_queue_len < 1:  # every request waits before it runs, so 0 would refuse them all
+            raise ValueError("max_queue_len must be at least 1")
         if self.max_body_bytes < 1024:
             raise ValueError("max_body_bytes must be at least 1024")
 

@@ -205,13 +205,21 @@ def test_every_error_has_its_status_and_shape(server):
            code="request_too_large")
     _error(httpx.get(base + "/no/such/route"), 404)
     state = app.state.server
-    state.max_queue_len = 0
+    state.max_queue_len, state.num_admitted_seqs = 4, 3  # three sequences already wait; four may
     try:
-        r = post("/v1/completions", {"prompt": "x"})
-        _error(r, 429, code="queue_full")
-        assert r.headers["retry-after"]
+        r = post("/v1/completions", {"prompt": "x", "n": 2})
+        err = _error(r, 429, code="queue_full")
+        assert r.headers["retry-after"] and "3 sequences waiting" in err["message"]  # the count, not the limit
+        # More than the whole queue can never fit: no retry helps, so 400 naming the limit, not 429.
+        for path, body, param in [("/v1/completions", {"prompt": ["a", "b", "c"], "n": 2}, "prompt"),
+                                  ("/v1/completions", {"prompt": "a", "n": 5}, "n"),
+                                  ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}], "n": 5},
+                                   "n")]:
+            r = post(path, body)
+            err = _error(r, 400, param=param, code="queue_limit_exceeded")
+            assert "4" in err["message"] and "retry-after" not in r.headers
     finally:
-        state.max_queue_len = 256
+        state.max_queue_len, state.num_admitted_seqs = 256, 0
 
 
 def test_api_key(model_dir):
