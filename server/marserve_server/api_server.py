@@ -2,7 +2,8 @@
 
 build_app(engine, ServerConfig) -> app; serve(engine, ServerConfig) runs it with uvicorn. On SIGTERM
 the server stops accepting connections, answers 503 on /ready and to new requests on open
-connections, lets running requests finish for up to `shutdown_grace_seconds`, then exits.
+connections, lets running requests finish for up to `shutdown_grace_seconds`, ends the rest with an
+error their clients read (an SSE error event and [DONE], or a 503 body), then exits.
 """
 
 from __future__ import annotations
@@ -52,6 +53,8 @@ class ServerConfig:
     def __post_init__(self):
         if self.max_queue_len < 1:  # every request waits before it runs, so 0 would refuse them all
             raise ValueError("max_queue_len must be at least 1")
+        if self.shutdown_grace_seconds < 0:
+            raise ValueError("shutdown_grace_seconds must be >= 0")
         if self.max_body_bytes < 1024:
             raise ValueError("max_body_bytes must be at least 1024")
 
@@ -183,20 +186,40 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
     return app
 
 
-class _Server(uvicorn.Server):
-    """uvicorn, plus: mark the app as draining the moment a stop signal arrives."""
+# After the drain has ended every engine request, what uvicorn may still wait for: handlers writing
+# their last error event or error body, and idle keep-alive connections closing.
+SHUTDOWN_FLUSH_SECONDS = 5
 
-    def __init__(self, config: uvicorn.Config, state: ServerState):
+
+class _Server(uvicorn.Server):
+    """uvicorn, plus: mark the app as draining the moment a stop signal arrives, and drain the engine
+    before uvicorn closes connections, so that a request outliving the grace ends with an error its
+    client can read, never a cut connection."""
+
+    def __init__(self, config: uvicorn.Config, state: ServerState, grace_seconds: float):
         super().__init__(config)
-        self._state = state
+        self._state, self._grace_seconds = state, grace_seconds
 
     def handle_exit(self, sig, frame) -> None:
         self._state.draining = True
         super().handle_exit(sig, frame)
 
+    async def shutdown(self, sockets=None) -> None:
+        self._state.draining = True
+        for server in self.servers:
+            server.close()  # no new connections while running requests finish
+        # uvicorn alone would wait its graceful timeout and then cancel the handlers mid-response
+        # (streams cut without [DONE], plain-text 500s, tracebacks). Abort first, then close.
+        await self._state.engine.drain(self._grace_seconds)
+        await super().shutdown(sockets)
+
+
+def make_server(app: FastAPI, config: ServerConfig) -> uvicorn.Server:
+    """The uvicorn server for an app from build_app (also used by the tests' live server)."""
+    uv = uvicorn.Config(app, host=config.host, port=config.port, log_level=config.log_level.lower(),
+                        timeout_graceful_shutdown=SHUTDOWN_FLUSH_SECONDS)
+    return _Server(uv, app.state.server, config.shutdown_grace_seconds)
+
 
 def serve(engine: AsyncEngine, config: ServerConfig) -> None:
-    app = build_app(engine, config)
-    uv = uvicorn.Config(app, host=config.host, port=config.port, log_level=config.log_level.lower(),
-                        timeout_graceful_shutdown=max(1, int(config.shutdown_grace_seconds)))
-    _Server(uv, app.state.server).run()
+    make_server(build_app(engine, config), config).run()
