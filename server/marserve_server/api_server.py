@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse, Response
 import marserve
 from marserve.async_engine import AsyncEngine
 from marserve_server import errors
+from marserve_server.http_protocol import with_read_timeout
 from marserve_server.metrics import ServerMetrics
 from marserve_server.protocol import (
     ChatCompletionRequest,
@@ -48,6 +49,9 @@ class ServerConfig:
     max_queue_len: int = 256  # sequences waiting beyond this are refused with 429 (400 if one request is larger)
     max_body_bytes: int = 4 * 2**20
     shutdown_grace_seconds: float = 30.0
+    # Whole request (head and body) within this long of connecting or of the previous response, or the
+    # connection is closed: half-sent requests would otherwise hold connections (and handlers) forever.
+    request_read_timeout_seconds: float = 30.0
     log_level: str = "info"
 
     def __post_init__(self):
@@ -55,6 +59,8 @@ class ServerConfig:
             raise ValueError("max_queue_len must be at least 1")
         if self.shutdown_grace_seconds < 0:
             raise ValueError("shutdown_grace_seconds must be >= 0")
+        if self.request_read_timeout_seconds <= 0:
+            raise ValueError("request_read_timeout_seconds must be positive")
         if self.max_body_bytes < 1024:
             raise ValueError("max_body_bytes must be at least 1024")
 
@@ -217,7 +223,8 @@ class _Server(uvicorn.Server):
 def make_server(app: FastAPI, config: ServerConfig) -> uvicorn.Server:
     """The uvicorn server for an app from build_app (also used by the tests' live server)."""
     uv = uvicorn.Config(app, host=config.host, port=config.port, log_level=config.log_level.lower(),
-                        timeout_graceful_shutdown=SHUTDOWN_FLUSH_SECONDS)
+                        timeout_graceful_shutdown=SHUTDOWN_FLUSH_SECONDS,
+                        http=with_read_timeout(config.request_read_timeout_seconds))
     return _Server(uv, app.state.server, config.shutdown_grace_seconds)
 
 

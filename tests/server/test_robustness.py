@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -203,6 +204,42 @@ def test_requests_outliving_the_grace_end_with_an_error_not_a_cut(baby_checkpoin
     assert isinstance(whole_answer, httpx.Response), whole_answer
     assert whole_answer.status_code == 503 and whole_answer.json()["error"]["code"] == "shutting_down"
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info], caplog.text
+
+
+def _read_until_closed(sock: socket.socket) -> bytes | None:
+    """What the server sends until it closes the connection; None if it keeps it open for 10 s."""
+    sock.settimeout(10)
+    data = b""
+    try:
+        while chunk := sock.recv(65536):
+            data += chunk
+    except TimeoutError:
+        return None
+    return data
+
+
+def test_half_sent_requests_are_closed_after_the_read_timeout(baby_checkpoint, caplog):
+    """A client must send its whole request within the read timeout: half a head, half a body, or half of
+    the next request on a keep-alive connection (uvicorn's keep-alive timer stops at its first byte)."""
+    with live_server(baby_checkpoint("qwen3_moe"), request_read_timeout_seconds=0.5) as (base, _):
+        port = int(base.rsplit(":", 1)[1])
+        socks = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
+        half_head, half_body, keep_alive = socks
+        half_head.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: applic")
+        half_body.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                          b"Content-Length: 100\r\n\r\n{\"prompt\": \"a")
+        keep_alive.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        first = b""
+        while b'"ok"' not in first:
+            first += keep_alive.recv(65536)
+        keep_alive.sendall(b"GET /hea")
+        assert _read_until_closed(half_head) == b""
+        assert _read_until_closed(half_body) == b""
+        assert _read_until_closed(keep_alive) == b""
+        for s in socks:
+            s.close()
+        assert httpx.get(base + "/health").status_code == 200  # and it goes on serving
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
 
 
 def test_the_shipped_default_model_serves_chat():
