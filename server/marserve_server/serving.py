@@ -123,19 +123,22 @@ async def run_to_end(state: ServerState, raw: Request, jobs: list[tuple[dict, Sa
                      ) -> list[RequestOutput]:
     """Run engine requests to completion; a client that disconnects aborts all of them at once."""
     tasks = [asyncio.ensure_future(_last(state.engine.generate(prompt, params, rid))) for prompt, params, rid in jobs]
-    gathered = asyncio.gather(*tasks)
+    # No asyncio.gather wrapper: cancelling its children left it holding a CancelledError nobody
+    # retrieved, which asyncio logged as an ERROR with a traceback on every disconnect.
+    pending = set(tasks)
     try:
-        while True:
-            done, _ = await asyncio.wait({gathered}, timeout=DISCONNECT_POLL_SECONDS)
-            if done:
-                outs = gathered.result()
-                break
-            if await raw.is_disconnected():  # nobody to answer: free the engine now (nginx's 499)
+        while pending:
+            done, pending = await asyncio.wait(pending, timeout=DISCONNECT_POLL_SECONDS,
+                                               return_when=asyncio.FIRST_EXCEPTION)
+            for t in done:
+                t.result()  # the first failure ends the wait (and the request)
+            if pending and await raw.is_disconnected():  # nobody to answer: free the engine now (nginx's 499)
                 raise APIError(499, "the client closed the request", code="client_disconnected")
+        outs = [t.result() for t in tasks]
     except BaseException:
         for t in tasks:
             t.cancel()  # closes each engine stream, which aborts its request and frees its blocks
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)  # also retrieves every task's exception
         raise
     for out in outs:
         state.metrics.observe_finished(out)
