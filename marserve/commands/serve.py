@@ -20,7 +20,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--served-model-name", default=None,
                    help="model name clients use (default: the directory name; marserve-default for the shipped model)")
     p.add_argument("--api-key", default=os.environ.get("MARSERVE_API_KEY"),
-                   help="require 'Authorization: Bearer KEY' on /v1 routes (default: $MARSERVE_API_KEY)")
+                   help="require 'Authorization: Bearer KEY' on /v1 routes, /tokenize, /detokenize and the OpenAPI "
+                        "schema and pages (default: $MARSERVE_API_KEY)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
     p.add_argument("--max-num-seqs", type=int, default=64, help="sequences in one batch")

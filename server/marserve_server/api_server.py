@@ -37,7 +37,9 @@ from marserve_server.serving_completions import create_completion
 
 logger = logging.getLogger(__name__)
 
-PROTECTED_PREFIXES = ("/v1/", "/tokenize", "/detokenize")
+# With an API key these need it. The OpenAPI schema and its pages describe the protected routes, so they
+# are protected too; probes (/health, /ready), /metrics and /version stay open.
+PROTECTED_PREFIXES = ("/v1/", "/tokenize", "/detokenize", "/openapi.json", "/docs", "/redoc")
 
 
 @dataclass
@@ -139,7 +141,8 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
 
     @app.get("/v1/models")
     async def models():
-        card = ModelCard(id=config.model_name, root=str(engine.config.model), max_model_len=engine.max_model_len)
+        # root names the served model, never its directory: a path on the server is not the clients' business.
+        card = ModelCard(id=config.model_name, root=config.model_name, max_model_len=engine.max_model_len)
         return ModelList(data=[card]).model_dump()
 
     @app.get("/health")

@@ -233,6 +233,10 @@ def test_api_key(model_dir):
         ok = openai.OpenAI(base_url=base + "/v1", api_key="sekrit", max_retries=0)
         assert ok.models.list().data[0].id == "baby"
         assert httpx.get(base + "/health").status_code == 200  # probes need no key
+        for path in ("/openapi.json", "/docs", "/redoc", "/docs/oauth2-redirect"):  # they describe the API
+            _error(httpx.get(base + path), 401, code="invalid_api_key")
+        assert httpx.get(base + "/openapi.json", headers={"Authorization": "Bearer sekrit"}).json()["paths"]
+        assert httpx.get(base + "/docs", headers={"Authorization": "Bearer sekrit"}).status_code == 200
 
 
 def test_metrics_parse_and_move(server, client):
@@ -264,6 +268,7 @@ def test_models_tokenize_detokenize_version_health(server, offline):
     base, _ = server
     models = httpx.get(base + "/v1/models").json()
     assert models["data"][0]["id"] == "baby" and models["data"][0]["max_model_len"] == 128
+    assert models["data"][0]["root"] == "baby"  # the served name, not the model's path on the server
     tok = httpx.post(base + "/tokenize", json={"prompt": "hello world"}).json()
     assert tok["tokens"] == offline.tokenizer("hello world")["input_ids"] and tok["count"] == len(tok["tokens"])
     assert httpx.post(base + "/detokenize", json={"tokens": tok["tokens"]}).json()["prompt"] == \
