@@ -171,6 +171,7 @@ class LLMEngine:
         # 2. prefetch: a hook for the expert prefetcher (all experts are resident today).
         try:
             logits = self.runner.execute(out.chunks)  # 3. execute
+            self.scheduler.update(out)
         except Exception:  # noqa: BLE001 - one bad step must not take the engine down
             # One forward for the whole batch: nothing says whose input broke it, so every sequence
             # fails, and none is shown the exception's text (it may quote another request's data).
@@ -178,7 +179,6 @@ class LLMEngine:
             for seq in out.seqs:
                 self._fail(seq.request_id, "internal error during generation: the model step failed")
         else:
-            self.scheduler.update(out)
             self._record_prompt_logprobs(out)
             self._sample_and_check(out, logits)  # 4. sample, 5. update
         touched = {s.request_id for s in out.seqs} | {s.request_id for s in out.preempted}
