@@ -45,6 +45,10 @@ class EngineDeadError(MarserveError):
     """The engine loop has stopped; no request can be served."""
 
 
+class ShuttingDownError(MarserveError):
+    """The server is stopping: a request still running when the shutdown grace ran out was ended."""
+
+
 class AsyncEngine:
     def __init__(self, engine: LLMEngine):
         self.engine = engine
@@ -54,6 +58,7 @@ class AsyncEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._closed = False  # drained: new requests are refused, running ones were ended
         self.errored = False
         self.dead_error: BaseException | None = None
 
@@ -88,13 +93,21 @@ class AsyncEngine:
         self._thread = threading.Thread(target=self._run, name="marserve-engine", daemon=True)
         self._thread.start()
 
-    async def shutdown(self, grace_seconds: float = 30.0) -> None:
-        """Let running requests finish for up to `grace_seconds`, then abort the rest and stop."""
+    async def drain(self, grace_seconds: float) -> None:
+        """Let running requests finish for up to `grace_seconds`; then end the rest with a
+        ShuttingDownError their consumers see (a stream can still say why it stops), and refuse new ones."""
         deadline = time.monotonic() + grace_seconds
         while self._queues and time.monotonic() < deadline and self.is_running:
             await asyncio.sleep(0.05)
-        for rid in list(self._queues):
-            await self.abort(rid)
+        self._closed = True
+        for request_id, queue in list(self._queues.items()):
+            await self.abort(request_id)
+            queue.put_nowait(ShuttingDownError("the server is shutting down; this request was stopped before it "
+                                               "finished"))
+
+    async def shutdown(self, grace_seconds: float = 30.0) -> None:
+        """Drain (see `drain`), then stop the engine thread."""
+        await self.drain(grace_seconds)
         self._stopping = True
         self._work.set()
         if self._thread is not None:
@@ -106,6 +119,8 @@ class AsyncEngine:
 
     async def generate(self, prompt, params: SamplingParams, request_id: str) -> AsyncIterator[RequestOutput]:
         """Cumulative outputs for this request as they grow; the last one has finished=True."""
+        if self._closed:
+            raise ShuttingDownError("the server is shutting down")
         if not self.is_running:
             raise EngineDeadError("the engine is not running")
         if request_id in self._queues:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import numbers
 import time
 from dataclasses import dataclass, field
 
@@ -20,7 +21,7 @@ from marserve.errors import ConfigError, RequestError
 from marserve.loader import generation_defaults, load_model, load_tokenizer
 from marserve.model_runner import ModelRunner
 from marserve.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
-from marserve.sampler import Sampler
+from marserve.sampler import Sampler, SamplerOutput
 from marserve.sampling_params import SamplingParams
 from marserve.scheduler import Scheduler, SchedulerOutput
 from marserve.sequence import Sequence
@@ -124,9 +125,10 @@ class LLMEngine:
     def _check_prompt(self, ids: list[int], params: SamplingParams) -> None:
         if not ids:
             raise RequestError("the prompt is empty", param="prompt")
-        vocab = self.model_config.vocab_size
-        if any(not 0 <= t < vocab for t in ids):
-            raise RequestError(f"prompt token ids must be in [0, {vocab})", param="prompt")
+        # Every token id a request carries indexes a [V] row somewhere in the step: one out of range
+        # (or negative, which silently wraps to V - k) would fail or bend every sequence batched with it.
+        self._check_token_ids(ids, "prompt")
+        self._check_token_ids(params.stop_token_ids, "stop_token_ids")
         if len(ids) >= self.max_model_len:
             raise RequestError(f"the prompt has {len(ids)} tokens; this model's context is {self.max_model_len} "
                                f"tokens, and at least one must be left for the output",
@@ -135,6 +137,12 @@ class LLMEngine:
             raise RequestError(f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds this "
                                f"model's context of {self.max_model_len} tokens",
                                param="max_tokens", code="context_length_exceeded")
+
+    def _check_token_ids(self, ids: list[int], param: str) -> None:
+        vocab = self.model_config.vocab_size
+        for t in ids:
+            if not isinstance(t, numbers.Integral) or isinstance(t, bool) or not 0 <= t < vocab:
+                raise RequestError(f"{param}: token id {t!r} is outside the vocabulary [0, {vocab})", param=param)
 
     def abort(self, request_id: str) -> None:
         req = self.requests.pop(request_id, None)
@@ -149,7 +157,10 @@ class LLMEngine:
     # ---- the loop -------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """One step for the whole batch; returns the outputs of the requests it advanced."""
+        """One step for the whole batch; returns the outputs of the requests it advanced.
+
+        A failure fails only the requests it belongs to: sampling and bookkeeping that fail for the
+        batch are retried row by row, and a request's error text reaches that request alone."""
         out = self.scheduler.schedule()  # 1. schedule
         if out.is_empty:
             return []
@@ -160,75 +171,130 @@ class LLMEngine:
         # 2. prefetch: a hook for the expert prefetcher (all experts are resident today).
         try:
             logits = self.runner.execute(out.chunks)  # 3. execute
-            self._record_prompt_logprobs(out)
             self.scheduler.update(out)
-            self._sample_and_check(out, logits)  # 4. sample, 5. update
-        except Exception as e:  # noqa: BLE001 - one bad step must not take the others down
-            logger.exception("engine step failed; failing its %d sequences", len(out.seqs))
+        except Exception:  # noqa: BLE001 - one bad step must not take the engine down
+            # One forward for the whole batch: nothing says whose input broke it, so every sequence
+            # fails, and none is shown the exception's text (it may quote another request's data).
+            logger.exception("engine step failed in the model; failing its %d sequences", len(out.seqs))
             for seq in out.seqs:
-                req = self.requests.get(seq.request_id)
-                if req is not None:
-                    req.error = f"internal error during generation: {type(e).__name__}: {e}"
-                self.scheduler.finish(seq, "error")
+                self._fail(seq.request_id, "internal error during generation: the model step failed")
+        else:
+            self._record_prompt_logprobs(out)
+            self._sample_and_check(out, logits)  # 4. sample, 5. update
         touched = {s.request_id for s in out.seqs} | {s.request_id for s in out.preempted}
         return [self._output(rid) for rid in touched if rid in self.requests]
 
+    def _fail(self, request_id: str, message: str) -> None:
+        """Finish every sequence of one request with an error its client alone sees."""
+        req = self.requests.get(request_id)
+        if req is None:
+            return
+        req.error = req.error or message
+        for seq in req.seqs:
+            self.scheduler.finish(seq, "error")
+
+    def _fail_on_error(self, request_id: str, e: Exception, where: str) -> None:
+        logger.error("request %s failed in %s", request_id, where, exc_info=e)
+        self._fail(request_id, f"internal error during generation: {type(e).__name__}: {e}")
+
     def _record_prompt_logprobs(self, out: SchedulerOutput) -> None:
-        """Row j of a chunk's logits predicts the token at start_pos + j + 1: a prompt token's logprob."""
         for seq, chunk, logits in zip(out.seqs, out.chunks, self.runner.chunk_logits):
-            if logits is None:
+            if logits is None or seq.is_finished:
                 continue
-            req = self.requests[seq.request_id]
-            k = seq.params.prompt_logprobs
-            prompt = seq.prompt_token_ids
-            lp = logits.log_softmax(-1)  # [n, V]
-            top_lp, top_ids = lp.topk(k, dim=-1) if k > 0 else (None, None)
-            for j in range(lp.shape[0]):
-                pos = chunk.start_pos + j + 1
-                if pos >= len(prompt) or pos in req.prompt_logprobs:
-                    continue  # past the prompt, or already recorded (n > 1, or recomputed after preemption)
-                tok = prompt[pos]
-                entry = {tok: Logprob(float(lp[j, tok]))}
-                if k > 0:
-                    for r, (tid, v) in enumerate(zip(top_ids[j].tolist(), top_lp[j].tolist())):
-                        entry.setdefault(tid, Logprob(v, rank=r + 1))
-                    if entry[tok].rank is None:
-                        entry[tok].rank = int((lp[j] > lp[j, tok]).sum()) + 1
-                req.prompt_logprobs[pos] = entry
+            try:
+                self._record_chunk_prompt_logprobs(seq, chunk, logits)
+            except Exception as e:  # noqa: BLE001 - fails this request only
+                self._fail_on_error(seq.request_id, e, "prompt logprobs")
+
+    def _record_chunk_prompt_logprobs(self, seq: Sequence, chunk, logits: torch.Tensor) -> None:
+        """Row j of a chunk's logits predicts the token at start_pos + j + 1: a prompt token's logprob."""
+        req = self.requests[seq.request_id]
+        k = seq.params.prompt_logprobs
+        prompt = seq.prompt_token_ids
+        lp = logits.log_softmax(-1)  # [n, V]
+        top_lp, top_ids = lp.topk(k, dim=-1) if k > 0 else (None, None)
+        for j in range(lp.shape[0]):
+            pos = chunk.start_pos + j + 1
+            if pos >= len(prompt) or pos in req.prompt_logprobs:
+                continue  # past the prompt, or already recorded (n > 1, or recomputed after preemption)
+            tok = prompt[pos]
+            entry = {tok: Logprob(float(lp[j, tok]))}
+            if k > 0:
+                for r, (tid, v) in enumerate(zip(top_ids[j].tolist(), top_lp[j].tolist())):
+                    entry.setdefault(tid, Logprob(v, rank=r + 1))
+                if entry[tok].rank is None:
+                    entry[tok].rank = int((lp[j] > lp[j, tok]).sum()) + 1
+            req.prompt_logprobs[pos] = entry
+
+    def _sample(self, logits: torch.Tensor, rows: list[Sequence]) -> list[tuple[SamplerOutput, int] | Exception]:
+        """Per row: (the SamplerOutput holding it, its index there), or the exception sampling it raised.
+
+        The whole batch at once; if that fails, row by row, so that only the rows that fail on their own
+        fail (a batched failure says nothing of whose row broke it)."""
+        def sample(idx: list[int]) -> SamplerOutput:
+            seqs = [rows[i] for i in idx]
+            reqs = [self.requests[s.request_id] for s in seqs]
+            suppressed = [(self.eos_token_ids + list(s.params.stop_token_ids))
+                          if len(s.output_token_ids) < s.params.min_tokens else [] for s in seqs]
+            return self.sampler(logits if len(idx) == len(rows) else logits[idx], [s.params for s in seqs],
+                                prompt_ids=[s.prompt_token_ids for s in seqs],
+                                output_ids=[s.output_token_ids for s in seqs],
+                                generators=[r.generators[r.seqs.index(s)] for r, s in zip(reqs, seqs)],
+                                suppressed=suppressed)
+
+        try:
+            batch = sample(list(range(len(rows))))
+            return [(batch, i) for i in range(len(rows))]
+        except Exception:  # noqa: BLE001 - find the rows at fault
+            logger.exception("sampling a batch of %d rows failed; sampling them one by one", len(rows))
+        results: list[tuple[SamplerOutput, int] | Exception] = []
+        for i in range(len(rows)):
+            try:
+                results.append((sample([i]), 0))
+            except Exception as e:  # noqa: BLE001 - this row's own failure
+                results.append(e)
+        return results
 
     def _sample_and_check(self, out: SchedulerOutput, logits: torch.Tensor) -> None:
         rows = [seq for seq, chunk in zip(out.seqs, out.chunks) if chunk.needs_logits]
-        if not rows:
+        keep = [i for i, s in enumerate(rows) if not s.is_finished]  # a request failed earlier in the step
+        if not keep:
             return
-        reqs = [self.requests[s.request_id] for s in rows]
-        suppressed = [(self.eos_token_ids + list(s.params.stop_token_ids))
-                      if len(s.output_token_ids) < s.params.min_tokens else [] for s in rows]
-        sampled = self.sampler(logits, [s.params for s in rows],
-                               prompt_ids=[s.prompt_token_ids for s in rows],
-                               output_ids=[s.output_token_ids for s in rows],
-                               generators=[r.generators[r.seqs.index(s)] for r, s in zip(reqs, rows)],
-                               suppressed=suppressed)
+        rows = [rows[i] for i in keep]
+        logits = logits if len(keep) == logits.shape[0] else logits[keep]
         now = time.time()
-        for i, (seq, req) in enumerate(zip(rows, reqs)):
-            tok = sampled.token_ids[i]
-            seq.output_token_ids.append(tok)
-            self.generation_tokens_total += 1
-            m = req.metrics
-            if m.first_token_time is None:
-                m.first_token_time = now
-            elif m.last_token_time is not None:
-                m.inter_token_latencies.append(now - m.last_token_time)
-            m.last_token_time = now
-            if seq.params.logprobs is not None:
-                entry = {tok: Logprob(float(sampled.logprobs[i]))}
-                for r, (tid, lp) in enumerate(zip(sampled.top_ids[i, :seq.params.logprobs].tolist(),
-                                                  sampled.top_logprobs[i, :seq.params.logprobs].tolist())):
-                    entry[tid] = Logprob(lp, rank=r + 1)
-                req.logprobs[req.seqs.index(seq)].append(entry)
-            detok = req.detokenizers[req.seqs.index(seq)]
-            self._check_stop(seq, tok, detok, detok.add(tok))
-            if req.finished:
-                m.finished_time = now
+        for seq, sampled in zip(rows, self._sample(logits, rows)):
+            if seq.is_finished:
+                continue  # another sequence of its request failed in this step
+            if isinstance(sampled, Exception):
+                self._fail_on_error(seq.request_id, sampled, "sampling")
+                continue
+            try:
+                self._append_token(seq, *sampled, now)
+            except Exception as e:  # noqa: BLE001 - fails this request only
+                self._fail_on_error(seq.request_id, e, "its token's bookkeeping")
+
+    def _append_token(self, seq: Sequence, sampled: SamplerOutput, i: int, now: float) -> None:
+        req = self.requests[seq.request_id]
+        tok = sampled.token_ids[i]
+        seq.output_token_ids.append(tok)
+        self.generation_tokens_total += 1
+        m = req.metrics
+        if m.first_token_time is None:
+            m.first_token_time = now
+        elif m.last_token_time is not None:
+            m.inter_token_latencies.append(now - m.last_token_time)
+        m.last_token_time = now
+        if seq.params.logprobs is not None:
+            entry = {tok: Logprob(float(sampled.logprobs[i]))}
+            for r, (tid, lp) in enumerate(zip(sampled.top_ids[i, :seq.params.logprobs].tolist(),
+                                              sampled.top_logprobs[i, :seq.params.logprobs].tolist())):
+                entry[tid] = Logprob(lp, rank=r + 1)
+            req.logprobs[req.seqs.index(seq)].append(entry)
+        detok = req.detokenizers[req.seqs.index(seq)]
+        self._check_stop(seq, tok, detok, detok.add(tok))
+        if req.finished:
+            m.finished_time = now
 
     def _check_stop(self, seq: Sequence, tok: int, detok: IncrementalDetokenizer, new_text: str) -> None:
         p = seq.params

@@ -5,6 +5,7 @@ Legend: B=rows (one per sequence being sampled), V=vocabulary.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -64,12 +65,20 @@ def truncation_mask(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tens
 
 
 class Sampler:
+    def __init__(self):
+        # Test-only fault injection, set from Python (no request field or HTTP route reaches it):
+        # called with each row's SamplingParams before sampling; whatever it raises fails that call.
+        self.fault_hook: Callable[[SamplingParams], None] | None = None
+
     def __call__(self, logits: torch.Tensor, params: list[SamplingParams], *,
                  prompt_ids: list[list[int]] | None = None, output_ids: list[list[int]] | None = None,
                  generators: list[torch.Generator | None] | None = None,
                  suppressed: list[list[int]] | None = None) -> SamplerOutput:
         """logits [B, V] float32 -> one token per row. `suppressed[i]` lists tokens row i may not pick
         (e.g. EOS before min_tokens)."""
+        if self.fault_hook is not None:
+            for p in params:
+                self.fault_hook(p)
         B = logits.shape[0]
         prompt_ids = prompt_ids or [[] for _ in range(B)]
         output_ids = output_ids or [[] for _ in range(B)]

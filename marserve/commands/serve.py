@@ -20,7 +20,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--served-model-name", default=None,
                    help="model name clients use (default: the directory name; marserve-default for the shipped model)")
     p.add_argument("--api-key", default=os.environ.get("MARSERVE_API_KEY"),
-                   help="require 'Authorization: Bearer KEY' on /v1 routes (default: $MARSERVE_API_KEY)")
+                   help="require 'Authorization: Bearer KEY' on /v1 routes, /tokenize, /detokenize and the OpenAPI "
+                        "schema and pages (default: $MARSERVE_API_KEY)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
     p.add_argument("--max-num-seqs", type=int, default=64, help="sequences in one batch")
@@ -29,10 +30,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-queue-len", type=int, default=256, help="waiting requests beyond this get 429")
+    p.add_argument("--max-queue-len", type=int, default=256, help="sequences (prompts x n) allowed to wait; beyond this 429 (400 for one request larger than this)")
     p.add_argument("--max-body-mb", type=float, default=4.0, help="larger request bodies get 413")
     p.add_argument("--shutdown-grace", type=float, default=30.0,
                    help="seconds running requests may take to finish after SIGTERM")
+    p.add_argument("--request-read-timeout", type=float, default=30.0,
+                   help="seconds a client has to send a whole request (head and body) before its connection is closed")
     # Expert offloading arrives with the next milestone; the flags are here so deployments can be written now.
     p.add_argument("--expert-cache-gb", type=float, default=None,
                    help="fast-memory budget for experts (default: all experts resident)")
@@ -55,7 +58,8 @@ def run(args: argparse.Namespace) -> int:
         server_config = ServerConfig(model_name=args.served_model_name or default_name, host=args.host,
                                      port=args.port, api_key=args.api_key or None, max_queue_len=args.max_queue_len,
                                      max_body_bytes=int(args.max_body_mb * 2**20),
-                                     shutdown_grace_seconds=args.shutdown_grace, log_level=args.log_level)
+                                     shutdown_grace_seconds=args.shutdown_grace,
+                                     request_read_timeout_seconds=args.request_read_timeout, log_level=args.log_level)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     engine = AsyncEngine.from_config(EngineConfig(

@@ -2,7 +2,8 @@
 
 build_app(engine, ServerConfig) -> app; serve(engine, ServerConfig) runs it with uvicorn. On SIGTERM
 the server stops accepting connections, answers 503 on /ready and to new requests on open
-connections, lets running requests finish for up to `shutdown_grace_seconds`, then exits.
+connections, lets running requests finish for up to `shutdown_grace_seconds`, ends the rest with an
+error their clients read (an SSE error event and [DONE], or a 503 body), then exits.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from fastapi.responses import JSONResponse, Response
 import marserve
 from marserve.async_engine import AsyncEngine
 from marserve_server import errors
+from marserve_server.http_protocol import with_read_timeout
 from marserve_server.metrics import ServerMetrics
 from marserve_server.protocol import (
     ChatCompletionRequest,
@@ -35,7 +37,9 @@ from marserve_server.serving_completions import create_completion
 
 logger = logging.getLogger(__name__)
 
-PROTECTED_PREFIXES = ("/v1/", "/tokenize", "/detokenize")
+# With an API key these need it. The OpenAPI schema and its pages describe the protected routes, so they
+# are protected too; probes (/health, /ready), /metrics and /version stay open.
+PROTECTED_PREFIXES = ("/v1/", "/tokenize", "/detokenize", "/openapi.json", "/docs", "/redoc")
 
 
 @dataclass
@@ -44,14 +48,21 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: str | None = None
-    max_queue_len: int = 256  # waiting requests beyond this are refused with 429
+    max_queue_len: int = 256  # sequences waiting beyond this are refused with 429 (400 if one request is larger)
     max_body_bytes: int = 4 * 2**20
     shutdown_grace_seconds: float = 30.0
+    # Whole request (head and body) within this long of connecting or of the previous response, or the
+    # connection is closed: half-sent requests would otherwise hold connections (and handlers) forever.
+    request_read_timeout_seconds: float = 30.0
     log_level: str = "info"
 
     def __post_init__(self):
-        if self.max_queue_len < 0:
-            raise ValueError("max_queue_len must be >= 0")
+        if self.max_queue_len < 1:  # every request waits before it runs, so 0 would refuse them all
+            raise ValueError("max_queue_len must be at least 1")
+        if self.shutdown_grace_seconds < 0:
+            raise ValueError("shutdown_grace_seconds must be >= 0")
+        if self.request_read_timeout_seconds <= 0:
+            raise ValueError("request_read_timeout_seconds must be positive")
         if self.max_body_bytes < 1024:
             raise ValueError("max_body_bytes must be at least 1024")
 
@@ -130,7 +141,8 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
 
     @app.get("/v1/models")
     async def models():
-        card = ModelCard(id=config.model_name, root=str(engine.config.model), max_model_len=engine.max_model_len)
+        # root names the served model, never its directory: a path on the server is not the clients' business.
+        card = ModelCard(id=config.model_name, root=config.model_name, max_model_len=engine.max_model_len)
         return ModelList(data=[card]).model_dump()
 
     @app.get("/health")
@@ -183,20 +195,41 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
     return app
 
 
-class _Server(uvicorn.Server):
-    """uvicorn, plus: mark the app as draining the moment a stop signal arrives."""
+# After the drain has ended every engine request, what uvicorn may still wait for: handlers writing
+# their last error event or error body, and idle keep-alive connections closing.
+SHUTDOWN_FLUSH_SECONDS = 5
 
-    def __init__(self, config: uvicorn.Config, state: ServerState):
+
+class _Server(uvicorn.Server):
+    """uvicorn, plus: mark the app as draining the moment a stop signal arrives, and drain the engine
+    before uvicorn closes connections, so that a request outliving the grace ends with an error its
+    client can read, never a cut connection."""
+
+    def __init__(self, config: uvicorn.Config, state: ServerState, grace_seconds: float):
         super().__init__(config)
-        self._state = state
+        self._state, self._grace_seconds = state, grace_seconds
 
     def handle_exit(self, sig, frame) -> None:
         self._state.draining = True
         super().handle_exit(sig, frame)
 
+    async def shutdown(self, sockets=None) -> None:
+        self._state.draining = True
+        for server in self.servers:
+            server.close()  # no new connections while running requests finish
+        # uvicorn alone would wait its graceful timeout and then cancel the handlers mid-response
+        # (streams cut without [DONE], plain-text 500s, tracebacks). Abort first, then close.
+        await self._state.engine.drain(self._grace_seconds)
+        await super().shutdown(sockets)
+
+
+def make_server(app: FastAPI, config: ServerConfig) -> uvicorn.Server:
+    """The uvicorn server for an app from build_app (also used by the tests' live server)."""
+    uv = uvicorn.Config(app, host=config.host, port=config.port, log_level=config.log_level.lower(),
+                        timeout_graceful_shutdown=SHUTDOWN_FLUSH_SECONDS,
+                        http=with_read_timeout(config.request_read_timeout_seconds))
+    return _Server(uv, app.state.server, config.shutdown_grace_seconds)
+
 
 def serve(engine: AsyncEngine, config: ServerConfig) -> None:
-    app = build_app(engine, config)
-    uv = uvicorn.Config(app, host=config.host, port=config.port, log_level=config.log_level.lower(),
-                        timeout_graceful_shutdown=max(1, int(config.shutdown_grace_seconds)))
-    _Server(uv, app.state.server).run()
+    make_server(build_app(engine, config), config).run()

@@ -12,7 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from marserve.async_engine import EngineDeadError
+from marserve.async_engine import EngineDeadError, ShuttingDownError
 from marserve.errors import MarserveError, RequestError
 from marserve.sampling_params import SamplingParamsError
 from marserve_server.protocol import ErrorInfo, ErrorResponse
@@ -50,6 +50,8 @@ def from_exception(e: BaseException) -> APIError:
         return APIError(400, str(e), param=e.param)
     if isinstance(e, RequestError):
         return APIError(400, str(e), param=e.param, code=e.code)
+    if isinstance(e, ShuttingDownError):
+        return APIError(503, str(e), code="shutting_down", headers={"Retry-After": "5"})
     if isinstance(e, EngineDeadError):
         return APIError(503, "the engine has stopped; this server cannot generate", code="engine_dead",
                         headers={"Retry-After": "30"})

@@ -48,8 +48,9 @@ class ServerState:
             raise APIError(404, f"the model '{name}' does not exist; this server serves '{self.model_name}'",
                            param="model", code="model_not_found")
 
-    def admit(self, num_seqs: int) -> Callable[[], None]:
-        """Refuse work the server cannot take now: 503 while shutting down or dead, 429 with a full queue.
+    def admit(self, num_seqs: int, param: str = "n") -> Callable[[], None]:
+        """Refuse work the server cannot take now: 503 while shutting down or dead, 429 with a full queue,
+        400 (naming `param`) for a request larger than the whole queue, which no retry could ever fit.
         Returns the release to call (any number of times) once the response is done.
 
         Waiting = admitted here and not yet finished, minus what the engine runs. The engine's own
@@ -60,9 +61,14 @@ class ServerState:
         if not self.engine.is_running:
             raise APIError(503, "the engine has stopped; this server cannot generate", code="engine_dead",
                            headers={"Retry-After": "30"})
+        if num_seqs > self.max_queue_len:
+            raise APIError(400, f"this request needs {num_seqs} sequences (prompts x n), more than the "
+                                f"{self.max_queue_len} the server lets wait (--max-queue-len); split it",
+                           param=param, code="queue_limit_exceeded")
         waiting = max(0, self.num_admitted_seqs - self.engine.stats().num_running)
         if waiting + num_seqs > self.max_queue_len:
-            raise APIError(429, f"the request queue is full ({self.max_queue_len} waiting); retry shortly",
+            raise APIError(429, f"the request queue is full ({waiting} sequences waiting, {num_seqs} more asked, "
+                                f"limit {self.max_queue_len}); retry shortly",
                            code="queue_full", headers={"Retry-After": "1"})
         self.num_admitted_seqs += num_seqs
         released = False
@@ -117,19 +123,22 @@ async def run_to_end(state: ServerState, raw: Request, jobs: list[tuple[dict, Sa
                      ) -> list[RequestOutput]:
     """Run engine requests to completion; a client that disconnects aborts all of them at once."""
     tasks = [asyncio.ensure_future(_last(state.engine.generate(prompt, params, rid))) for prompt, params, rid in jobs]
-    gathered = asyncio.gather(*tasks)
+    # No asyncio.gather wrapper: cancelling its children left it holding a CancelledError nobody
+    # retrieved, which asyncio logged as an ERROR with a traceback on every disconnect.
+    pending = set(tasks)
     try:
-        while True:
-            done, _ = await asyncio.wait({gathered}, timeout=DISCONNECT_POLL_SECONDS)
-            if done:
-                outs = gathered.result()
-                break
-            if await raw.is_disconnected():  # nobody to answer: free the engine now (nginx's 499)
+        while pending:
+            done, pending = await asyncio.wait(pending, timeout=DISCONNECT_POLL_SECONDS,
+                                               return_when=asyncio.FIRST_EXCEPTION)
+            for t in done:
+                t.result()  # the first failure ends the wait (and the request)
+            if pending and await raw.is_disconnected():  # nobody to answer: free the engine now (nginx's 499)
                 raise APIError(499, "the client closed the request", code="client_disconnected")
+        outs = [t.result() for t in tasks]
     except BaseException:
         for t in tasks:
             t.cancel()  # closes each engine stream, which aborts its request and frees its blocks
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)  # also retrieves every task's exception
         raise
     for out in outs:
         state.metrics.observe_finished(out)

@@ -105,7 +105,7 @@ async def create_completion(state: ServerState, req: CompletionRequest, raw: Req
     _check(req)
     base_id = random_id("cmpl")
     jobs = await off_loop(_jobs, state, req, base_id)
-    release = state.admit(len(jobs) * req.n)
+    release = state.admit(len(jobs) * req.n, param="prompt" if len(jobs) > 1 else "n")
     if req.stream:
         return event_stream(_stream(state, req, jobs, base_id), release)
     try:

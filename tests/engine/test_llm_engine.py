@@ -79,7 +79,8 @@ def test_context_and_empty_prompt_errors(path):
     assert not llm.engine.has_unfinished
 
 
-def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(path, alone, monkeypatch):
+def test_a_failing_model_step_fails_its_requests_without_their_text_and_the_engine_goes_on(path, alone,
+                                                                                              monkeypatch):
     llm = LLM(path, dtype="float32")
     real = llm.engine.runner.execute
     calls = {"n": 0}
@@ -87,15 +88,54 @@ def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(path, alone, m
     def flaky(chunks):
         calls["n"] += 1
         if calls["n"] == 1:
-            raise RuntimeError("injected")
+            raise RuntimeError("injected: secret of another request")
         return real(chunks)
 
     monkeypatch.setattr(llm.engine.runner, "execute", flaky)
     failed = llm.generate([PROMPTS[0]], GREEDY)[0]
-    assert failed.outputs[0].finish_reason == "error" and "injected" in failed.error
+    # A batched forward names no culprit: every sequence fails, none sees the exception's text.
+    assert failed.outputs[0].finish_reason == "error" and failed.error and "secret" not in failed.error
     assert llm.generate([PROMPTS[1]], GREEDY)[0].outputs[0].token_ids == alone[1]
     bm = llm.engine.scheduler.block_manager
     assert bm.num_free_blocks == bm.num_blocks
+
+
+@pytest.mark.parametrize("victim", [0, 3])
+def test_a_request_whose_sampling_fails_fails_alone(path, alone, victim):
+    """The batch-mates of a request that breaks sampling (here on its 3rd token) finish as if alone."""
+    llm = LLM(path, dtype="float32")
+    bad = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True, n=2)
+    counted = {"n": 0}
+
+    def hook(p):
+        if p is bad:
+            counted["n"] += 1
+            if counted["n"] > 4:  # both sequences sampled twice: fail on the third token
+                raise IndexError("index 999999 is out of bounds: the victim's own data")
+
+    llm.engine.sampler.fault_hook = hook
+    params = [bad if i == victim else GREEDY for i in range(len(PROMPTS))]
+    outs = llm.generate(PROMPTS, params)
+    for i, o in enumerate(outs):
+        if i == victim:
+            assert o.error and "999999" in o.error and all(c.finish_reason == "error" for c in o.outputs)
+        else:
+            assert o.error is None and o.outputs[0].token_ids == alone[i], i
+    bm = llm.engine.scheduler.block_manager
+    assert bm.num_free_blocks == bm.num_blocks and not llm.engine.has_unfinished
+
+
+@pytest.mark.parametrize("tokens, kw, param", [
+    ([5, 999999], {}, "prompt"), ([5, -1], {}, "prompt"),
+    ([5, 6], {"stop_token_ids": [999999], "min_tokens": 4}, "stop_token_ids"),
+    ([5, 6], {"stop_token_ids": [3, -1]}, "stop_token_ids"),
+])
+def test_token_ids_outside_the_vocabulary_are_refused_before_queueing(path, tokens, kw, param):
+    llm = LLM(path, dtype="float32")
+    with pytest.raises(RequestError) as e:
+        llm.generate([PROMPTS[0], {"prompt_token_ids": tokens}], SamplingParams(max_tokens=5, **kw))
+    assert e.value.param == param and "vocabulary" in str(e.value)
+    assert not llm.engine.has_unfinished and not llm.engine.requests
 
 
 @pytest.mark.parametrize("kw", [dict(), dict(max_num_batched_tokens=5, block_size=2)])

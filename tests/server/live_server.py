@@ -8,8 +8,7 @@ import threading
 import time
 
 import httpx
-import uvicorn
-from marserve_server import ServerConfig, build_app
+from marserve_server import ServerConfig, build_app, make_server
 
 from marserve.async_engine import AsyncEngine
 from marserve.engine_config import EngineConfig
@@ -23,13 +22,15 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def live_server(model_dir, engine_kw: dict | None = None, **server_kw):
-    """Yields (base_url, app); the server stops (and the engine with it) on exit."""
+    """Yields (base_url, app); the server (the one `serve` runs) stops, and the engine with it, on exit."""
     engine = AsyncEngine.from_config(EngineConfig(model=model_dir, dtype="float32", **(engine_kw or {})))
     port = free_port()
+    server_kw.setdefault("log_level", "warning")
+    server_kw.setdefault("shutdown_grace_seconds", 2)
     config = ServerConfig(model_name=server_kw.pop("model_name", "baby"), port=port, **server_kw)
     app = build_app(engine, config)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                           timeout_graceful_shutdown=2))
+    server = make_server(app, config)
+    app.state.test_server = server  # for tests that stop it themselves (server.handle_exit)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     base = f"http://127.0.0.1:{port}"

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
+import logging
 import threading
 import time
 
@@ -141,7 +143,7 @@ def test_disconnect_aborts_and_the_next_request_is_served(server, client):
     assert time.monotonic() - t0 < 5
 
 
-def test_a_non_streaming_client_that_gives_up_is_aborted(server, monkeypatch):
+def test_a_non_streaming_client_that_gives_up_is_aborted(server, monkeypatch, caplog):
     base, app = server
     engine = app.state.server.engine
     real_step = engine.engine.step
@@ -165,6 +167,8 @@ def test_a_non_streaming_client_that_gives_up_is_aborted(server, monkeypatch):
     assert engine.stats().generation_tokens_total == generated  # nothing is generated for nobody
     assert generated - before < 16 * 100  # it was stopped, not finished
     assert app.state.server.num_admitted_seqs == 0
+    gc.collect()  # an unretrieved future's error is logged when it is collected
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
 
 
 def _error(r: httpx.Response, status: int, param=None, code=None):
@@ -189,6 +193,12 @@ def test_every_error_has_its_status_and_shape(server):
     _error(post("/v1/completions", {"prompt": ""}), 400, param="prompt")
     _error(post("/v1/completions", {"prompt": "x", "n": 17}), 400, param="n")
     _error(post("/v1/completions", {"prompt": [10**9]}), 400, param="prompt")
+    for ids in ([999999], [-1], [2, 10**30]):  # checked against the vocabulary before anything is queued
+        err = _error(post("/v1/completions", {"prompt": "x", "stop_token_ids": ids, "min_tokens": 2}), 400,
+                     param="stop_token_ids")
+        assert "vocabulary" in err["message"]
+        _error(post("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                                             "stop_token_ids": ids}), 400, param="stop_token_ids")
     _error(post("/v1/chat/completions", {"messages": []}), 400, param="messages")
     _error(post("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
                                          "response_format": {"type": "json_schema"}}), 400, param="response_format")
@@ -199,13 +209,21 @@ def test_every_error_has_its_status_and_shape(server):
            code="request_too_large")
     _error(httpx.get(base + "/no/such/route"), 404)
     state = app.state.server
-    state.max_queue_len = 0
+    state.max_queue_len, state.num_admitted_seqs = 4, 3  # three sequences already wait; four may
     try:
-        r = post("/v1/completions", {"prompt": "x"})
-        _error(r, 429, code="queue_full")
-        assert r.headers["retry-after"]
+        r = post("/v1/completions", {"prompt": "x", "n": 2})
+        err = _error(r, 429, code="queue_full")
+        assert r.headers["retry-after"] and "3 sequences waiting" in err["message"]  # the count, not the limit
+        # More than the whole queue can never fit: no retry helps, so 400 naming the limit, not 429.
+        for path, body, param in [("/v1/completions", {"prompt": ["a", "b", "c"], "n": 2}, "prompt"),
+                                  ("/v1/completions", {"prompt": "a", "n": 5}, "n"),
+                                  ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}], "n": 5},
+                                   "n")]:
+            r = post(path, body)
+            err = _error(r, 400, param=param, code="queue_limit_exceeded")
+            assert "4" in err["message"] and "retry-after" not in r.headers
     finally:
-        state.max_queue_len = 256
+        state.max_queue_len, state.num_admitted_seqs = 256, 0
 
 
 def test_api_key(model_dir):
@@ -215,6 +233,10 @@ def test_api_key(model_dir):
         ok = openai.OpenAI(base_url=base + "/v1", api_key="sekrit", max_retries=0)
         assert ok.models.list().data[0].id == "baby"
         assert httpx.get(base + "/health").status_code == 200  # probes need no key
+        for path in ("/openapi.json", "/docs", "/redoc", "/docs/oauth2-redirect"):  # they describe the API
+            _error(httpx.get(base + path), 401, code="invalid_api_key")
+        assert httpx.get(base + "/openapi.json", headers={"Authorization": "Bearer sekrit"}).json()["paths"]
+        assert httpx.get(base + "/docs", headers={"Authorization": "Bearer sekrit"}).status_code == 200
 
 
 def test_metrics_parse_and_move(server, client):
@@ -246,6 +268,7 @@ def test_models_tokenize_detokenize_version_health(server, offline):
     base, _ = server
     models = httpx.get(base + "/v1/models").json()
     assert models["data"][0]["id"] == "baby" and models["data"][0]["max_model_len"] == 128
+    assert models["data"][0]["root"] == "baby"  # the served name, not the model's path on the server
     tok = httpx.post(base + "/tokenize", json={"prompt": "hello world"}).json()
     assert tok["tokens"] == offline.tokenizer("hello world")["input_ids"] and tok["count"] == len(tok["tokens"])
     assert httpx.post(base + "/detokenize", json={"tokens": tok["tokens"]}).json()["prompt"] == \
@@ -263,7 +286,9 @@ def test_models_tokenize_detokenize_version_health(server, offline):
 # a 64-bit seed overflow in the engine thread, logprobs=0), i.e. every request batched with it, or the engine.
 HOSTILE = [{"temperature": 5e-324}, {"temperature": 1e-40, "top_p": 1e-300}, {"logprobs": 0},
            {"repetition_penalty": 1e-3, "temperature": 1e-5}, {"repetition_penalty": 1e3, "temperature": 0.5},
-           {"seed": 2**64}, {"seed": -(2**63)}, {"seed": 2**63 - 1, "n": 3}, {"repetition_penalty": 1e-300}]
+           {"seed": 2**64}, {"seed": -(2**63)}, {"seed": 2**63 - 1, "n": 3}, {"repetition_penalty": 1e-300},
+           {"stop_token_ids": [999999], "min_tokens": 4}, {"stop_token_ids": [-1], "min_tokens": 2},
+           {"prompt": [5, -3]}]
 
 
 def test_hostile_sampling_values_never_fail_their_batch_mates(server, offline, monkeypatch):
@@ -291,7 +316,7 @@ def test_hostile_sampling_values_never_fail_their_batch_mates(server, offline, m
     deadline = time.monotonic() + 10
     while not victim and time.monotonic() < deadline:  # the victim is running before anything hostile comes
         time.sleep(0.005)
-    answers = [(extra, httpx.post(base + "/v1/completions", json={"prompt": PROMPTS[7], "max_tokens": 3, **extra},
+    answers = [(extra, httpx.post(base + "/v1/completions", json={"prompt": PROMPTS[7], "max_tokens": 5, **extra},
                                   timeout=30)) for extra in HOSTILE]
     t.join(60)
     chunks = [json.loads(line[6:]) for line in victim[:-1]]
@@ -302,6 +327,50 @@ def test_hostile_sampling_values_never_fail_their_batch_mates(server, offline, m
         if r.status_code == 400:
             assert r.json()["error"]["param"] in extra, (extra, r.text)
     assert any(r.status_code == 200 for _, r in answers) and engine.is_running
+
+
+def test_a_request_that_fails_in_sampling_fails_alone(server, offline, monkeypatch):
+    """The test-only sampler hook breaks one request (marked by its seed); the streams batched with it
+    finish with their greedy text and never see its error."""
+    base, app = server
+    engine = app.state.server.engine
+    real_step = engine.engine.step
+
+    def slow_step():  # keeps the streams running while the doomed request joins their batch
+        time.sleep(0.01)
+        return real_step()
+
+    def hook(p):
+        if p.seed == 4242:
+            raise IndexError("the doomed request's own detail")
+
+    monkeypatch.setattr(engine.engine, "step", slow_step)
+    monkeypatch.setattr(engine.engine.sampler, "fault_hook", hook)
+    want = _greedy(offline, PROMPTS[8:10], 40)
+    streams: dict[int, list[str]] = {0: [], 1: []}
+
+    def stream(i):
+        with httpx.stream("POST", f"{base}/v1/completions", timeout=60, json={
+                "prompt": PROMPTS[8 + i], "max_tokens": 40, "temperature": 0, "ignore_eos": True,
+                "stream": True}) as r:
+            streams[i].extend(line for line in r.iter_lines() if line)
+
+    threads = [threading.Thread(target=stream, args=(i,)) for i in (0, 1)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 10
+    while not all(streams.values()) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    doomed = httpx.post(base + "/v1/completions", timeout=30, json={"prompt": PROMPTS[7], "max_tokens": 5,
+                                                                     "temperature": 0, "seed": 4242})
+    for t in threads:
+        t.join(60)
+    err = _error(doomed, 500, code="generation_failed")
+    assert "IndexError" in err["message"]
+    for i, lines in streams.items():
+        assert lines[-1] == "data: [DONE]" and not any("error" in line for line in lines), lines[-3:]
+        assert "".join(json.loads(line[6:])["choices"][0]["text"] for line in lines[:-1]) == want[i]
+    assert engine.is_running
 
 
 def test_bodies_the_parser_must_refuse_cleanly(server):

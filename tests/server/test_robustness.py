@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -150,6 +152,94 @@ def test_sigterm_finishes_running_requests_then_exits(baby_checkpoint):
             proc.kill()
         out = proc.stdout.read().decode()
         assert "Traceback" not in out, out
+
+
+def test_requests_outliving_the_grace_end_with_an_error_not_a_cut(baby_checkpoint, monkeypatch, caplog):
+    """When the shutdown grace runs out the engine's requests are ended first: a stream gets an error event
+    and [DONE], a whole request an OpenAI-shaped 503; uvicorn then closes with nothing left to cut."""
+    with live_server(baby_checkpoint("qwen3_moe"), shutdown_grace_seconds=0.3) as (base, app):
+        engine = app.state.server.engine
+        real_step = engine.engine.step
+
+        def slow_step():  # 200 tokens now take > 4 s: far beyond the grace
+            time.sleep(0.02)
+            return real_step()
+
+        monkeypatch.setattr(engine.engine, "step", slow_step)
+        uvicorn_log = logging.getLogger("uvicorn.error")
+        uvicorn_log.addHandler(caplog.handler)  # uvicorn's own loggers do not propagate to the root
+        body = {"prompt": "a long answer", "max_tokens": 200, "temperature": 0, "ignore_eos": True}
+        events, answers = [], {}
+
+        def stream():
+            try:
+                with httpx.stream("POST", base + "/v1/completions", json=dict(body, stream=True), timeout=30) as r:
+                    events.extend(line for line in r.iter_lines() if line)
+            except httpx.HTTPError as e:
+                answers["stream"] = e
+
+        def whole():
+            try:
+                answers["whole"] = httpx.post(base + "/v1/chat/completions", timeout=30, json={
+                    "messages": [{"role": "user", "content": "a long answer"}], "max_tokens": 200,
+                    "temperature": 0, "ignore_eos": True})
+            except httpx.HTTPError as e:
+                answers["whole"] = e
+
+        threads = [threading.Thread(target=stream), threading.Thread(target=whole)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 10
+        while (not events or engine.stats().num_running < 2) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        app.state.test_server.handle_exit(signal.SIGTERM, None)
+        for t in threads:
+            t.join(30)
+        uvicorn_log.removeHandler(caplog.handler)
+    assert "stream" not in answers, answers
+    assert events[-1] == "data: [DONE]", events[-3:]
+    err = json.loads(events[-2][6:])["error"]
+    assert err["code"] == "shutting_down" and err["type"] == "service_unavailable_error", err
+    whole_answer = answers["whole"]
+    assert isinstance(whole_answer, httpx.Response), whole_answer
+    assert whole_answer.status_code == 503 and whole_answer.json()["error"]["code"] == "shutting_down"
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info], caplog.text
+
+
+def _read_until_closed(sock: socket.socket) -> bytes | None:
+    """What the server sends until it closes the connection; None if it keeps it open for 10 s."""
+    sock.settimeout(10)
+    data = b""
+    try:
+        while chunk := sock.recv(65536):
+            data += chunk
+    except TimeoutError:
+        return None
+    return data
+
+
+def test_half_sent_requests_are_closed_after_the_read_timeout(baby_checkpoint, caplog):
+    """A client must send its whole request within the read timeout: half a head, half a body, or half of
+    the next request on a keep-alive connection (uvicorn's keep-alive timer stops at its first byte)."""
+    with live_server(baby_checkpoint("qwen3_moe"), request_read_timeout_seconds=0.5) as (base, _):
+        port = int(base.rsplit(":", 1)[1])
+        socks = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
+        half_head, half_body, keep_alive = socks
+        half_head.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: applic")
+        half_body.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                          b"Content-Length: 100\r\n\r\n{\"prompt\": \"a")
+        keep_alive.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        first = b""
+        while b'"ok"' not in first:
+            first += keep_alive.recv(65536)
+        keep_alive.sendall(b"GET /hea")
+        assert _read_until_closed(half_head) == b""
+        assert _read_until_closed(half_body) == b""
+        assert _read_until_closed(keep_alive) == b""
+        for s in socks:
+            s.close()
+        assert httpx.get(base + "/health").status_code == 200  # and it goes on serving
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
 
 
 def test_the_shipped_default_model_serves_chat():
