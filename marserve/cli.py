@@ -1,4 +1,9 @@
-"""The `marserve` command line: one sub-command per module in marserve/commands/."""
+"""The `marserve` command line: one sub-command per module in marserve/commands/.
+
+Building the parser imports the command modules, which import no torch at module level (they import the
+engine inside run()), so `--help`, `--version` and usage errors answer at once; tests/test_cli.py holds
+them to it.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,8 @@ import sys
 
 from marserve.errors import MarserveError
 
-# name -> (module defining add_arguments(parser) and run(args) -> int, one-line help)
+# name -> (module defining add_arguments(parser) and run(args) -> int, one-line help); the modules must
+# import no heavy dependency (torch, transformers, the server) at module level.
 COMMANDS = {
     "generate": ("marserve.commands.generate", "generate text from prompts (offline)"),
     "inspect": ("marserve.commands.inspect", "describe a checkpoint; --routing analyses expert use"),
@@ -20,7 +26,7 @@ COMMANDS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="marserve", description=__doc__)
+    parser = argparse.ArgumentParser(prog="marserve", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():

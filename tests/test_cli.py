@@ -7,3 +7,34 @@ def test_cli_help_lists_commands():
     assert out.returncode == 0
     for name in ("generate", "inspect", "serve", "train", "bench"):
         assert name in out.stdout
+
+
+# Builds the whole parser, renders every command's and benchmark's help and makes a usage error, then
+# lists the heavy modules that got imported: the CLI must answer these without loading torch (~4 s).
+_NO_HEAVY_IMPORTS = """
+import contextlib, io, sys
+from marserve import cli
+parser = cli.build_parser()
+for argv in (["--help"], ["--version"], ["serve", "--port", "nope"], ["generate", "--help"], ["serve", "--help"],
+             ["inspect", "--help"], ["train", "--help"], ["bench", "--help"], ["bench", "moe", "--help"],
+             ["bench", "throughput", "--help"], ["bench", "linear", "--help"], ["bench", "linear", "--bogus"]):
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        try:
+            cli.main(argv)
+        except SystemExit:
+            pass
+print(" ".join(m for m in ("torch", "transformers", "fastapi", "uvicorn", "marserve_server") if m in sys.modules))
+"""
+
+
+def test_parser_and_help_import_no_torch():
+    out = subprocess.run([sys.executable, "-c", _NO_HEAVY_IMPORTS], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "", f"building the CLI parser imported {out.stdout.strip()}"
+
+
+def test_usage_error_exits_2_with_one_line_reason():
+    out = subprocess.run([sys.executable, "-m", "marserve.cli", "serve", "--port", "nope"],
+                         capture_output=True, text=True)
+    assert out.returncode == 2
+    assert "invalid int value: 'nope'" in out.stderr
