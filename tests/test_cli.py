@@ -38,3 +38,25 @@ def test_usage_error_exits_2_with_one_line_reason():
                          capture_output=True, text=True)
     assert out.returncode == 2
     assert "invalid int value: 'nope'" in out.stderr
+
+
+# `marserve serve` on a port another socket listens on; prints what stderr said, the exit code and
+# whether torch was imported (it must not be: the port is claimed before the engine is even imported).
+_SERVE_ON_BUSY_PORT = """
+import socket, sys
+from marserve import cli
+held = socket.socket()
+held.bind(("127.0.0.1", 0))
+held.listen()
+port = held.getsockname()[1]
+rc = cli.main(["serve", "--port", str(port)])
+print(port, rc, "torch" in sys.modules)
+"""
+
+
+def test_serve_on_a_busy_port_fails_in_one_line_before_loading_anything():
+    out = subprocess.run([sys.executable, "-c", _SERVE_ON_BUSY_PORT], capture_output=True, text=True)
+    port, rc, torch_imported = out.stdout.split()
+    assert rc != "0"
+    assert torch_imported == "False"
+    assert out.stderr.count("\n") == 1 and f"port {port} is in use" in out.stderr, out.stderr

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import socket
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
@@ -195,8 +196,10 @@ class _Server(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
-def serve(engine: AsyncEngine, config: ServerConfig) -> None:
+def serve(engine: AsyncEngine, config: ServerConfig, sock: socket.socket | None = None) -> None:
+    """Runs the app until stopped; on `sock` (bound to config.host:config.port) when the caller claimed
+    the port beforehand, else uvicorn binds it."""
     app = build_app(engine, config)
     uv = uvicorn.Config(app, host=config.host, port=config.port, log_level=config.log_level.lower(),
                         timeout_graceful_shutdown=max(1, int(config.shutdown_grace_seconds)))
-    _Server(uv, app.state.server).run()
+    _Server(uv, app.state.server).run(sockets=None if sock is None else [sock])
