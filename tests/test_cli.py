@@ -9,6 +9,14 @@ def test_cli_help_lists_commands():
         assert name in out.stdout
 
 
+def test_cli_help_lists_every_benchmark():
+    from marserve.commands.bench import BENCHMARKS
+    out = subprocess.run([sys.executable, "-m", "marserve.cli", "--help"], capture_output=True, text=True)
+    bench_line = next(line for line in out.stdout.splitlines() if line.strip().startswith("bench"))
+    for name in BENCHMARKS:
+        assert name in bench_line
+
+
 # Builds the whole parser, renders every command's and benchmark's help and makes a usage error, then
 # lists the heavy modules that got imported: the CLI must answer these without loading torch (~4 s).
 _NO_HEAVY_IMPORTS = """
