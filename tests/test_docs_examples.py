@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCS = ["README.md"]
+DOCS = ["README.md", "docs/server.md"]
 
 
 def _curl_bodies(text: str) -> list[dict]:
