@@ -1,4 +1,9 @@
-"""The `marserve` command line: one sub-command per module in marserve/commands/."""
+"""The `marserve` command line: one sub-command per module in marserve/commands/.
+
+Building the parser imports the command modules, which import no torch at module level (they import the
+engine inside run()), so `--help`, `--version` and usage errors answer at once; tests/test_cli.py holds
+them to it.
+"""
 
 from __future__ import annotations
 
@@ -9,19 +14,20 @@ import sys
 
 from marserve.errors import MarserveError
 
-# name -> (module defining add_arguments(parser) and run(args) -> int, one-line help)
+# name -> (module defining add_arguments(parser) and run(args) -> int, one-line help); the modules must
+# import no heavy dependency (torch, transformers, the server) at module level.
 COMMANDS = {
     "generate": ("marserve.commands.generate", "generate text from prompts (offline)"),
     "inspect": ("marserve.commands.inspect", "describe a checkpoint; --routing analyses expert use"),
     "serve": ("marserve.commands.serve", "serve a model over an OpenAI-compatible HTTP API"),
     "train": ("marserve.commands.train", "train a small MoE with (or without) MAR on a local corpus"),
-    "bench": ("marserve.commands.bench", "benchmarks: throughput, moe"),
+    "bench": ("marserve.commands.bench", "benchmarks: throughput, moe, linear"),
     "doctor": ("marserve.commands.doctor", "what marserve makes of this machine: ISA, native kernels, dtype auto"),
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="marserve", description=__doc__)
+    parser = argparse.ArgumentParser(prog="marserve", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():

@@ -18,19 +18,6 @@ from marserve.errors import ConfigError
 HELDOUT_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "data", "heldout")
 
 
-def add_routing_arguments(p: argparse.ArgumentParser) -> None:
-    """Flags of the routing analysis; `marserve inspect` adds them to its own parser."""
-    g = p.add_argument_group("routing analysis (--routing)")
-    g.add_argument("--prompts", default=None,
-                   help="text file: one prompt per line, or JSON lines {\"domain\", \"text\"}; "
-                        "default: the held-out slice of every corpus domain")
-    g.add_argument("--routing-json", default=None, help="where to write the JSON report (default: stdout only)")
-    g.add_argument("--routing-png", default=None, help="where to write the domain x expert heatmap PNG")
-    g.add_argument("--routing-seq-len", type=int, default=256)
-    g.add_argument("--routing-max-tokens", type=int, default=8192, help="tokens per domain analysed")
-    g.add_argument("--routing-threads", type=int, default=1, help="torch threads for the analysis")
-
-
 def load_prompts(path: str | None) -> dict[str, list[str]]:
     """{domain: [texts]} from --prompts or from the committed held-out slices."""
     if path is None:
@@ -207,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     """`python -m marserve.analysis.routing MODEL_DIR [flags]`: the same analysis without the inspect command."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("model_dir", nargs="?", default=DEFAULT_MODEL_DIR)
+    from marserve.commands.inspect import add_routing_arguments  # the flags live with the CLI (no torch there)
     add_routing_arguments(p)
     return run(p.parse_args(argv))
 

@@ -27,13 +27,6 @@ from marserve_kernels.cpu_linear import onednn_linear, pack
 LAYER_SHAPES = [(512, 512), (256, 512), (256, 512), (512, 512), (3072, 512), (512, 1536)]
 
 
-def add_arguments(parser) -> None:
-    parser.add_argument("--tokens", default="1,16,256", help="comma-separated token counts")
-    parser.add_argument("--layers", type=int, default=24, help="layers' worth of weights cycled through")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-
-
 def _weights(layers: int, huge: bool) -> list[torch.Tensor]:
     out = []
     for _ in range(layers):
@@ -58,7 +51,8 @@ def _time(runs, x_by_k, repeats: int) -> list[float]:
 
 
 def run(args) -> int:
-    torch.set_num_threads(args.threads)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     limits = measure()
     print(f"machine: {limits.describe()}")
     sets = {"4K pages": _weights(args.layers, False), "huge pages": _weights(args.layers, True)}
@@ -85,5 +79,5 @@ def run(args) -> int:
                   f"{gbs / limits.bandwidth_gbs:>6.0%} {gflops:>8.0f} {gflops / limits.matmul_gflops:>7.0%} "
                   f"{base / s:>8.2f}x")
     print(f"command: marserve bench linear --tokens {args.tokens} --layers {args.layers} --repeats {args.repeats} "
-          f"--threads {args.threads}")
+          f"--threads {torch.get_num_threads()}")
     return 0

@@ -72,20 +72,6 @@ def parse_shape(spec: str) -> MoeShape:
     return MoeShape(spec, hidden=h, intermediate=i, num_experts=e, top_k=k)
 
 
-def add_arguments(parser) -> None:
-    parser.add_argument("--shapes", default="bench,default",
-                        help="comma-separated: 'bench' (H1024 I2816 E32 top-2), 'default' (the shipped model's "
-                        "MoE shape) or HxIxExK")
-    parser.add_argument("--tokens", default="1,8,32,256,2048", help="comma-separated token counts T")
-    parser.add_argument("--repeats", type=int, default=5, help="timed runs per cell; the best is reported")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke run: 2 repeats, small limit measurements (figures are then rough)")
-    parser.add_argument("--skip-naive", action="store_true", help="skip the naive loop")
-    parser.add_argument("--no-packed", action="store_true",
-                        help="skip the T >= 256 rows re-timed with pack_experts() (opt-in blocked expert copies)")
-
-
 def _transformers_experts(shape: MoeShape, w13: torch.Tensor, w2: torch.Tensor, implementation: str):
     """transformers' own experts module for this architecture, holding our weight tensors (no copy)."""
     import importlib

@@ -26,18 +26,6 @@ BENCH_MODEL = dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
                    max_position_embeddings=4096)
 
 
-def add_arguments(parser) -> None:
-    parser.add_argument("--model", default="bench", help="'bench' (a random Mixtral-style model made here), "
-                        "'default' (the shipped model) or a model directory")
-    parser.add_argument("--workloads", default="batch1,16x128,mixed64,prefix", help="comma-separated")
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--dtypes", default="float32", help="comma-separated marserve weight dtypes, each run "
-                        "side by side with the others (e.g. float32,bfloat16); transformers always runs fp32")
-    parser.add_argument("--quick", action="store_true", help="shorter outputs and fewer prompts (smoke run)")
-    parser.add_argument("--skip-hf", action="store_true", help="marserve only")
-
-
 def _model_dir(name: str) -> Path:
     from marserve import DEFAULT_MODEL_DIR
     if name == "default":

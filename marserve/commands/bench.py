@@ -1,31 +1,72 @@
-"""`marserve bench {throughput,moe}`: dispatches to the benchmark modules in marserve/bench/."""
+"""`marserve bench {throughput,moe,linear}`: each benchmark's flags, and the dispatch to its module in marserve/bench/.
+
+The flags live here, not in the benchmark modules, because those import torch at the top and building the
+parser must not: `marserve --help` and usage errors answer without loading torch (~4 s).
+"""
 
 from __future__ import annotations
 
+import argparse
 import importlib
 
+
+def _throughput_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="bench", help="'bench' (a random Mixtral-style model made here), "
+                   "'default' (the shipped model) or a model directory")
+    p.add_argument("--workloads", default="batch1,16x128,mixed64,prefix", help="comma-separated")
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--dtypes", default="float32", help="comma-separated marserve weight dtypes, each run "
+                   "side by side with the others (e.g. float32,bfloat16); transformers always runs fp32")
+    p.add_argument("--quick", action="store_true", help="shorter outputs and fewer prompts (smoke run)")
+    p.add_argument("--skip-hf", action="store_true", help="marserve only")
+
+
+def _moe_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--shapes", default="bench,default",
+                   help="comma-separated: 'bench' (H1024 I2816 E32 top-2), 'default' (the shipped model's "
+                   "MoE shape) or HxIxExK")
+    p.add_argument("--tokens", default="1,8,32,256,2048", help="comma-separated token counts T")
+    p.add_argument("--repeats", type=int, default=5, help="timed runs per cell; the best is reported")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: 2 repeats, small limit measurements (figures are then rough)")
+    p.add_argument("--skip-naive", action="store_true", help="skip the naive loop")
+    p.add_argument("--no-packed", action="store_true",
+                   help="skip the T >= 256 rows re-timed with pack_experts() (opt-in blocked expert copies)")
+
+
+def _linear_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tokens", default="1,16,256", help="comma-separated token counts")
+    p.add_argument("--layers", type=int, default=24, help="layers' worth of weights cycled through")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=None, help="default: torch's thread count (the cores)")
+
+
+# name -> (module with run(args) -> int, one-line help, flags)
 BENCHMARKS = {
-    "throughput": ("marserve.bench.throughput", "offline generation throughput, marserve vs transformers"),
-    "moe": ("marserve.bench.moe", "one MoE layer at several token counts vs transformers and a naive loop"),
-    "linear": ("marserve.bench.linear", "CPU linear layers on cold weights: MKL vs oneDNN, 4K vs huge pages"),
+    "throughput": ("marserve.bench.throughput", "offline generation throughput, marserve vs transformers",
+                   _throughput_flags),
+    "moe": ("marserve.bench.moe", "one MoE layer at several token counts vs transformers and a naive loop",
+            _moe_flags),
+    "linear": ("marserve.bench.linear", "CPU linear layers on cold weights: MKL vs oneDNN, 4K vs huge pages",
+               _linear_flags),
 }
 
 
-def add_arguments(parser) -> None:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="benchmark", metavar="BENCHMARK", required=True)
-    for name, (module, help_text) in BENCHMARKS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        p.set_defaults(_bench_module=module)
-        try:
-            importlib.import_module(module).add_arguments(p)
-        except ModuleNotFoundError as e:
-            if e.name != module:
-                raise
-            p.set_defaults(_bench_missing=True)
+    for name, (_, help_text, flags) in BENCHMARKS.items():
+        flags(sub.add_parser(name, help=help_text, description=help_text))
 
 
-def run(args) -> int:
-    if getattr(args, "_bench_missing", False):
+def run(args: argparse.Namespace) -> int:
+    module = BENCHMARKS[args.benchmark][0]
+    try:
+        bench = importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name != module:
+            raise
         print(f"marserve: benchmark '{args.benchmark}' is not available in this build")
         return 2
-    return importlib.import_module(args._bench_module).run(args)
+    return bench.run(args)

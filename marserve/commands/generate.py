@@ -18,6 +18,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--chat", action="store_true", help="wrap each prompt in the tokenizer's chat template")
+    p.add_argument("--echo", action="store_true",
+                   help="print each prompt before its output (on its own line with --chat)")
 
 
 def resolve_model_dir(model_dir: str | None) -> Path:
@@ -44,6 +46,8 @@ def run(args: argparse.Namespace) -> int:
     if args.chat:
         prompts = [llm.tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
                                                      add_generation_prompt=True) for p in prompts]
-    for out in llm.generate(prompts, params):
-        sys.stdout.write(out.outputs[0].text + "\n")
+    # A text-continuation output reads on from its prompt; a chat answer starts its own line.
+    echo_sep = "\n" if args.chat else ""
+    for given, out in zip(args.prompt, llm.generate(prompts, params)):
+        sys.stdout.write((given + echo_sep if args.echo else "") + out.outputs[0].text + "\n")
     return 0

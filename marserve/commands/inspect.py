@@ -12,10 +12,20 @@ from marserve.config import ModelConfig
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model_dir", nargs="?", default=None, help="model directory (default: the bundled default model)")
     p.add_argument("--routing", action="store_true", help="analyse expert use per domain (marserve.analysis.routing)")
-    try:
-        importlib.import_module("marserve.analysis.routing").add_routing_arguments(p)
-    except (ModuleNotFoundError, AttributeError):
-        pass
+    add_routing_arguments(p)
+
+
+def add_routing_arguments(p: argparse.ArgumentParser) -> None:
+    """Flags of the routing analysis (marserve.analysis.routing), here so that the parser needs no torch."""
+    g = p.add_argument_group("routing analysis (--routing)")
+    g.add_argument("--prompts", default=None,
+                   help="text file: one prompt per line, or JSON lines {\"domain\", \"text\"}; "
+                        "default: the held-out slice of every corpus domain")
+    g.add_argument("--routing-json", default=None, help="where to write the JSON report (default: stdout only)")
+    g.add_argument("--routing-png", default=None, help="where to write the domain x expert heatmap PNG")
+    g.add_argument("--routing-seq-len", type=int, default=256)
+    g.add_argument("--routing-max-tokens", type=int, default=8192, help="tokens per domain analysed")
+    g.add_argument("--routing-threads", type=int, default=1, help="torch threads for the analysis")
 
 
 def parameter_counts(config: ModelConfig) -> tuple[int, int]:

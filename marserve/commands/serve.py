@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
+import socket
 
 from marserve.commands.generate import resolve_model_dir
 from marserve.errors import ConfigError
@@ -44,10 +46,34 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
+def claim_port(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port, or a one-line ConfigError: taken before the model loads, so a busy port
+    fails at once instead of after the load, and nothing can take the port while the model loads."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as e:
+        raise ConfigError(f"cannot listen on {host}: {e.strerror} (check --host)") from None
+    sock = socket.socket(family, kind, proto)
+    # As uvicorn does: lets a restart bind while the last run's connections sit in TIME_WAIT; on Linux a
+    # port another socket listens on stays refused.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise ConfigError(f"port {port} is in use (on {host}); stop what holds it or pick another with --port") \
+                from None
+        raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+    return sock
+
+
 def run(args: argparse.Namespace) -> int:
     if args.expert_cache_gb is not None or args.offload_tier != "none":
         raise ConfigError("expert offloading (--expert-cache-gb, --offload-tier) is not available yet: "
                           "this version keeps every expert resident; leave both flags unset")
+    sock = claim_port(args.host, args.port)  # before the imports and the load: a busy port fails in a second
     from marserve.async_engine import AsyncEngine
     from marserve.engine_config import EngineConfig
     from marserve_server import ServerConfig, serve
@@ -68,5 +94,5 @@ def run(args: argparse.Namespace) -> int:
         max_model_len=args.max_model_len, enable_prefix_caching=args.enable_prefix_caching))
     logger.info("model %s loaded; listening on http://%s:%d (OpenAI API under /v1)", server_config.model_name,
                 args.host, args.port)
-    serve(engine, server_config)
+    serve(engine, server_config, sock=sock)
     return 0

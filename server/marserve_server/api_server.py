@@ -11,6 +11,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import socket
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
@@ -231,5 +232,7 @@ def make_server(app: FastAPI, config: ServerConfig) -> uvicorn.Server:
     return _Server(uv, app.state.server, config.shutdown_grace_seconds)
 
 
-def serve(engine: AsyncEngine, config: ServerConfig) -> None:
-    make_server(build_app(engine, config), config).run()
+def serve(engine: AsyncEngine, config: ServerConfig, sock: socket.socket | None = None) -> None:
+    """Runs the app until stopped; on `sock` (bound to config.host:config.port) when the caller claimed
+    the port beforehand, else uvicorn binds it."""
+    make_server(build_app(engine, config), config).run(sockets=None if sock is None else [sock])

@@ -23,6 +23,10 @@ _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "inval
           405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
           500: "internal_server_error", 503: "service_unavailable_error"}
 
+# Codes of the errors starlette raises before a route runs (docs/server.md lists them); a 404 for an
+# unknown route has its own code, distinct from model_not_found (a route that exists, a model that does not).
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
+
 
 class APIError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
@@ -96,7 +100,7 @@ def install(app: FastAPI, on_error=lambda status: None) -> None:
         msg = e.detail if isinstance(e.detail, str) else "request failed"
         if e.status_code == 404:
             msg = f"no route {request.method} {request.url.path}"
-        code = "request_too_large" if e.status_code == 413 else None
+        code = _HTTP_CODES.get(e.status_code)
         return respond(e.status_code, msg, code=code, headers=getattr(e, "headers", None))
 
     @app.exception_handler(Exception)

@@ -26,3 +26,12 @@ def test_inspect_reports_architecture_counts_and_mar(baby_checkpoint, capsys):
     plain = baby_checkpoint("qwen2_moe")
     assert main(["inspect", str(plain)]) == 0
     assert "MAR:            none" in capsys.readouterr().out
+
+
+def test_generate_echo_prints_each_prompt_before_its_output(baby_checkpoint, capsys):
+    path = baby_checkpoint("olmoe")
+    want = LLM(path).generate(["the fox", "a"], SamplingParams(max_tokens=4, temperature=0))
+    capsys.readouterr()
+    assert main(["generate", str(path), "--prompt", "the fox", "--prompt", "a", "--max-tokens", "4",
+                 "--temperature", "0", "--echo"]) == 0
+    assert capsys.readouterr().out == "".join(f"{p}{o.outputs[0].text}\n" for p, o in zip(["the fox", "a"], want))

@@ -207,7 +207,8 @@ def test_every_error_has_its_status_and_shape(server):
                       headers={"content-type": "application/json"}), 400)
     _error(httpx.post(base + "/v1/completions", content=b"x" * (5 * 2**20), timeout=10), 413,
            code="request_too_large")
-    _error(httpx.get(base + "/no/such/route"), 404)
+    _error(httpx.get(base + "/no/such/route"), 404, code="not_found")
+    _error(httpx.get(base + "/v1/completions"), 405, code="method_not_allowed")
     state = app.state.server
     state.max_queue_len, state.num_admitted_seqs = 4, 3  # three sequences already wait; four may
     try:
