@@ -122,25 +122,42 @@ static void dense_rows_outer(const float *x, int64_t ldx, const wtype *w, const 
  * PF: prefetch the rows `ahead` further (the pass that streams the rows from memory; later token groups
  * find them in cache). */
 #define DOT_T (LANES / 4)
+#define W_LINE (64 / (int)sizeof(wtype))          /* weights per cache line */
+#define W_STEP (W_LINE > LANES ? W_LINE : LANES) /* weights per row per step: a cache line, or a vector */
+/* One token: row after row (dense_rows_one) on AVX2 and the portable path, where it streams at ~100% of the
+ * read bandwidth against ~75% for the 4-row tiles (AMD EPYC Zen 3, 32000 x 512 fp32, 2 threads, interleaved
+ * runs); AVX-512 keeps the tiles, measured at ~90% on an Intel Xeon (docs/benchmarks.md), until the row form
+ * is measured there. -DONE_TOKEN_ROWS=0/1 overrides. */
+#ifndef ONE_TOKEN_ROWS
+#define ONE_TOKEN_ROWS (LANES < 16)
+#endif
+#define ONE_TOKEN_PREFETCH 16384 /* bytes ahead the row form prefetches (Zen 3: 4-32 KiB alike; none: bf16 25-35% slower) */
+/* One vector of 4 weight rows at column s, dotted with NT tokens. */
+#define DOT4_STEP(NT, s) do {                                                                          \
+        vec wv[4];                                                                                     \
+        for (int r = 0; r < 4; r++) {                                                                  \
+            wv[r] = load_w(w + r * ldw + (s));                                                         \
+            PIN(wv[r]);                                                                                \
+        }                                                                                              \
+        for (int t = 0; t < NT; t++) {                                                                 \
+            vec xv = *(const vec_u *)(x + t * ldx + (s));                                              \
+            PIN(xv);                                                                                   \
+            for (int r = 0; r < 4; r++) acc[r * DOT_T + t] += wv[r] * xv;                              \
+        }                                                                                              \
+    } while (0)
 #define DEFINE_DOT4(NT, PF)                                                                            \
     static void dot4_##NT##_##PF(const wtype *w, int64_t ldw, const float *x, int64_t ldx, int64_t n,     \
                                  int64_t ahead, float *res) {                                          \
         vec acc[LANES];                                                                                \
         _Pragma("GCC unroll 16") for (int i = 0; i < LANES; i++) acc[i] = (vec){0};                    \
         int64_t h = 0;                                                                                 \
-        for (; h + LANES <= n; h += LANES) {                                                           \
-            vec wv[4];                                                                                 \
-            for (int r = 0; r < 4; r++) {                                                              \
-                wv[r] = load_w(w + r * ldw + h);                                                       \
-                if (PF) __builtin_prefetch(w + r * ldw + h + ahead);                                   \
-                PIN(wv[r]);                                                                            \
-            }                                                                                          \
-            for (int t = 0; t < NT; t++) {                                                             \
-                vec xv = *(const vec_u *)(x + t * ldx + h);                                            \
-                PIN(xv);                                                                               \
-                for (int r = 0; r < 4; r++) acc[r * DOT_T + t] += wv[r] * xv;                          \
-            }                                                                                          \
+        for (; h + W_STEP <= n; h += W_STEP) { /* a cache line of each row per step: one prefetch each */ \
+            if (PF)                                                                                    \
+                for (int r = 0; r < 4; r++) __builtin_prefetch(w + r * ldw + h + ahead);               \
+            _Pragma("GCC unroll 4") for (int64_t s = h; s < h + W_STEP; s += LANES)                    \
+                DOT4_STEP(NT, s);                                                                      \
         }                                                                                              \
+        for (; h + LANES <= n; h += LANES) DOT4_STEP(NT, h);                                           \
         vec sums;                                                                                      \
         TRANSPOSE_SUM(acc, sums);                                                                      \
         *(vec_u *)res = sums; /* res[r * DOT_T + t] */                                                 \
@@ -161,6 +178,31 @@ static const dot4_fn DOT4[2][DOT_T + 1] = {{0, dot4_1_0, dot4_2_0}, {0, dot4_1_1
 static const dot4_fn DOT4[2][DOT_T + 1] = {{0, dot4_1_0}, {0, dot4_1_1}};
 #endif
 
+/* One token: y[n] = x . w[n] row after row, so W is read as one sequential stream (the 4-row tiles read
+ * four streams a row apart, which the hardware prefetchers of the AMD hosts follow poorly when rows are
+ * short), with a software prefetch per cache line far enough ahead to cover the memory latency. Four
+ * accumulators along K keep the FMA chains independent. */
+static void dense_rows_one(const float *x, const wtype *w, const float *bias, float *y, int64_t K, int64_t n0,
+                           int64_t n1) {
+    for (int64_t n = n0; n < n1; n++) {
+        const wtype *wr = w + n * K;
+        vec a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+        int64_t h = 0;
+        for (; h + 4 * LANES <= K; h += 4 * LANES) {
+            for (int b = 0; b < 4 * LANES * (int)sizeof(wtype); b += 64) /* every cache line */
+                __builtin_prefetch((const char *)(wr + h) + b + ONE_TOKEN_PREFETCH);
+            a0 += load_w(wr + h) * *(const vec_u *)(x + h);
+            a1 += load_w(wr + h + LANES) * *(const vec_u *)(x + h + LANES);
+            a2 += load_w(wr + h + 2 * LANES) * *(const vec_u *)(x + h + 2 * LANES);
+            a3 += load_w(wr + h + 3 * LANES) * *(const vec_u *)(x + h + 3 * LANES);
+        }
+        for (; h + LANES <= K; h += LANES) a0 += load_w(wr + h) * *(const vec_u *)(x + h);
+        float sum = hsum((a0 + a1) + (a2 + a3));
+        for (; h < K; h++) sum += scalar_w(wr[h]) * x[h];
+        y[n] = sum + (bias ? bias[n] : 0.f);
+    }
+}
+
 #define ROWS4_BLOCK 16 /* weight rows reused from L2 by every group of DOT_T tokens */
 /* Rows [n0, n1) of y: y[t, n] = x[t] . w[n] (+ bias[n]), x [T, K] with rows ldx floats apart, y [T, N].
  * Tokens in balanced groups of up to DOT_T; a block of 16 rows comes from memory once (the first group's
@@ -169,6 +211,12 @@ static const dot4_fn DOT4[2][DOT_T + 1] = {{0, dot4_1_0}, {0, dot4_1_1}};
  * its last row (computed twice, stored once). */
 static void dense_rows4(const float *x, int64_t ldx, const wtype *w, const float *bias, float *y, int64_t T,
                         int64_t K, int64_t N, int64_t n0, int64_t n1) {
+#if ONE_TOKEN_ROWS
+    if (T == 1) {
+        dense_rows_one(x, w, bias, y, K, n0, n1);
+        return;
+    }
+#endif
     float res[LANES] __attribute__((aligned(64)));
     int64_t groups = (T + DOT_T - 1) / DOT_T;
     for (int64_t blk = n0; blk < n1; blk += ROWS4_BLOCK) {
