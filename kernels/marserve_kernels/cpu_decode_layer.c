@@ -241,26 +241,37 @@ static int layer_step(const struct layer_args *L, const struct pass_args *P, con
                 }
             }
 #pragma omp barrier
+            if (!run_experts) {
 #pragma omp for
-            for (int64_t b = 0; b < B; b++)
-                route_row(z + b * E, E, L->K, (int)L->renormalise, ids + b * L->K, weights + b * L->K);
+                for (int64_t b = 0; b < B; b++)
+                    route_row(z + b * E, E, L->K, (int)L->renormalise, ids + b * L->K, weights + b * L->K);
+            }
         }
         if (run_experts) { /* moe_small's two phases, in this team: gate/up split over I, down over H */
             const int64_t I = L->I, *offsets = P->moe_index, *pair_token = P->moe_index + 2 * E + 1;
+#ifdef ACT_BF16
+            float *moe_out = P->moe_out; /* fp32 sums, rounded into out at the end */
+#else
+            float *moe_out = out; /* x (which out may alias) was last read by the input norm */
+#endif
 #pragma omp single
-            {
+            { /* routing, the pair sort and the zeroed sums in one serial step: one barrier, not three */
+                for (int64_t b = 0; b < B; b++)
+                    route_row(z + b * E, E, L->K, (int)L->renormalise, ids + b * L->K, weights + b * L->K);
                 group_pairs(ids, weights, B * L->K, L->K, E, P->moe_index, P->pair_weight); /* ids < E: ours */
                 for (int64_t q = 0; q < B * L->K; q++) /* the routing weights, as torch's path rounds them */
                     P->pair_weight[q] = round_a(P->pair_weight[q]);
-                memset(P->moe_out, 0, B * H * sizeof(float));
+                memset(moe_out, 0, B * H * sizeof(float));
             }
             moe_gate_up(P->xn, L->w13, P->act, offsets, pair_token, E, H, I, I * t / nt, I * (t + 1) / nt);
 #pragma omp barrier
-            moe_down(P->act, L->w2, P->moe_out, offsets, pair_token, P->pair_weight, E, H, I, H * t / nt,
+            moe_down(P->act, L->w2, moe_out, offsets, pair_token, P->pair_weight, E, H, I, H * t / nt,
                      H * (t + 1) / nt);
+#ifdef ACT_BF16
 #pragma omp barrier
 #pragma omp for
             for (int64_t i = 0; i < B * H; i++) out[i] = store_a(P->moe_out[i]);
+#endif
         }
     }
     return failed ? -2 : 0;
