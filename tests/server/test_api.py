@@ -143,16 +143,21 @@ def test_disconnect_aborts_and_the_next_request_is_served(server, client):
     assert time.monotonic() - t0 < 5
 
 
-def test_a_non_streaming_client_that_gives_up_is_aborted(server, monkeypatch, caplog):
-    base, app = server
-    engine = app.state.server.engine
+def _slow_steps(monkeypatch, engine, seconds: float = 0.01) -> None:
+    """Each engine step waits first, so that requests sent meanwhile join the running batch."""
     real_step = engine.engine.step
 
-    def slow_step():  # 100 steps now take > 2 s: long enough to see the abort cut the request short
-        time.sleep(0.02)
+    def slow_step():
+        time.sleep(seconds)
         return real_step()
 
     monkeypatch.setattr(engine.engine, "step", slow_step)
+
+
+def test_a_non_streaming_client_that_gives_up_is_aborted(server, monkeypatch, caplog):
+    base, app = server
+    engine = app.state.server.engine
+    _slow_steps(monkeypatch, engine, 0.02)  # 100 steps now take > 2 s: long enough to see the abort cut it short
     before = engine.stats().generation_tokens_total
     with pytest.raises(httpx.ReadTimeout):  # the client hangs up long before 16 x 100 tokens are done
         httpx.post(f"{base}/v1/completions", json={"prompt": PROMPTS[5], "max_tokens": 100, "n": 16,
@@ -295,13 +300,7 @@ HOSTILE = [{"temperature": 5e-324}, {"temperature": 1e-40, "top_p": 1e-300}, {"l
 def test_hostile_sampling_values_never_fail_their_batch_mates(server, offline, monkeypatch):
     base, app = server
     engine = app.state.server.engine
-    real_step = engine.engine.step
-
-    def slow_step():  # keeps the victim running while every hostile request joins its batch
-        time.sleep(0.01)
-        return real_step()
-
-    monkeypatch.setattr(engine.engine, "step", slow_step)
+    _slow_steps(monkeypatch, engine)  # keeps the victim running while every hostile request joins its batch
     want = _greedy(offline, [PROMPTS[6]], 60)[0]
     victim: list[str] = []
 
@@ -335,17 +334,12 @@ def test_a_request_that_fails_in_sampling_fails_alone(server, offline, monkeypat
     finish with their greedy text and never see its error."""
     base, app = server
     engine = app.state.server.engine
-    real_step = engine.engine.step
-
-    def slow_step():  # keeps the streams running while the doomed request joins their batch
-        time.sleep(0.01)
-        return real_step()
+    _slow_steps(monkeypatch, engine)  # keeps the streams running while the doomed request joins their batch
 
     def hook(p):
         if p.seed == 4242:
             raise IndexError("the doomed request's own detail")
 
-    monkeypatch.setattr(engine.engine, "step", slow_step)
     monkeypatch.setattr(engine.engine.sampler, "fault_hook", hook)
     want = _greedy(offline, PROMPTS[8:10], 40)
     streams: dict[int, list[str]] = {0: [], 1: []}
@@ -424,13 +418,7 @@ def test_a_burst_cannot_overrun_the_queue_limit(server, monkeypatch):
     """Requests arriving together all reach the engine after their admission: the limit must count them."""
     base, app = server
     state, engine = app.state.server, app.state.server.engine
-    real_step = engine.engine.step
-
-    def slow_step():
-        time.sleep(0.01)
-        return real_step()
-
-    monkeypatch.setattr(engine.engine, "step", slow_step)
+    _slow_steps(monkeypatch, engine)
     monkeypatch.setattr(state, "max_queue_len", 3)
 
     async def burst():
