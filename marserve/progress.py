@@ -39,13 +39,12 @@ def is_enabled(stream=None) -> bool:
         return False
 
 
-def bar(iterable=None, *, total: int | None = None, desc: str | None = None, unit: str = "it", stream=None,
-        enabled: bool = True):
-    """A tqdm bar on stderr (cleared when done), disabled unless is_enabled(); `enabled=False` also disables it."""
+def bar(iterable=None, *, total: int | None = None, desc: str | None = None, unit: str = "it", stream=None):
+    """A tqdm bar on stderr (cleared when done), disabled unless is_enabled()."""
     from tqdm import tqdm
     stream = sys.stderr if stream is None else stream
     return tqdm(iterable, total=total, desc=desc, unit=unit, file=stream, leave=False, dynamic_ncols=True,
-                disable=not (enabled and is_enabled(stream)))
+                disable=not is_enabled(stream))
 
 
 @contextlib.contextmanager
