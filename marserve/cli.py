@@ -12,6 +12,7 @@ import importlib
 import logging
 import sys
 
+from marserve import progress
 from marserve.errors import MarserveError
 
 # name -> (module defining add_arguments(parser) and run(args) -> int, one-line help); the modules must
@@ -58,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=getattr(args, "log_level", "INFO").upper() if hasattr(args, "log_level") else "WARNING",
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    progress.set_quiet(getattr(args, "quiet", False))  # bars and stage lines, shown on a terminal unless --quiet
     try:
         return int(importlib.import_module(args._module).run(args) or 0)
     except MarserveError as e:

@@ -6,12 +6,12 @@ All prompts go into the continuous-batching engine at once; results come back in
 from __future__ import annotations
 
 import itertools
-import sys
 import time
 from pathlib import Path
 
 from tqdm import tqdm
 
+from marserve import progress
 from marserve.engine_config import EngineConfig
 from marserve.errors import ConfigError
 from marserve.llm_engine import LLMEngine
@@ -40,7 +40,8 @@ class LLM:
                  use_tqdm: bool | None = None) -> list[RequestOutput]:
         """prompts: a string, a list of strings, token-id lists, or {"prompt_token_ids": [...]} dicts.
 
-        use_tqdm: a progress bar with the output speed (default: when several prompts go to a terminal)."""
+        use_tqdm: a progress bar with the output speed (default: when several prompts go to a terminal and the
+            command line was not given --quiet; marserve/progress.py)."""
         if isinstance(prompts, (str, dict)) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         params = sampling_params or self.default_sampling_params()
@@ -56,7 +57,7 @@ class LLM:
                 self.engine.abort(rid)
             raise
         if use_tqdm is None:
-            use_tqdm = len(ids) > 1 and sys.stderr.isatty()
+            use_tqdm = len(ids) > 1 and progress.is_enabled()  # a terminal, and no --quiet
         done: dict[str, RequestOutput] = {}
         start, generated = time.perf_counter(), self.engine.generation_tokens_total
         with tqdm(total=len(ids), desc="requests", unit="req", disable=not use_tqdm) as bar:

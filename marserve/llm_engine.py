@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from marserve import progress
 from marserve.block_manager import BlockManager
 from marserve.detokenizer import IncrementalDetokenizer
 from marserve.engine_config import EngineConfig
@@ -54,8 +55,10 @@ class LLMEngine:
         self.config = config
         self.model, self.model_config = load_model(config.model, dtype=config.dtype, device=config.device)
         if torch.device(config.device).type == "cpu":
-            self.model.pack_for_cpu()  # inference only from here: q/k/v fused; oneDNN-packed if no native kernel
-        self.tokenizer = load_tokenizer(config.model)
+            with progress.stage("packing the weights for the CPU"):
+                self.model.pack_for_cpu()  # inference only from here: q/k/v fused; oneDNN-packed if no native kernel
+        with progress.stage("loading the tokenizer"):  # the first transformers import alone takes seconds
+            self.tokenizer = load_tokenizer(config.model)
         self.generation_defaults = generation_defaults(config.model, self.model_config)
         self.eos_token_ids = list(self.generation_defaults.get("eos_token_ids") or self.model_config.eos_token_id)
         dtype = next(self.model.parameters()).dtype

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from marserve import hugepages
+from marserve import hugepages, progress
 from marserve.config import ModelConfig
 from marserve.errors import CheckpointError, ConfigError
 from marserve.models import get_model_class
@@ -106,13 +106,16 @@ def load_model(model_dir, dtype: str | torch.dtype = "auto", device: str = "cpu"
     by_file: dict[Path, list[str]] = {}
     for name, f in files.items():
         by_file.setdefault(f, []).append(name)
-    for path, names in by_file.items():
-        with _open(path) as f:
-            present = set(f.keys())
-            for name in names:
-                if name not in present:
-                    raise CheckpointError(f"{path}: tensor {name} listed in the index is not in the file")
-                _load_one(model, config, path, f, name, targets, expected, filled, torch_dtype, device)
+    # One bar over every tensor (only on a terminal; see marserve/progress.py): a large checkpoint reads for minutes.
+    with progress.bar(total=len(files), desc=f"loading {model_dir.name}", unit="tensor") as shown:
+        for path, names in by_file.items():
+            with _open(path) as f:
+                present = set(f.keys())
+                for name in names:
+                    if name not in present:
+                        raise CheckpointError(f"{path}: tensor {name} listed in the index is not in the file")
+                    _load_one(model, config, path, f, name, targets, expected, filled, torch_dtype, device)
+                    shown.update()
     _check_complete(model, config, model_dir, expected, filled)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight

@@ -1,4 +1,4 @@
-"""The request examples in README.md and docs/server.md set max_tokens and are what they claim to be.
+"""The request examples in README.md, docs/server.md and docs/client.md set max_tokens and are what they claim to be.
 
 Without max_tokens a chat request to the default model can run to the 1024-token context (~20 s of
 silence on a CPU), so every example sets it; the README's first example must not ask the default model,
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCS = ["README.md", "docs/server.md"]
+DOCS = ["README.md", "docs/server.md", "docs/client.md"]
 
 
 def _curl_bodies(text: str) -> list[dict]:

@@ -11,6 +11,7 @@ import os
 
 import torch
 
+from marserve import progress
 from marserve.analysis import routing_metrics as rm
 from marserve.default_model import MODEL_DIR as DEFAULT_MODEL_DIR
 from marserve.errors import ConfigError
@@ -60,16 +61,22 @@ class RoutingRecorder:
 def record(model, routers, tok, prompts: dict[str, list[str]], seq_len: int, max_tokens: int) -> dict:
     """Runs every domain's text in windows of seq_len; returns per-domain recordings, token ids and NLL."""
     per_domain = {}
+    encoded = {}
     for domain, texts in prompts.items():
         ids = []
         for t in texts:
             ids += tok.encode(t).ids
-        ids = ids[:max_tokens + 1]
+        encoded[domain] = ids[:max_tokens + 1]
+    # The forward passes are the slow part (~35 s for the default model): one bar over every window.
+    windows = sum(len(range(0, max(1, len(ids) - 1), seq_len)) for ids in encoded.values())
+    shown = progress.bar(total=windows, desc="routing: forward passes", unit="window")
+    for domain, ids in encoded.items():
         rec = RoutingRecorder()
         for r in routers:
             r.routing_observer = rec
         nll, n, tokens, seq = 0.0, 0, [], []
         for s, start in enumerate(range(0, max(1, len(ids) - 1), seq_len)):
+            shown.update()
             window = ids[start:start + seq_len + 1]
             if len(window) < 2:
                 break
@@ -84,6 +91,7 @@ def record(model, routers, tok, prompts: dict[str, list[str]], seq_len: int, max
         per_domain[domain] = {
             "x": {l: torch.cat(v) for l, v in rec.x.items()}, "ids": {l: torch.cat(v) for l, v in rec.ids.items()},
             "tokens": torch.tensor(tokens), "seq": torch.tensor(seq), "nll": nll, "n": n}
+    shown.close()
     return per_domain
 
 
@@ -96,7 +104,7 @@ def analyse(model, routers, tok, prompts, seq_len: int = 256, max_tokens: int = 
     total_nll, total_n = sum(d["nll"] for d in data.values()), sum(d["n"] for d in data.values())
     report["perplexity"]["all"] = rm.perplexity(total_nll, total_n)
     report["loss"] = total_nll / total_n
-    for li, r in enumerate(routers):
+    for li, r in enumerate(progress.bar(routers, desc="routing: metrics", unit="layer")):
         layer = r.layer_idx
         ids_all = torch.cat([data[d]["ids"][layer] for d in domains])
         # sequence ids made globally unique so locality never crosses domains
@@ -158,7 +166,8 @@ def run(args: argparse.Namespace) -> int:
     if not os.path.exists(os.path.join(model_dir, "config.json")):
         raise ConfigError(f"{model_dir}: no config.json; pass a model directory")
     torch.set_num_threads(getattr(args, "routing_threads", 1))   # more threads than free cores thrash
-    model, routers = load_trained(model_dir)
+    with progress.stage(f"loading {os.path.basename(os.path.normpath(model_dir))} with transformers"):
+        model, routers = load_trained(model_dir)
     tok = Tokenizer.from_file(os.path.join(model_dir, "tokenizer.json"))
     prompts = load_prompts(getattr(args, "prompts", None))
     report = analyse(model, routers, tok, prompts, getattr(args, "routing_seq_len", 256),
@@ -196,7 +205,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("model_dir", nargs="?", default=DEFAULT_MODEL_DIR)
     from marserve.commands.inspect import add_routing_arguments  # the flags live with the CLI (no torch there)
     add_routing_arguments(p)
-    return run(p.parse_args(argv))
+    progress.add_quiet_flag(p)
+    args = p.parse_args(argv)
+    progress.set_quiet(args.quiet)
+    return run(args)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from marserve import hugepages
+from marserve import hugepages, progress
 from marserve.bench.machine_limits import measure
 from marserve_kernels import cpu_dense_native
 from marserve_kernels.cpu_linear import onednn_linear, pack
@@ -53,10 +53,12 @@ def _time(runs, x_by_k, repeats: int) -> list[float]:
 def run(args) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    limits = measure()
+    with progress.stage("bench linear: measuring the machine's limits"):
+        limits = measure()
     print(f"machine: {limits.describe()}")
-    sets = {"4K pages": _weights(args.layers, False), "huge pages": _weights(args.layers, True)}
-    packed = [pack(w) for w in sets["huge pages"]]
+    with progress.stage(f"bench linear: making {args.layers} layers of weights (4K and huge pages, packed)"):
+        sets = {"4K pages": _weights(args.layers, False), "huge pages": _weights(args.layers, True)}
+        packed = [pack(w) for w in sets["huge pages"]]
     nbytes = sum(w.numel() * 4 for w in sets["4K pages"])
     print(f"weights: {len(sets['4K pages'])} matrices, {nbytes / 2**20:.0f} MiB per pass "
           f"(> the last-level cache, so every pass reads memory)")
@@ -70,7 +72,8 @@ def run(args) -> int:
                 for pages, weights in sets.items()] + [("oneDNN", onednn_linear, "packed", packed)]
         if cpu_dense_native.available(torch.float32):
             runs.append(("native", cpu_dense_native.small_linear, "huge pages", sets["huge pages"]))
-        times = _time([(fn, weights) for _, fn, _, weights in runs], x_by_k, args.repeats)
+        with progress.stage(f"bench linear: T={T}, {len(runs)} implementations x {args.repeats} repeats"):
+            times = _time([(fn, weights) for _, fn, _, weights in runs], x_by_k, args.repeats)
         for (impl, fn, pages, weights), s in zip(runs, times):
             base = base or s
             gbs = nbytes / s / 1e9

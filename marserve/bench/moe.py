@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from marserve import progress
 from marserve.bench.machine_limits import last_level_cache_bytes, measure
 
 
@@ -177,8 +178,8 @@ def bench_shape(shape: MoeShape, tokens: list[int], repeats: int, skip_naive: bo
         added = cpu_moe.pack_experts(w13, w2)
     try:
         for T in tokens:
-            rows.append(_bench_tokens(shape, T, g, w13, w2, hf, repeats, skip_naive, added))
-            print(f"  measured T={T}", flush=True)
+            with progress.stage(f"bench moe: shape {shape.name}, T={T}"):
+                rows.append(_bench_tokens(shape, T, g, w13, w2, hf, repeats, skip_naive, added))
     finally:
         if added:
             cpu_moe.unpack_experts(w13, w2)
@@ -253,12 +254,13 @@ def run(args) -> int:
     repeats = 2 if args.quick else args.repeats
     shapes = [parse_shape(s) for s in args.shapes.split(",")]
     tokens = [int(t) for t in args.tokens.split(",")]
-    samples = [_limits(args.quick)]
+    with progress.stage("bench moe: measuring the machine's limits"):
+        samples = [_limits(args.quick)]
     results = {}
     for shape in shapes:
-        print(f"shape {shape.name}: measuring ...", flush=True)
         results[shape] = bench_shape(shape, tokens, repeats, args.skip_naive, packed=not args.no_packed)
-        samples.append(_limits(args.quick))
+        with progress.stage("bench moe: measuring the machine's limits again"):
+            samples.append(_limits(args.quick))
     # Limits measured before, between and after the timings; the best of each is the machine's limit
     # (a share of a limit measured while someone else was using the machine would flatter us).
     limits = samples[0]

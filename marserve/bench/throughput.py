@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from marserve import progress
 from marserve.bench.machine_limits import BandwidthProbe, measure
 
 BENCH_MODEL = dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_local_experts=16,
@@ -67,7 +68,7 @@ def _run_marserve(llm, work) -> float:
     prompts = [{"prompt_token_ids": p} for p, _ in work]
     params = [SamplingParams(max_tokens=o, temperature=0, ignore_eos=True) for _, o in work]
     t0 = time.perf_counter()
-    outs = llm.generate(prompts, params)
+    outs = llm.generate(prompts, params, use_tqdm=False)  # timed: the caller's bar counts whole runs
     dt = time.perf_counter() - t0
     assert sum(len(o.outputs[0].token_ids) for o in outs) == sum(o for _, o in work)
     return sum(o for _, o in work) / dt
@@ -82,7 +83,7 @@ def _prefix_ttft(llm, vocab: int) -> tuple[float, float]:
     times = []
     for suffix in (torch.randint(0, vocab, (16,), generator=g).tolist() for _ in range(2)):
         t0 = time.perf_counter()
-        llm.generate([{"prompt_token_ids": prefix + suffix}], one)
+        llm.generate([{"prompt_token_ids": prefix + suffix}], one, use_tqdm=False)
         times.append(time.perf_counter() - t0)
     return times[0], times[1]
 
@@ -121,26 +122,30 @@ def run(args) -> int:
 
     from marserve import LLM
     path = _model_dir(args.model)
-    limits = measure()
+    with progress.stage("bench throughput: measuring the machine's limits"):
+        limits = measure()
     print(f"machine: {limits.describe()}")
     dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
     llms = {d: LLM(path, dtype=d, kv_cache_gb=2.0, max_num_seqs=64, max_num_batched_tokens=2048) for d in dtypes}
     llm = llms[dtypes[0]]
     # transformers in fp32: its strongest form on a CPU (its bf16 matmuls are slower wherever oneDNN lacks bf16).
+    # (no stage line: transformers prints its own load report, which would split it)
     hf = None if args.skip_hf else AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
     # Warm-up, untimed: the first decode pass builds marserve's native kernels (seconds, once per machine).
     warm = [(list(range(1, 9)), 4), (list(range(2, 14)), 4)]
-    for each in llms.values():
-        _run_marserve(each, warm)
-    if hf is not None:
-        _run_hf(hf, warm)
+    with progress.stage("bench throughput: warming up (the first pass builds the native kernels)"):
+        for each in llms.values():
+            _run_marserve(each, warm)
+        if hf is not None:
+            _run_hf(hf, warm)
     results = {}
     probe = BandwidthProbe()
     bandwidths = [limits.bandwidth_gbs]
     for name in args.workloads.split(","):
         if name == "prefix":
             for dtype, each in llms.items():
-                cold, warm = _prefix_ttft(each, each.config.vocab_size)
+                with progress.stage(f"bench throughput: prefix [{dtype}]"):
+                    cold, warm = _prefix_ttft(each, each.config.vocab_size)
                 print(f"  prefix [{dtype}]: TTFT with a new 400-token prefix {cold * 1e3:.1f} ms, same prefix again "
                       f"{warm * 1e3:.1f} ms: {cold / warm:.1f}x lower", flush=True)
                 results[f"{name}/{dtype}"] = {"cold_ttft_s": cold, "warm_ttft_s": warm}
@@ -148,14 +153,22 @@ def run(args) -> int:
         ours = {d: [] for d in dtypes}
         beside = {d: [] for d in dtypes}
         theirs = []
+        # One bar per workload over its timed runs (each repeat runs every dtype, then transformers); it is
+        # closed before the workload's rows are printed.
+        shown = progress.bar(total=args.repeats * (len(llms) + (hf is not None)), desc=f"bench {name}", unit="run")
         for repeat in range(args.repeats):
             work = _workload(name, llm.config.vocab_size, args.quick, repeat)  # new prompts: no prefix-cache hits
             for dtype, each in llms.items():
+                shown.set_postfix_str(f"marserve {dtype}")
                 before = probe.read_gbs()
                 ours[dtype].append(_run_marserve(each, work))
                 beside[dtype].append(max(before, probe.read_gbs()))
+                shown.update()
             if hf is not None:
+                shown.set_postfix_str("transformers")
                 theirs.append(_run_hf(hf, work))
+                shown.update()
+        shown.close()
         for dtype in dtypes:
             bandwidths += beside[dtype]
         best_hf = max(theirs) if theirs else None

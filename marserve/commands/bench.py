@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import importlib
 
+from marserve import progress
+
 
 def _throughput_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="bench", help="'bench' (a random Mixtral-style model made here), "
@@ -57,7 +59,9 @@ BENCHMARKS = {
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="benchmark", metavar="BENCHMARK", required=True)
     for name, (_, help_text, flags) in BENCHMARKS.items():
-        flags(sub.add_parser(name, help=help_text, description=help_text))
+        leaf = sub.add_parser(name, help=help_text, description=help_text)
+        flags(leaf)
+        progress.add_quiet_flag(leaf)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from marserve import progress
 from marserve.errors import CheckpointError
 
 
@@ -20,6 +21,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chat", action="store_true", help="wrap each prompt in the tokenizer's chat template")
     p.add_argument("--echo", action="store_true",
                    help="print each prompt before its output (on its own line with --chat)")
+    progress.add_quiet_flag(p)
 
 
 def resolve_model_dir(model_dir: str | None) -> Path:

@@ -6,6 +6,7 @@ import argparse
 import importlib
 import sys
 
+from marserve import progress
 from marserve.config import ModelConfig
 
 
@@ -13,6 +14,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model_dir", nargs="?", default=None, help="model directory (default: the bundled default model)")
     p.add_argument("--routing", action="store_true", help="analyse expert use per domain (marserve.analysis.routing)")
     add_routing_arguments(p)
+    progress.add_quiet_flag(p)
 
 
 def add_routing_arguments(p: argparse.ArgumentParser) -> None:

@@ -8,6 +8,7 @@ import logging
 import os
 import socket
 
+from marserve import progress
 from marserve.commands.generate import resolve_model_dir
 from marserve.errors import ConfigError
 
@@ -44,6 +45,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--offload-tier", default="none", choices=["none", "cpu", "disk"],
                    help="where experts outside the cache live (default: none, all resident)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    progress.add_quiet_flag(p)
 
 
 def claim_port(host: str, port: int) -> socket.socket:

@@ -6,6 +6,8 @@ import argparse
 import json
 import os
 
+from marserve import progress
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="checkpoint directory (resumes from it if it holds trainer_state.pt)")
@@ -37,6 +39,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--save-dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--no-progress", action="store_true")
+    progress.add_quiet_flag(p)
 
 
 def ensure_corpus_and_tokenizer(corpus: str, tokenizer_dir: str, vocab_size: int, seq_len: int) -> None:
@@ -67,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
                         memory_decay=args.memory_decay, usage_decay=args.usage_decay),
         steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
         aux_loss_coef=args.aux_loss_coef, seed=args.seed, save_every=args.save_every, threads=args.threads,
-        save_dtype=args.save_dtype, progress=not args.no_progress)
+        save_dtype=args.save_dtype, progress=not (args.no_progress or args.quiet))
     summary = train(cfg)
     print(json.dumps(summary))
     return 0

@@ -29,6 +29,8 @@ import re
 import sys
 import sysconfig
 
+from marserve import progress
+
 DOMAINS = ("code", "prose", "manual", "math", "records")
 EOT = "<|endoftext|>"
 HELDOUT_DIR = os.path.join(os.path.dirname(__file__), "heldout")
@@ -163,12 +165,17 @@ def records_docs(rng: random.Random, n: int) -> list[str]:
 def build(out_dir: str, chars_per_domain: int = 2_000_000, heldout_chars: int = 40_000, seed: int = 0) -> dict:
     """Writes <domain>.train.txt / <domain>.heldout.txt for every domain; returns {domain: train chars}."""
     rng = random.Random(seed)
-    code, prose = code_and_prose_docs()
-    sources = {"code": code, "prose": prose, "manual": manual_docs(),
-               "math": math_docs(rng, chars_per_domain // 90), "records": records_docs(rng, chars_per_domain // 300)}
+    # ~100 s in all, most of it parsing the stdlib: a line per source, with its time (on a terminal only).
+    with progress.stage("corpus: code and prose from the Python standard library"):
+        code, prose = code_and_prose_docs()
+    with progress.stage("corpus: manual pages"):
+        manual = manual_docs()
+    with progress.stage("corpus: generating arithmetic and records"):
+        arithmetic, records = math_docs(rng, chars_per_domain // 90), records_docs(rng, chars_per_domain // 300)
+    sources = {"code": code, "prose": prose, "manual": manual, "math": arithmetic, "records": records}
     os.makedirs(out_dir, exist_ok=True)
     sizes = {}
-    for domain in DOMAINS:
+    for domain in progress.bar(DOMAINS, desc=f"corpus: writing {out_dir}", unit="domain"):
         docs = sources[domain]
         if not docs:
             raise RuntimeError(f"domain {domain!r} found no source text on this machine")
@@ -199,7 +206,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--chars-per-domain", type=int, default=2_000_000)
     p.add_argument("--seed", type=int, default=0)
+    progress.add_quiet_flag(p)
     a = p.parse_args(argv)
+    progress.set_quiet(a.quiet)
     sizes = build(a.out, a.chars_per_domain, seed=a.seed)
     print(json.dumps(sizes))
     return 0
