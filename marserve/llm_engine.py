@@ -125,14 +125,15 @@ class LLMEngine:
     def _check_prompt(self, ids: list[int], params: SamplingParams) -> None:
         if not ids:
             raise RequestError("the prompt is empty", param="prompt")
-        # Every token id a request carries indexes a [V] row somewhere in the step: one out of range
-        # (or negative, which silently wraps to V - k) would fail or bend every sequence batched with it.
-        self._check_token_ids(ids, "prompt")
-        self._check_token_ids(params.stop_token_ids, "stop_token_ids")
+        # The length first: it costs nothing, and a token-id prompt can be a million ids long.
         if len(ids) >= self.max_model_len:
             raise RequestError(f"the prompt has {len(ids)} tokens; this model's context is {self.max_model_len} "
                                f"tokens, and at least one must be left for the output",
                                param="prompt", code="context_length_exceeded")
+        # Every token id a request carries indexes a [V] row somewhere in the step: one out of range
+        # (or negative, which silently wraps to V - k) would fail or bend every sequence batched with it.
+        self._check_token_ids(ids, "prompt")
+        self._check_token_ids(params.stop_token_ids, "stop_token_ids")
         if params.max_tokens is not None and len(ids) + params.max_tokens > self.max_model_len:
             raise RequestError(f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds this "
                                f"model's context of {self.max_model_len} tokens",
