@@ -20,6 +20,7 @@ from marserve.engine_config import EngineConfig
 from marserve.errors import ConfigError, RequestError
 from marserve.loader import generation_defaults, load_model, load_tokenizer
 from marserve.model_runner import ModelRunner
+from marserve.native_memory import HeapTrimmer
 from marserve.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from marserve.sampler import Sampler, SamplerOutput
 from marserve.sampling_params import SamplingParams
@@ -76,6 +77,7 @@ class LLMEngine:
                                    max_num_seqs=config.max_num_seqs,
                                    max_num_batched_tokens=max(config.max_num_batched_tokens, 1))
         self.sampler = Sampler()
+        self.heap_trimmer = HeapTrimmer()  # else RSS grows with every new mix of request lengths
         self.requests: dict[str, _Request] = {}
         self._seq_ids = itertools.count()
         torch.manual_seed(config.seed)  # unseeded requests draw from the global generator
@@ -183,7 +185,10 @@ class LLMEngine:
             self._record_prompt_logprobs(out)
             self._sample_and_check(out, logits)  # 4. sample, 5. update
         touched = {s.request_id for s in out.seqs} | {s.request_id for s in out.preempted}
-        return [self._output(rid) for rid in touched if rid in self.requests]
+        outputs = [self._output(rid) for rid in touched if rid in self.requests]
+        if any(o.finished for o in outputs):
+            self.heap_trimmer.requests_finished()
+        return outputs
 
     def _fail(self, request_id: str, message: str) -> None:
         """Finish every sequence of one request with an error its client alone sees."""
