@@ -2,25 +2,46 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import httpx
 import pytest
 
 from tests.server.live_server import live_server
 
 
+def _on_event_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+        return True
+    except RuntimeError:
+        return False
+
+
 class CountingTokenizer:
-    """The engine's tokenizer, counting the calls that tokenize text."""
+    """The engine's tokenizer, counting the calls that tokenize text and noting any made on the event loop."""
 
     def __init__(self, inner):
-        self.inner, self.calls = inner, 0
+        self.inner, self.calls, self.on_loop = inner, 0, []
 
     def __call__(self, *args, **kwargs):
         self.calls += 1
+        self._note("tokenize")
         return self.inner(*args, **kwargs)
 
     def encode(self, *args, **kwargs):
         self.calls += 1
+        self._note("encode")
         return self.inner.encode(*args, **kwargs)
+
+    def decode(self, ids, *args, **kwargs):
+        if len(ids) > 1:  # (single tokens are decoded on the loop for logprobs; a whole prompt must not be)
+            self._note("decode")
+        return self.inner.decode(ids, *args, **kwargs)
+
+    def _note(self, what: str) -> None:
+        if _on_event_loop():
+            self.on_loop.append(what)
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
@@ -61,6 +82,19 @@ def test_the_counting_tokenizer_sees_what_the_server_tokenizes(server, tokenizer
                                                   "max_tokens": 1}).status_code == 200
     assert _post(base, "/tokenize", {"prompt": "hi"}).status_code == 200
     assert tokenizer.calls == 3
+
+
+def test_tokenizing_and_decoding_prompts_never_run_on_the_event_loop(server, tokenizer):
+    """A megabyte of text or a million ids takes the loop's whole attention for a second or more."""
+    base, _ = server
+    chat = [{"role": "user", "content": "hi there"}]
+    for path, body in [("/v1/completions", {"prompt": "hello there", "max_tokens": 2}),
+                       ("/v1/completions", {"prompt": [[5, 6, 7], [8, 9]], "max_tokens": 2, "stream": True}),
+                       ("/v1/chat/completions", {"messages": chat, "max_tokens": 2}),
+                       ("/tokenize", {"prompt": "hello there"}), ("/tokenize", {"messages": chat}),
+                       ("/detokenize", {"tokens": [5, 6, 7, 8]})]:
+        assert _post(base, path, body).status_code == 200, path
+    assert tokenizer.calls >= 4 and tokenizer.on_loop == []
 
 
 def test_a_4mb_prompt_is_refused_without_tokenizing(server, tokenizer):
