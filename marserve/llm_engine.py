@@ -21,6 +21,7 @@ from marserve.engine_config import EngineConfig
 from marserve.errors import ConfigError, RequestError
 from marserve.loader import generation_defaults, load_model, load_tokenizer
 from marserve.model_runner import ModelRunner
+from marserve.native_memory import HeapTrimmer
 from marserve.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from marserve.sampler import Sampler, SamplerOutput
 from marserve.sampling_params import SamplingParams
@@ -79,6 +80,7 @@ class LLMEngine:
                                    max_num_seqs=config.max_num_seqs,
                                    max_num_batched_tokens=max(config.max_num_batched_tokens, 1))
         self.sampler = Sampler()
+        self.heap_trimmer = HeapTrimmer()  # else RSS grows with every new mix of request lengths
         self.requests: dict[str, _Request] = {}
         self._seq_ids = itertools.count()
         torch.manual_seed(config.seed)  # unseeded requests draw from the global generator
@@ -128,14 +130,15 @@ class LLMEngine:
     def _check_prompt(self, ids: list[int], params: SamplingParams) -> None:
         if not ids:
             raise RequestError("the prompt is empty", param="prompt")
-        # Every token id a request carries indexes a [V] row somewhere in the step: one out of range
-        # (or negative, which silently wraps to V - k) would fail or bend every sequence batched with it.
-        self._check_token_ids(ids, "prompt")
-        self._check_token_ids(params.stop_token_ids, "stop_token_ids")
+        # The length first: it costs nothing, and a token-id prompt can be a million ids long.
         if len(ids) >= self.max_model_len:
             raise RequestError(f"the prompt has {len(ids)} tokens; this model's context is {self.max_model_len} "
                                f"tokens, and at least one must be left for the output",
                                param="prompt", code="context_length_exceeded")
+        # Every token id a request carries indexes a [V] row somewhere in the step: one out of range
+        # (or negative, which silently wraps to V - k) would fail or bend every sequence batched with it.
+        self._check_token_ids(ids, "prompt")
+        self._check_token_ids(params.stop_token_ids, "stop_token_ids")
         if params.max_tokens is not None and len(ids) + params.max_tokens > self.max_model_len:
             raise RequestError(f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds this "
                                f"model's context of {self.max_model_len} tokens",
@@ -185,7 +188,10 @@ class LLMEngine:
             self._record_prompt_logprobs(out)
             self._sample_and_check(out, logits)  # 4. sample, 5. update
         touched = {s.request_id for s in out.seqs} | {s.request_id for s in out.preempted}
-        return [self._output(rid) for rid in touched if rid in self.requests]
+        outputs = [self._output(rid) for rid in touched if rid in self.requests]
+        if any(o.finished for o in outputs):
+            self.heap_trimmer.requests_finished()
+        return outputs
 
     def _fail(self, request_id: str, message: str) -> None:
         """Finish every sequence of one request with an error its client alone sees."""

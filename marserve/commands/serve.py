@@ -35,6 +35,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-queue-len", type=int, default=256, help="sequences (prompts x n) allowed to wait; beyond this 429 (400 for one request larger than this)")
     p.add_argument("--max-body-mb", type=float, default=4.0, help="larger request bodies get 413")
+    # Size bounds checked before any work (400 naming the field); docs/server.md says why each exists.
+    p.add_argument("--max-prompt-chars-per-token", type=int, default=64,
+                   help="a prompt of more characters than max_model_len x this is refused before tokenizing")
+    p.add_argument("--max-prompts-per-request", type=int, default=256, help="prompts in one /v1/completions request")
+    p.add_argument("--max-stop-strings", type=int, default=16, help="stop strings in one request")
+    p.add_argument("--max-stop-string-chars", type=int, default=1024, help="characters in one stop string")
+    p.add_argument("--max-stop-token-ids", type=int, default=256, help="stop_token_ids in one request")
     p.add_argument("--shutdown-grace", type=float, default=30.0,
                    help="seconds running requests may take to finish after SIGTERM")
     p.add_argument("--request-read-timeout", type=float, default=30.0,
@@ -86,6 +93,11 @@ def run(args: argparse.Namespace) -> int:
         server_config = ServerConfig(model_name=args.served_model_name or default_name, host=args.host,
                                      port=args.port, api_key=args.api_key or None, max_queue_len=args.max_queue_len,
                                      max_body_bytes=int(args.max_body_mb * 2**20),
+                                     max_prompt_chars_per_token=args.max_prompt_chars_per_token,
+                                     max_prompts_per_request=args.max_prompts_per_request,
+                                     max_stop_strings=args.max_stop_strings,
+                                     max_stop_string_chars=args.max_stop_string_chars,
+                                     max_stop_token_ids=args.max_stop_token_ids,
                                      shutdown_grace_seconds=args.shutdown_grace,
                                      request_read_timeout_seconds=args.request_read_timeout, log_level=args.log_level)
     except ValueError as e:

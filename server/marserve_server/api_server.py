@@ -13,7 +13,6 @@ import json
 import logging
 import socket
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 
 import uvicorn
 from fastapi import FastAPI, HTTPException, Request
@@ -22,6 +21,7 @@ from fastapi.responses import JSONResponse, Response
 import marserve
 from marserve.async_engine import AsyncEngine
 from marserve_server import errors
+from marserve_server.config import ServerConfig
 from marserve_server.http_protocol import with_read_timeout
 from marserve_server.metrics import ServerMetrics
 from marserve_server.protocol import (
@@ -32,7 +32,7 @@ from marserve_server.protocol import (
     ModelList,
     TokenizeRequest,
 )
-from marserve_server.serving import ServerState, off_loop
+from marserve_server.serving import ServerState, off_loop, warn_if_tokens_outrun_the_prompt_bound
 from marserve_server.serving_chat import create_chat_completion, render_chat
 from marserve_server.serving_completions import create_completion
 
@@ -41,31 +41,6 @@ logger = logging.getLogger(__name__)
 # With an API key these need it. The OpenAPI schema and its pages describe the protected routes, so they
 # are protected too; probes (/health, /ready), /metrics and /version stay open.
 PROTECTED_PREFIXES = ("/v1/", "/tokenize", "/detokenize", "/openapi.json", "/docs", "/redoc")
-
-
-@dataclass
-class ServerConfig:
-    model_name: str
-    host: str = "127.0.0.1"
-    port: int = 8000
-    api_key: str | None = None
-    max_queue_len: int = 256  # sequences waiting beyond this are refused with 429 (400 if one request is larger)
-    max_body_bytes: int = 4 * 2**20
-    shutdown_grace_seconds: float = 30.0
-    # Whole request (head and body) within this long of connecting or of the previous response, or the
-    # connection is closed: half-sent requests would otherwise hold connections (and handlers) forever.
-    request_read_timeout_seconds: float = 30.0
-    log_level: str = "info"
-
-    def __post_init__(self):
-        if self.max_queue_len < 1:  # every request waits before it runs, so 0 would refuse them all
-            raise ValueError("max_queue_len must be at least 1")
-        if self.shutdown_grace_seconds < 0:
-            raise ValueError("shutdown_grace_seconds must be >= 0")
-        if self.request_read_timeout_seconds <= 0:
-            raise ValueError("request_read_timeout_seconds must be positive")
-        if self.max_body_bytes < 1024:
-            raise ValueError("max_body_bytes must be at least 1024")
 
 
 class _Guard:
@@ -116,8 +91,8 @@ class _Guard:
 
 def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
     metrics = ServerMetrics(engine, config.model_name)
-    state = ServerState(engine=engine, model_name=config.model_name, max_queue_len=config.max_queue_len,
-                        metrics=metrics)
+    state = ServerState(engine=engine, config=config, metrics=metrics)
+    warn_if_tokens_outrun_the_prompt_bound(engine.tokenizer, config.max_prompt_chars_per_token)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -170,6 +145,7 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
     def _tokenize(req: TokenizeRequest) -> str:
         if req.messages is not None:
             text = render_chat(state, req.messages, req.add_generation_prompt)
+            state.check_prompt_chars(len(text), param="messages")
             ids = engine.tokenizer(text, add_special_tokens=False)["input_ids"]
         else:
             ids = engine.tokenizer(req.prompt, add_special_tokens=req.add_special_tokens)["input_ids"]
@@ -182,16 +158,22 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
         state.check_model(req.model)
         if (req.prompt is None) == (req.messages is None):
             raise errors.APIError(400, "give exactly one of 'prompt' and 'messages'", param="prompt")
+        if req.prompt is not None:
+            state.check_prompt_chars(len(req.prompt))  # nothing longer could ever be a prompt here
         return Response(await off_loop(_tokenize, req), media_type="application/json")
+
+    def _detokenize(tokens: list[int]) -> dict:
+        vocab = engine.model_config.vocab_size
+        bad = next((t for t in tokens if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise errors.APIError(400, f"token id {bad} is outside the vocabulary [0, {vocab})", param="tokens")
+        return {"prompt": engine.tokenizer.decode(tokens)}
 
     @app.post("/detokenize")
     async def detokenize(req: DetokenizeRequest):
         state.check_model(req.model)
-        vocab = engine.model_config.vocab_size
-        bad = next((t for t in req.tokens if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise errors.APIError(400, f"token id {bad} is outside the vocabulary [0, {vocab})", param="tokens")
-        return {"prompt": engine.tokenizer.decode(req.tokens)}
+        # A 4 MB body holds a million ids: checking and decoding them takes long enough to stall the loop.
+        return await off_loop(_detokenize, req.tokens)
 
     return app
 

@@ -12,7 +12,6 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-MAX_STOP_STRINGS = 16
 # torch.Generator.manual_seed takes a signed or unsigned 64-bit seed; request j of n uses seed + j.
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
 REPETITION_PENALTY_MIN, REPETITION_PENALTY_MAX = 1e-3, 1e3
@@ -88,9 +87,8 @@ class SamplingFields(OpenAIBody):
     @field_validator("stop", mode="after")
     @classmethod
     def _check_stop(cls, stop):
+        # How many and how long: ServerState.check_stops (bounds the server's config sets).
         stops = [stop] if isinstance(stop, str) else (stop or [])
-        if len(stops) > MAX_STOP_STRINGS:
-            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings")
         if any(not s for s in stops):
             raise ValueError("stop strings must be non-empty")
         return stop

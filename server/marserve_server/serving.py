@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import weakref
 from collections.abc import AsyncIterator, Callable
@@ -16,9 +17,12 @@ from fastapi.responses import StreamingResponse
 from marserve.async_engine import AsyncEngine
 from marserve.outputs import RequestOutput
 from marserve.sampling_params import SamplingParams
+from marserve_server.config import ServerConfig
 from marserve_server.errors import APIError, error_body, from_exception
 from marserve_server.metrics import ServerMetrics
 from marserve_server.protocol import SamplingFields
+
+logger = logging.getLogger(__name__)
 
 DISCONNECT_POLL_SECONDS = 0.25
 # Below this, logits / temperature overflows float32 (inf -> NaN probabilities) and the step fails for
@@ -29,11 +33,14 @@ GREEDY_TEMPERATURE = 1e-5
 @dataclass
 class ServerState:
     engine: AsyncEngine
-    model_name: str
-    max_queue_len: int
+    config: ServerConfig
     metrics: ServerMetrics
     draining: bool = False
     num_admitted_seqs: int = 0  # sequences (n per prompt) admitted and not yet answered in full
+
+    @property
+    def model_name(self) -> str:
+        return self.config.model_name
 
     @property
     def tokenizer(self):
@@ -61,14 +68,15 @@ class ServerState:
         if not self.engine.is_running:
             raise APIError(503, "the engine has stopped; this server cannot generate", code="engine_dead",
                            headers={"Retry-After": "30"})
-        if num_seqs > self.max_queue_len:
+        limit = self.config.max_queue_len
+        if num_seqs > limit:
             raise APIError(400, f"this request needs {num_seqs} sequences (prompts x n), more than the "
-                                f"{self.max_queue_len} the server lets wait (--max-queue-len); split it",
+                                f"{limit} the server lets wait (--max-queue-len); split it",
                            param=param, code="queue_limit_exceeded")
         waiting = max(0, self.num_admitted_seqs - self.engine.stats().num_running)
-        if waiting + num_seqs > self.max_queue_len:
+        if waiting + num_seqs > limit:
             raise APIError(429, f"the request queue is full ({waiting} sequences waiting, {num_seqs} more asked, "
-                                f"limit {self.max_queue_len}); retry shortly",
+                                f"limit {limit}); retry shortly",
                            code="queue_full", headers={"Retry-After": "1"})
         self.num_admitted_seqs += num_seqs
         released = False
@@ -80,6 +88,47 @@ class ServerState:
                 self.num_admitted_seqs -= num_seqs
 
         return release
+
+    def check_prompt_chars(self, num_chars: int, param: str = "prompt") -> None:
+        """Refuse, before tokenizing it, text that cannot fit in the context: tokenizing costs seconds per
+        megabyte of CPU and memory, and the answer would be a 400 anyway."""
+        per_token = self.config.max_prompt_chars_per_token
+        limit = self.engine.max_model_len * per_token
+        if num_chars > limit:
+            raise APIError(400, f"the prompt has {num_chars} characters: more than fit in this model's context of "
+                                f"{self.engine.max_model_len} tokens at {per_token} characters per token at most "
+                                f"({limit}; --max-prompt-chars-per-token)",
+                           param=param, code="context_length_exceeded")
+
+    def check_stops(self, req: SamplingFields) -> None:
+        """Stop strings and ids are checked after every token of every sequence: bound how many and how long."""
+        c = self.config
+        stops = [req.stop] if isinstance(req.stop, str) else (req.stop or [])
+        if len(stops) > c.max_stop_strings:
+            raise APIError(400, f"{len(stops)} stop strings; at most {c.max_stop_strings} (--max-stop-strings)",
+                           param="stop", code="too_many_stop_strings")
+        longest = max(map(len, stops), default=0)
+        if longest > c.max_stop_string_chars:
+            raise APIError(400, f"a stop string of {longest} characters; at most {c.max_stop_string_chars} "
+                                f"(--max-stop-string-chars)", param="stop", code="stop_string_too_long")
+        num_ids = len(req.stop_token_ids or ())
+        if num_ids > c.max_stop_token_ids:
+            raise APIError(400, f"{num_ids} stop_token_ids; at most {c.max_stop_token_ids} (--max-stop-token-ids)",
+                           param="stop_token_ids", code="too_many_stop_token_ids")
+
+
+def warn_if_tokens_outrun_the_prompt_bound(tokenizer, chars_per_token: int) -> None:
+    """check_prompt_chars assumes no token spans more than `chars_per_token` characters; with a tokenizer
+    that has longer tokens a prompt made of them could fit and still be refused. Vocabulary strings are
+    at least as long as the text they stand for (byte-level BPE spells each byte as one character)."""
+    try:
+        longest = max(map(len, tokenizer.get_vocab()), default=0)
+    except Exception:  # noqa: BLE001 - a tokenizer without get_vocab: nothing to check
+        return
+    if longest > chars_per_token:
+        logger.warning("this tokenizer has tokens of up to %d characters, more than max_prompt_chars_per_token=%d: "
+                       "a prompt made of them could be refused although it fits; raise the bound",
+                       longest, chars_per_token)
 
 
 def sampling_params(req: SamplingFields, *, default_max_tokens: int | None, logprobs: int | None = None,

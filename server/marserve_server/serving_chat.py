@@ -86,6 +86,7 @@ def _choice_logprobs(state, req, o: CompletionOutput, start: int = 0) -> ChatLog
 
 def _render_and_prepare(state: ServerState, req: ChatCompletionRequest, params) -> tuple[str, list[int]]:
     text = render_chat(state, req.messages, req.add_generation_prompt)
+    state.check_prompt_chars(len(text), param="messages")  # rendering is a copy; tokenizing is the cost
     # The template already holds the special tokens it wants; do not add a BOS again.
     ids = state.tokenizer(text, add_special_tokens=False)["input_ids"]
     _, ids = state.engine.prepare({"prompt_token_ids": ids}, params)  # 400s now (context length, empty)
@@ -98,13 +99,18 @@ async def create_chat_completion(state: ServerState, req: ChatCompletionRequest,
         raise APIError(400, "tools are not supported by this server", param="tools")
     if req.top_logprobs is not None and not req.logprobs:
         raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
+    state.check_stops(req)
     params = sampling_params(req, default_max_tokens=None,
                              logprobs=(req.top_logprobs or 0) if req.logprobs else None,
                              defaults=state.generation_defaults)
-    text, ids = await off_loop(_render_and_prepare, state, req, params)
+    release = state.admit(req.n)  # before rendering and tokenizing: a full queue costs the server nothing
+    try:
+        text, ids = await off_loop(_render_and_prepare, state, req, params)
+    except BaseException:
+        release()
+        raise
     base_id = random_id("chatcmpl")
     jobs = [({"prompt": text, "prompt_token_ids": ids}, params, base_id)]
-    release = state.admit(req.n)
     if req.stream:
         return event_stream(_stream(state, req, jobs, base_id), release)
     try:

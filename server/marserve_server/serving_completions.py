@@ -8,6 +8,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 
 from marserve.outputs import CompletionOutput, Logprob, RequestOutput
+from marserve.sampling_params import SamplingParams
 from marserve_server.errors import APIError
 from marserve_server.protocol import (
     CompletionChoice,
@@ -34,15 +35,25 @@ from marserve_server.serving import (
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
 
 
-def _prompts(req: CompletionRequest) -> list[str | list[int]]:
+def _prompts(state: ServerState, req: CompletionRequest) -> list[str | list[int]]:
+    """The request's prompts, each bounded in size before any is tokenized."""
     p = req.prompt
     if isinstance(p, str):
-        return [p]
-    if p and all(isinstance(x, int) for x in p):
-        return [list(p)]
-    if not p:
+        prompts = [p]
+    elif p and all(isinstance(x, int) for x in p):
+        prompts = [list(p)]
+    elif not p:
         raise APIError(400, "prompt must not be empty", param="prompt")
-    return list(p)
+    else:
+        prompts = p
+    limit = state.config.max_prompts_per_request
+    if len(prompts) > limit:
+        raise APIError(400, f"{len(prompts)} prompts in one request; at most {limit} (--max-prompts-per-request)",
+                       param="prompt", code="too_many_prompts")
+    for prompt in prompts:
+        if isinstance(prompt, str):
+            state.check_prompt_chars(len(prompt))
+    return prompts
 
 
 def _check(req: CompletionRequest) -> None:
@@ -52,12 +63,10 @@ def _check(req: CompletionRequest) -> None:
         raise APIError(400, "best_of other than n is not supported", param="best_of")
 
 
-def _jobs(state: ServerState, req: CompletionRequest, base_id: str):
-    params = sampling_params(req, default_max_tokens=DEFAULT_MAX_TOKENS, logprobs=req.logprobs,
-                             prompt_logprobs=req.logprobs if req.echo and req.logprobs is not None else None,
-                             defaults=state.generation_defaults)
+def _jobs(state: ServerState, prompts: list[str | list[int]], params: SamplingParams, base_id: str):
+    """Tokenize and check every prompt (in a worker thread: seconds for a long prompt)."""
     jobs = []
-    for i, prompt in enumerate(_prompts(req)):
+    for i, prompt in enumerate(prompts):
         if isinstance(prompt, str):
             text, ids = state.engine.prepare(prompt, params)  # 400s now, before anything is queued
         else:
@@ -103,9 +112,20 @@ def _choice(state: ServerState, req: CompletionRequest, index: int, res: Request
 async def create_completion(state: ServerState, req: CompletionRequest, raw: Request):
     state.check_model(req.model)
     _check(req)
+    state.check_stops(req)
+    # Every check that costs nothing comes before the work that costs: sizes, parameters, admission,
+    # and only then tokenizing.
+    prompts = _prompts(state, req)
+    params = sampling_params(req, default_max_tokens=DEFAULT_MAX_TOKENS, logprobs=req.logprobs,
+                             prompt_logprobs=req.logprobs if req.echo and req.logprobs is not None else None,
+                             defaults=state.generation_defaults)
     base_id = random_id("cmpl")
-    jobs = await off_loop(_jobs, state, req, base_id)
-    release = state.admit(len(jobs) * req.n, param="prompt" if len(jobs) > 1 else "n")
+    release = state.admit(len(prompts) * req.n, param="prompt" if len(prompts) > 1 else "n")
+    try:
+        jobs = await off_loop(_jobs, state, prompts, params, base_id)
+    except BaseException:
+        release()
+        raise
     if req.stream:
         return event_stream(_stream(state, req, jobs, base_id), release)
     try:
