@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 from marserve import progress
@@ -60,6 +61,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=getattr(args, "log_level", "INFO").upper() if hasattr(args, "log_level") else "WARNING",
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     progress.set_quiet(getattr(args, "quiet", False))  # bars and stage lines, shown on a terminal unless --quiet
+    # Before torch (and so libgomp) loads: OpenMP threads spin at most ~10k iterations at a barrier before they
+    # sleep, not libgomp's 300k. The native decode kernels cross ~100 barriers a step; when another process
+    # holds a core, the full spin burns the time slices the descheduled thread needs (batch-1 decode on the
+    # 2-core AVX2 host under load: 4-29 tok/s with the default, 23-95 with 10k; quiet, 91-134 either way).
+    os.environ.setdefault("GOMP_SPINCOUNT", "10000")
     try:
         return int(importlib.import_module(args._module).run(args) or 0)
     except MarserveError as e:
