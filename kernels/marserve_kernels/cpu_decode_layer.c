@@ -130,6 +130,7 @@ static void route_row(const float *z, int64_t E, int64_t K, int renormalise, int
     unsigned char taken[MAX_EXPERTS];
     memset(taken, 0, (size_t)E);
     float top[MAX_EXPERTS];
+    top[0] = -INFINITY; /* written below (K >= 1); set so that gcc sees it set */
     for (int64_t k = 0; k < K; k++) {
         int64_t best = -1;
         for (int64_t e = 0; e < E; e++)
