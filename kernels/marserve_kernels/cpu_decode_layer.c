@@ -28,7 +28,9 @@
  */
 #include "cpu_dense_small.c"
 #include "cpu_decode_attention.c"
-#define LAYER_MAX_GROUP MAX_GROUP /* the attention kernel's GQA limit, before the MoE kernel's MAX_GROUP */
+/* The attention kernel's GQA limit, taken as a value now: a macro would expand to whatever MAX_GROUP means
+ * where it is used, i.e. the MoE kernel's group size (6 or 8) defined below. */
+enum { LAYER_MAX_GROUP = MAX_GROUP };
 #undef MAX_GROUP /* the three sources are one translation unit here: their local constants must not clash */
 #undef K_CHUNK
 #undef L1_FLOATS

@@ -50,6 +50,7 @@ CASES = {  # name: (H, Hq, Hkv, D, E, K, options)
     "qwen2-bias": (64, 8, 2, 16, 6, 3, dict(bias=True, renormalise=False)),
     "dense-layer": (32, 4, 1, 16, 0, 0, {}),
     "wide": (512, 8, 4, 64, 16, 2, {}),  # rows past the 32-row thread split, real head dim
+    "gqa16": (64, 16, 1, 16, 8, 2, {}),  # 16 query heads per KV head: the attention kernel's limit
 }
 
 
