@@ -34,6 +34,7 @@ from marserve_kernels import cpu_dense_native, cpu_features
 _NATIVE_DTYPES = (torch.float32, torch.bfloat16)
 NATIVE_MAX_TOKENS = 64  # rows of x up to which plain weights go to the native kernel (measured: see above)
 _native: dict[torch.dtype, bool] = {}  # weight dtype -> cpu_dense_native.available(dtype), asked once
+_onednn: dict[torch.dtype, bool] = {}  # dtype -> whether oneDNN runs it, asked once (~5 us a call for bf16)
 
 
 def _onednn_available() -> bool:
@@ -44,12 +45,13 @@ ONEDNN = _onednn_available()
 
 
 def onednn_runs(dtype: torch.dtype) -> bool:
-    """Whether oneDNN's inner product (and its weight packing) runs `dtype` on this CPU."""
-    if not ONEDNN:
-        return False
-    if dtype == torch.float32:
-        return True
-    return dtype == torch.bfloat16 and cpu_features.onednn_bf16()
+    """Whether oneDNN's inner product (and its weight packing) runs `dtype` on this CPU (asked once per process,
+    like native_available: the cap is a process's setting)."""
+    ok = _onednn.get(dtype)
+    if ok is None:
+        ok = _onednn[dtype] = ONEDNN and (dtype == torch.float32
+                                          or (dtype == torch.bfloat16 and cpu_features.onednn_bf16()))
+    return ok
 
 
 def can_pack(weight: torch.Tensor) -> bool:
