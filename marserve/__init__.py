@@ -19,6 +19,6 @@ def __getattr__(name):
         from marserve.llm import LLM
         return LLM
     if name == "AsyncEngine":
-        from marserve.async_engine import AsyncEngine
+        from marserve.engine.async_engine import AsyncEngine
         return AsyncEngine
     raise AttributeError(f"module 'marserve' has no attribute {name!r}")

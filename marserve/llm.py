@@ -14,7 +14,7 @@ from tqdm import tqdm
 from marserve import progress
 from marserve.engine_config import EngineConfig
 from marserve.errors import ConfigError
-from marserve.llm_engine import LLMEngine
+from marserve.engine.llm_engine import LLMEngine
 from marserve.outputs import RequestOutput
 from marserve.sampling_params import SamplingParams
 

@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("expert offloading (--expert-cache-gb, --offload-tier) is not available yet: "
                           "this version keeps every expert resident; leave both flags unset")
     sock = claim_port(args.host, args.port)  # before the imports and the load: a busy port fails in a second
-    from marserve.async_engine import AsyncEngine
+    from marserve.engine.async_engine import AsyncEngine
     from marserve.engine_config import EngineConfig
     from marserve_server import ServerConfig, serve
     from marserve import DEFAULT_MODEL_DIR

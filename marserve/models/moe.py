@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from marserve.config import ModelConfig
-from marserve.expert_provider import ExpertProvider, ResidentExperts
+from marserve.experts.provider import ExpertProvider, ResidentExperts
 from marserve.models.layers import DenseMLP, Linear
 
 

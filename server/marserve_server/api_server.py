@@ -19,7 +19,7 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, Response
 
 import marserve
-from marserve.async_engine import AsyncEngine
+from marserve.engine.async_engine import AsyncEngine
 from marserve_server import errors
 from marserve_server.config import ServerConfig
 from marserve_server.http_protocol import with_read_timeout

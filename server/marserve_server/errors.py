@@ -12,7 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from marserve.async_engine import EngineDeadError, ShuttingDownError
+from marserve.engine.async_engine import EngineDeadError, ShuttingDownError
 from marserve.errors import MarserveError, RequestError
 from marserve.sampling_params import SamplingParamsError
 from marserve_server.protocol import ErrorInfo, ErrorResponse

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
-from marserve.async_engine import AsyncEngine
+from marserve.engine.async_engine import AsyncEngine
 from marserve.outputs import RequestOutput
 from marserve.sampling_params import SamplingParams
 from marserve_server.config import ServerConfig

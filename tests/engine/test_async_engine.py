@@ -3,8 +3,8 @@ import asyncio
 import pytest
 
 from marserve import LLM, SamplingParams
-from marserve.async_engine import AsyncEngine
-from marserve.detokenizer import stable_text
+from marserve.engine.async_engine import AsyncEngine
+from marserve.engine.detokenizer import stable_text
 from marserve.engine_config import EngineConfig
 from marserve.errors import RequestError
 

@@ -1,6 +1,6 @@
 import pytest
 
-from marserve.block_manager import BlockManager
+from marserve.engine.block_manager import BlockManager
 
 
 def run_prompt(bm, tokens):

@@ -4,7 +4,7 @@ equal to decoding all the tokens at once."""
 import pytest
 
 from marserve import DEFAULT_MODEL_DIR, LLM, SamplingParams
-from marserve.detokenizer import REPLACEMENT, IncrementalDetokenizer
+from marserve.engine.detokenizer import REPLACEMENT, IncrementalDetokenizer
 from marserve.loader import load_tokenizer
 
 TEXTS = ["plain ascii words, and numbers 12 + 7 = 19.", "café naïve Ünïcödé", "日本語のテキスト", "emoji 🎉🚀 end",

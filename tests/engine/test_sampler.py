@@ -2,7 +2,7 @@ import math
 
 import torch
 
-from marserve.sampler import Sampler, apply_penalties, truncation_mask
+from marserve.engine.sampler import Sampler, apply_penalties, truncation_mask
 from marserve.sampling_params import SamplingParams
 
 

@@ -1,7 +1,7 @@
-from marserve.block_manager import BlockManager
+from marserve.engine.block_manager import BlockManager
 from marserve.sampling_params import SamplingParams
-from marserve.scheduler import Scheduler
-from marserve.sequence import Sequence, SequenceStatus
+from marserve.engine.scheduler import Scheduler
+from marserve.engine.sequence import Sequence, SequenceStatus
 
 
 def make(num_blocks=32, block_size=4, max_num_seqs=8, budget=64, prefix=False):

@@ -2,7 +2,7 @@ import torch
 
 from marserve.attention import AttentionMetadata
 from marserve.loader import load_model
-from marserve.model_runner import ModelRunner, ScheduledChunk
+from marserve.engine.model_runner import ModelRunner, ScheduledChunk
 
 
 def test_execute_matches_dense_forward_over_prefill_chunks_and_decode(baby_checkpoint):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from marserve.loader import load_model
-from marserve.model_runner import ModelRunner, ScheduledChunk
+from marserve.engine.model_runner import ModelRunner, ScheduledChunk
 from marserve.models import native_decode
 from marserve_kernels import cpu_decode_layer_native
 

@@ -10,7 +10,7 @@ import time
 import httpx
 from marserve_server import ServerConfig, build_app, make_server
 
-from marserve.async_engine import AsyncEngine
+from marserve.engine.async_engine import AsyncEngine
 from marserve.engine_config import EngineConfig
 
 

@@ -15,18 +15,18 @@ from dataclasses import dataclass, field
 import torch
 
 from marserve import progress
-from marserve.block_manager import BlockManager
-from marserve.detokenizer import IncrementalDetokenizer
+from marserve.engine.block_manager import BlockManager
+from marserve.engine.detokenizer import IncrementalDetokenizer
 from marserve.engine_config import EngineConfig
 from marserve.errors import ConfigError, RequestError
 from marserve.loader import generation_defaults, load_model, load_tokenizer
-from marserve.model_runner import ModelRunner
+from marserve.engine.model_runner import ModelRunner
 from marserve.native_memory import HeapTrimmer
 from marserve.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
-from marserve.sampler import Sampler, SamplerOutput
+from marserve.engine.sampler import Sampler, SamplerOutput
 from marserve.sampling_params import SamplingParams
-from marserve.scheduler import Scheduler, SchedulerOutput
-from marserve.sequence import Sequence
+from marserve.engine.scheduler import Scheduler, SchedulerOutput
+from marserve.engine.sequence import Sequence
 
 logger = logging.getLogger(__name__)
 

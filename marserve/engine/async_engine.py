@@ -17,11 +17,11 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from marserve.detokenizer import stable_text
+from marserve.engine.detokenizer import stable_text
 from marserve.engine_config import EngineConfig
 from marserve.errors import MarserveError, RequestError
-from marserve.expert_provider import ExpertCacheStats, ExpertProvider
-from marserve.llm_engine import LLMEngine
+from marserve.experts.provider import ExpertCacheStats, ExpertProvider
+from marserve.engine.llm_engine import LLMEngine
 from marserve.outputs import RequestOutput
 from marserve.sampling_params import SamplingParams
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from marserve.block_manager import BlockManager
-from marserve.model_runner import ScheduledChunk
-from marserve.sequence import Sequence, SequenceStatus
+from marserve.engine.block_manager import BlockManager
+from marserve.engine.model_runner import ScheduledChunk
+from marserve.engine.sequence import Sequence, SequenceStatus
 
 
 @dataclass
