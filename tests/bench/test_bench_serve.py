@@ -1,0 +1,177 @@
+"""`marserve bench serve` end to end: against a fake OpenAI-compatible server with known delays (the figures
+must come out within 10% of them), against a real `marserve serve` (table, JSON, PNG), and a dead URL."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+import pytest
+
+from marserve.bench import serve_load
+from marserve.cli import main
+from tests.server.live_server import free_port
+
+FIRST_TOKEN_S, BETWEEN_TOKENS_S = 0.200, 0.050
+
+
+@contextlib.contextmanager
+def fake_server(api_key: str | None = None):
+    """A streaming /v1/completions that waits FIRST_TOKEN_S before its first token and BETWEEN_TOKENS_S before
+    each next one (one thread per connection, so concurrent requests do not slow each other). Yields
+    (base_url, state) where state records the request bodies and the most requests ever in flight."""
+    state = {"bodies": [], "in_flight": 0, "max_in_flight": 0}
+    lock = threading.Lock()
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def _json(self, status: int, obj) -> None:
+            body = json.dumps(obj).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def _authorised(self) -> bool:
+            if api_key is None or self.headers.get("Authorization") == f"Bearer {api_key}":
+                return True
+            self._json(401, {"error": {"message": "bad key", "type": "auth", "param": None, "code": None}})
+            return False
+
+        def do_GET(self):
+            if self._authorised():
+                self._json(200, {"object": "list", "data": [{"id": "fake-model", "object": "model"}]})
+
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            if not self._authorised():
+                return
+            with lock:
+                state["bodies"].append(body)
+                state["in_flight"] += 1
+                state["max_in_flight"] = max(state["max_in_flight"], state["in_flight"])
+            try:
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.end_headers()  # HTTP/1.0: the stream ends when the connection closes
+                n = body["max_tokens"]
+                for i in range(n):
+                    time.sleep(FIRST_TOKEN_S if i == 0 else BETWEEN_TOKENS_S)
+                    chunk = {"choices": [{"index": 0, "text": f" t{i}", "finish_reason": None}]}
+                    self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+                    self.wfile.flush()
+                usage = {"prompt_tokens": 7, "completion_tokens": n, "total_tokens": 7 + n}
+                self.wfile.write(f"data: {json.dumps({'choices': [], 'usage': usage})}\n\ndata: [DONE]\n\n".encode())
+            finally:
+                with lock:
+                    state["in_flight"] -= 1
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", state
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_ttft_itl_tpot_within_10_percent_of_the_servers_delays_and_concurrency_is_capped(tmp_path, capsys):
+    out = tmp_path / "fake.json"
+    with fake_server(api_key="s3cret") as (base, state):
+        rc = main(["bench", "serve", "--base-url", base + "/v1", "--num-prompts", "6", "--max-concurrency", "2",
+                   "--input-len", "12", "--output-len", "8", "--api-key", "s3cret", "--output", str(out)])
+    assert rc == 0, capsys.readouterr()
+    point = json.loads(out.read_text())["points"][0]
+    assert point["completed"] == 6 and point["failed"] == 0
+    for stat in ("mean", "median"):
+        assert point["ttft_ms"][stat] == pytest.approx(FIRST_TOKEN_S * 1e3, rel=0.10)
+        assert point["itl_ms"][stat] == pytest.approx(BETWEEN_TOKENS_S * 1e3, rel=0.10)
+        assert point["tpot_ms"][stat] == pytest.approx(BETWEEN_TOKENS_S * 1e3, rel=0.10)
+    # The server's usage report is what counts: 7 prompt tokens and 8 output tokens per request.
+    assert (point["total_input_tokens"], point["total_output_tokens"]) == (42, 48)
+    assert state["max_in_flight"] == 2  # --max-concurrency held (6 would be in flight at once without it)
+    # The test request, then the 6 timed ones, each asking for exactly --output-len tokens, streamed with usage.
+    assert len(state["bodies"]) == 7
+    for body in state["bodies"][1:]:
+        assert body["model"] == "fake-model" and body["stream"] and body["stream_options"]["include_usage"]
+        assert body["max_tokens"] == body["min_tokens"] == 8 and body["ignore_eos"] is True
+        assert len(body["prompt"].split()) == 12  # no tokenizer: one word per token
+    assert len({body["prompt"] for body in state["bodies"]}) == 7  # no two prompts alike (prefix caches)
+
+
+def test_wrong_api_key_and_dead_url_are_one_line_and_exit_1(capsys):
+    with fake_server(api_key="s3cret") as (base, _):
+        assert main(["bench", "serve", "--base-url", base, "--api-key", "wrong"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "HTTP 401" in err[0] and "--api-key" in err[0]
+    dead = f"http://127.0.0.1:{free_port()}"
+    assert main(["bench", "serve", "--base-url", dead]) == 1
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"marserve: error: cannot reach {dead}")
+    assert "Traceback" not in captured.err + captured.out
+
+
+def test_arrivals_follow_the_rate_and_burstiness():
+    rng = np.random.default_rng(0)
+    assert serve_load.arrival_offsets(5, float("inf"), 1.0, rng) == [0.0] * 5
+    for burstiness in (0.5, 1.0, 4.0):
+        offsets = serve_load.arrival_offsets(20001, 8.0, burstiness, np.random.default_rng(1))
+        gaps = np.diff(offsets)
+        assert offsets[0] == 0.0 and (gaps >= 0).all()
+        assert gaps.mean() == pytest.approx(1 / 8, rel=0.03)  # mean gap = 1 / rate, whatever the burstiness
+        assert gaps.std() / gaps.mean() == pytest.approx(1 / np.sqrt(burstiness), rel=0.05)  # Poisson: CV 1
+
+
+def test_dataset_prompts_and_their_errors(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "a b c", "output_len": 5}\n\n{"prompt": "d e"}\n')
+    reqs = serve_load.read_dataset(str(path), 3, 9, tokenizer=None)
+    assert [(r.prompt, r.prompt_tokens, r.output_len) for r in reqs] == [("a b c", 3, 5), ("d e", 2, 9),
+                                                                         ("a b c", 3, 5)]
+    path.write_text('{"prompt": "ok"}\n{"text": "no prompt"}\n')
+    with pytest.raises(serve_load.ConfigError, match="line 2"):
+        serve_load.read_dataset(str(path), 2, 9, tokenizer=None)
+
+
+def test_synthetic_prompts_with_the_shipped_tokenizer_have_the_asked_length():
+    tok = serve_load.load_tokenizer("default")
+    reqs = serve_load.synthetic_requests(8, 64, 16, tok, seed=3)
+    assert len({r.prompt for r in reqs}) == 8
+    for r in reqs:  # re-encoding decoded text may merge or split a few tokens; the count is the text's own
+        assert r.prompt_tokens == len(tok.encode(r.prompt, add_special_tokens=False).ids)
+        assert abs(r.prompt_tokens - 64) <= 8
+
+
+@pytest.mark.slow
+def test_against_a_real_marserve_server_prints_the_table_and_writes_json_and_plots(tmp_path, capsys):
+    from marserve import DEFAULT_MODEL_DIR
+    from tests.server.live_server import live_server
+
+    out = tmp_path / "real" / "run.json"
+    with live_server(DEFAULT_MODEL_DIR, engine_kw={"max_model_len": 256}) as (base, _):
+        rc = main(["bench", "serve", "--base-url", base, "--num-prompts", "4", "--max-concurrency", "1,2",
+                   "--request-rate", "10,40", "--input-len", "16", "--output-len", "6", "--tokenizer", "default",
+                   "--goodput", "ttft:60000", "--output", str(out)])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    assert "| clients | rate (req/s) |" in text and "TTFT" in text and "ITL" in text and "goodput" in text
+    report = json.loads(out.read_text())
+    assert report["model"] == "baby" and report["host_isa"]
+    assert [(p["max_concurrency"], p["request_rate"]) for p in report["points"]] == [(1, "10"), (1, "40"),
+                                                                                     (2, "10"), (2, "40")]
+    for p in report["points"]:
+        assert p["completed"] == 4 and p["failed"] == 0 and p["total_output_tokens"] == 24  # EOS ignored
+        assert p["goodput"] == pytest.approx(p["request_throughput"])
+        assert p["ttft_ms"]["median"] > 0 and p["itl_ms"]["median"] > 0
+    for name in ("run_latency_vs_rate.png", "run_throughput_vs_concurrency.png"):
+        assert (out.parent / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
