@@ -93,6 +93,15 @@ def test_arrivals_follow_the_rate_and_burstiness():
         assert gaps.std() / gaps.mean() == pytest.approx(1 / np.sqrt(burstiness), rel=0.05)  # Poisson: CV 1
 
 
+def test_which_chunks_are_tokens():
+    is_token = serve_load._is_token_chunk
+    assert is_token({"choices": [{"text": ""}]}, chat=False)  # empty text: half a character held back
+    assert not is_token({"choices": [], "usage": {"completion_tokens": 3}}, chat=False)
+    assert not is_token({"choices": [{"delta": {"role": "assistant", "content": ""}}]}, chat=True)  # the opening
+    assert is_token({"choices": [{"delta": {"role": "assistant", "content": "Hi"}}]}, chat=True)
+    assert is_token({"choices": [{"delta": {}}]}, chat=True) and is_token({"choices": [{"delta": {"content": "x"}}]}, True)
+
+
 def test_dataset_prompts_and_their_errors(tmp_path):
     path = tmp_path / "p.jsonl"
     path.write_text('{"prompt": "a b c", "output_len": 5}\n\n{"prompt": "d e"}\n')
@@ -123,6 +132,9 @@ def test_against_a_real_marserve_server_prints_the_table_and_writes_json_and_plo
         rc = main(["bench", "serve", "--base-url", base, "--num-prompts", "4", "--max-concurrency", "1,2",
                    "--request-rate", "10,40", "--input-len", "16", "--output-len", "6", "--tokenizer", "default",
                    "--goodput", "ttft:60000", "--output", str(out)])
+        chat = main(["bench", "serve", "--base-url", base, "--endpoint", "chat", "--num-prompts", "2",
+                     "--input-len", "8", "--output-len", "5", "--tokenizer", "default",
+                     "--output", str(tmp_path / "chat.json")])
     text = capsys.readouterr().out
     assert rc == 0, text
     assert "| clients | rate (req/s) |" in text and "TTFT" in text and "ITL" in text and "goodput" in text
@@ -134,5 +146,8 @@ def test_against_a_real_marserve_server_prints_the_table_and_writes_json_and_plo
         assert p["completed"] == 4 and p["failed"] == 0 and p["total_output_tokens"] == 24  # EOS ignored
         assert p["goodput"] == pytest.approx(p["request_throughput"])
         assert p["ttft_ms"]["median"] > 0 and p["itl_ms"]["median"] > 0
+    # chat: streamed, counted from the server's usage report
+    chat_point = json.loads((tmp_path / "chat.json").read_text())["points"][0]
+    assert chat == 0 and chat_point["completed"] == 2 and chat_point["total_output_tokens"] == 10
     for name in ("run_latency_vs_rate.png", "run_throughput_vs_concurrency.png"):
         assert (out.parent / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
