@@ -34,7 +34,7 @@ def _text(img, x: int, y: int, text: str, scale: int = 2) -> None:
                         img[y + bit // 3 * scale + dy][x + (k * 4 + bit % 3) * scale + dx] = _INK
 
 
-def _nice_step(top: float, ticks: int = 4) -> float:
+def _nice_step(top: float, ticks: int = 5) -> float:
     """A round step (1, 2 or 5 x 10^k) giving about `ticks` steps from 0 to top."""
     raw = top / ticks if top > 0 else 1.0
     base = 10 ** math.floor(math.log10(raw))
