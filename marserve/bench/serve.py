@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -116,6 +117,13 @@ def write_plots(out: Path, points: list[dict], cfg: serve_load.LoadConfig) -> li
 def run(args) -> int:
     cfg = config_from_args(args)
     slo = parse_slo(" ".join(args.goodput or []))
+    out = Path(args.output)
+    try:  # before the run, not after it: a path that cannot be written would lose every figure
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"--output {out}: cannot make its directory ({e.strerror})") from None
+    if out.is_dir() or not os.access(out.parent, os.W_OK):
+        raise ConfigError(f"--output {out}: cannot write a file there")
     tokenizer = serve_load.load_tokenizer(cfg.tokenizer)
     first = _requests(cfg, tokenizer, -1)[0]
     with progress.stage(f"bench serve: checking {cfg.base_url}"):
@@ -142,12 +150,10 @@ def run(args) -> int:
           f"{'' if tokenizer or cfg.dataset else ' (estimated: no --tokenizer)'}; output {cfg.output_len} tokens"
           f"{' (EOS ignored)' if cfg.ignore_eos else ''}; {cfg.num_prompts} requests per point")
     print(f"host (this client's; the server's when it runs here): {isa}")
-    out = Path(args.output)
     report = {"command": command, "base_url": cfg.base_url, "endpoint": cfg.endpoint, "model": model,
               "host_isa": isa, "num_prompts": cfg.num_prompts, "input_len": cfg.input_len,
               "output_len": cfg.output_len, "dataset": cfg.dataset, "burstiness": cfg.burstiness,
               "ignore_eos": cfg.ignore_eos, "points": points}
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(_finite(report), indent=1) + "\n")
     print(f"wrote {out}" + "".join(f", {p}" for p in write_plots(out, points, cfg)))
     print(f"command: {command}")

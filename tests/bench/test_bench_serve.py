@@ -82,6 +82,19 @@ def test_wrong_api_key_and_dead_url_are_one_line_and_exit_1(capsys):
     assert "Traceback" not in captured.err + captured.out
 
 
+@pytest.mark.parametrize("flags, named", [
+    (["--request-rate", "fast"], "--request-rate"), (["--request-rate", "0"], "--request-rate"),
+    (["--max-concurrency", "0"], "--max-concurrency"), (["--burstiness", "0"], "--burstiness"),
+    (["--goodput", "ttft:abc"], "--goodput"), (["--base-url", "127.0.0.1:8000"], "--base-url"),
+    (["--dataset", "/nonexistent.jsonl"], "--dataset"), (["--tokenizer", "/nonexistent"], "--tokenizer"),
+    (["--output", "/proc/none/r.json"], "--output"), (["--num-prompts", "0"], "--num-prompts")])
+def test_bad_flags_are_one_line_naming_the_flag_before_any_request(flags, named, capsys):
+    # The default --base-url has no server behind it here: each error must come before the first request.
+    assert main(["bench", "serve", "--base-url", f"http://127.0.0.1:{free_port()}"] + flags) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and named in err[0], err
+
+
 def test_arrivals_follow_the_rate_and_burstiness():
     rng = np.random.default_rng(0)
     assert serve_load.arrival_offsets(5, float("inf"), 1.0, rng) == [0.0] * 5
