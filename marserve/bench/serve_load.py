@@ -213,6 +213,8 @@ async def send(client: httpx.AsyncClient, cfg: LoadConfig, body: dict, req: Benc
                 if data == "[DONE]":
                     break
                 obj = json.loads(data)
+                if not isinstance(obj, dict):
+                    return failed("the stream held an event that is not a JSON object")
                 if "error" in obj:
                     return failed(error_message(0, data.encode()))
                 if _is_token_chunk(obj, chat):

@@ -39,12 +39,12 @@ def fake_server(api_key: str | None = None):
 def test_ttft_itl_tpot_within_10_percent_of_the_servers_delays_and_concurrency_is_capped(tmp_path, capsys):
     out = tmp_path / "fake.json"
     with fake_server(api_key="s3cret") as (base, stats):
-        rc = main(["bench", "serve", "--base-url", base + "/v1", "--num-prompts", "6", "--max-concurrency", "2",
+        rc = main(["bench", "serve", "--base-url", base + "/v1", "--num-prompts", "4", "--max-concurrency", "2",
                    "--input-len", "12", "--output-len", "8", "--api-key", "s3cret", "--output", str(out)])
         state = stats()
     assert rc == 0, capsys.readouterr()
     point = json.loads(out.read_text())["points"][0]
-    assert point["completed"] == 6 and point["failed"] == 0
+    assert point["completed"] == 4 and point["failed"] == 0
     # Against what the server really did (its sleeps overshoot on a loaded host: 50 ms came out as 50-56 ms at
     # a load average of 20), the test request (the first) left out...
     timed = state["chunk_offsets"][1:]
@@ -58,15 +58,15 @@ def test_ttft_itl_tpot_within_10_percent_of_the_servers_delays_and_concurrency_i
     assert point["ttft_ms"]["median"] == pytest.approx(FIRST_TOKEN_S * 1e3, rel=0.10)
     assert min(true["itl_ms"]) >= BETWEEN_TOKENS_S * 1e3 * 0.99
     # The server's usage report is what counts: 7 prompt tokens and 8 output tokens per request.
-    assert (point["total_input_tokens"], point["total_output_tokens"]) == (6 * PROMPT_TOKENS, 48)
-    assert state["max_in_flight"] == 2  # --max-concurrency held (6 would be in flight at once without it)
-    # The test request, then the 6 timed ones, each asking for exactly --output-len tokens, streamed with usage.
-    assert len(state["bodies"]) == 7
+    assert (point["total_input_tokens"], point["total_output_tokens"]) == (4 * PROMPT_TOKENS, 32)
+    assert state["max_in_flight"] == 2  # --max-concurrency held (4 would be in flight at once without it)
+    # The test request, then the 4 timed ones, each asking for exactly --output-len tokens, streamed with usage.
+    assert len(state["bodies"]) == 5
     for body in state["bodies"][1:]:
         assert body["model"] == "fake-model" and body["stream"] and body["stream_options"]["include_usage"]
         assert body["max_tokens"] == body["min_tokens"] == 8 and body["ignore_eos"] is True
         assert len(body["prompt"].split()) == 12  # no tokenizer: one word per token
-    assert len({body["prompt"] for body in state["bodies"]}) == 7  # no two prompts alike (prefix caches)
+    assert len({body["prompt"] for body in state["bodies"]}) == 5  # no two prompts alike (prefix caches)
 
 
 def test_wrong_api_key_and_dead_url_are_one_line_and_exit_1(capsys):
@@ -80,6 +80,19 @@ def test_wrong_api_key_and_dead_url_are_one_line_and_exit_1(capsys):
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"marserve: error: cannot reach {dead}")
     assert "Traceback" not in captured.err + captured.out
+
+
+def test_failed_requests_are_counted_by_message_and_the_run_exits_1(tmp_path, capsys):
+    data = tmp_path / "prompts.jsonl"
+    data.write_text('{"prompt": "fine", "output_len": 2}\n{"prompt": "FAIL me", "output_len": 2}\n')
+    with fake_server() as (base, _):
+        rc = main(["bench", "serve", "--base-url", base, "--dataset", str(data), "--num-prompts", "4",
+                   "--output", str(tmp_path / "r.json")])
+    out = capsys.readouterr().out
+    point = json.loads((tmp_path / "r.json").read_text())["points"][0]
+    assert rc == 1 and (point["completed"], point["failed"]) == (2, 2)
+    assert point["errors"] == {"HTTP 400: prompt refused": 2} and "error x2: HTTP 400: prompt refused" in out
+    assert point["total_output_tokens"] == 4  # the dataset's output_len, asked of the server
 
 
 @pytest.mark.parametrize("flags, named", [
