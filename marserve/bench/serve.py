@@ -144,7 +144,8 @@ def run(args) -> int:
     isa = cpu_features.describe()
     # The command as typed (from the process's argv when it is the CLI's; tests call main() with their own list).
     typed = sys.argv[3:] if sys.argv[1:3] == ["bench", "serve"] else None
-    command = "marserve bench serve " + (" ".join(map(shlex.quote, typed)) if typed is not None else "(flags not known)")
+    flags = " ".join(map(shlex.quote, typed)) if typed is not None else "(flags not known)"
+    command = f"marserve bench serve {flags}"
     print("\n" + sweep_table(points))
     print(f"\nprompts: {'from ' + cfg.dataset if cfg.dataset else f'synthetic, {cfg.input_len} tokens'}"
           f"{'' if tokenizer or cfg.dataset else ' (estimated: no --tokenizer)'}; output {cfg.output_len} tokens"

@@ -256,8 +256,9 @@ async def check_server(cfg: LoadConfig, first: BenchRequest) -> str:
             try:
                 model = resp.json()["data"][0]["id"]
             except (ValueError, KeyError, IndexError, TypeError):
-                raise MarserveError(f"{cfg.base_url}/v1/models did not list a model "
-                                    f"({error_message(resp.status_code, resp.content)}); name one with --model") from None
+                why = error_message(resp.status_code, resp.content)
+                raise MarserveError(f"{cfg.base_url}/v1/models did not list a model ({why}); name one with --model") \
+                    from None
         result = await send(client, cfg, payload(cfg, model, first, max_tokens=min(first.output_len, 8)), first)
     if not result.ok:
         raise MarserveError(f"the test request to {cfg.url} failed: {result.error}")

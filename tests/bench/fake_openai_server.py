@@ -4,8 +4,9 @@ POST /v1/completions streams `max_tokens` chunks, waiting FIRST_TOKEN_S before t
 before each next (one thread per connection, so concurrent requests do not slow each other), then a usage
 chunk and [DONE]. It records what it really did: sleeps overshoot on a loaded host, so the tests compare the
 benchmark's figures with these records as well as with the nominal delays. GET /v1/models lists
-"fake-model"; a prompt holding "FAIL" gets an OpenAI-shaped 400; GET /stats returns the records (request bodies, most requests in flight, per-request offsets
-of each chunk from the request's arrival). With an API key given, requests without it get 401.
+"fake-model"; a prompt holding "FAIL" gets an OpenAI-shaped 400; GET /stats returns the records (request
+bodies, most requests in flight, per-request offsets of each chunk from the request's arrival). With an
+API key given, requests without it get 401.
 
 Its own process (not a thread of the test's): the client's event loop and the server's threads would
 otherwise share one GIL, and each would delay the other's timing.
@@ -103,7 +104,8 @@ def make_handler(api_key: str | None):
 
 
 if __name__ == "__main__":
-    server = ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), make_handler(sys.argv[2] if len(sys.argv) > 2 else None))
+    key = sys.argv[2] if len(sys.argv) > 2 else None
+    server = ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), make_handler(key))
     server.daemon_threads = True
     print("ready", flush=True)
     server.serve_forever()

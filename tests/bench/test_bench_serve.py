@@ -125,7 +125,8 @@ def test_which_chunks_are_tokens():
     assert not is_token({"choices": [], "usage": {"completion_tokens": 3}}, chat=False)
     assert not is_token({"choices": [{"delta": {"role": "assistant", "content": ""}}]}, chat=True)  # the opening
     assert is_token({"choices": [{"delta": {"role": "assistant", "content": "Hi"}}]}, chat=True)
-    assert is_token({"choices": [{"delta": {}}]}, chat=True) and is_token({"choices": [{"delta": {"content": "x"}}]}, True)
+    assert is_token({"choices": [{"delta": {}}]}, chat=True)
+    assert is_token({"choices": [{"delta": {"content": "x"}}]}, chat=True)
 
 
 def test_dataset_prompts_and_their_errors(tmp_path):
