@@ -39,34 +39,38 @@ def fake_server(api_key: str | None = None):
 def test_ttft_itl_tpot_within_10_percent_of_the_servers_delays_and_concurrency_is_capped(tmp_path, capsys):
     out = tmp_path / "fake.json"
     with fake_server(api_key="s3cret") as (base, stats):
-        rc = main(["bench", "serve", "--base-url", base + "/v1", "--num-prompts", "4", "--max-concurrency", "2",
+        rc = main(["bench", "serve", "--base-url", base + "/v1", "--num-prompts", "8", "--max-concurrency", "2",
                    "--input-len", "12", "--output-len", "8", "--api-key", "s3cret", "--output", str(out)])
         state = stats()
     assert rc == 0, capsys.readouterr()
     point = json.loads(out.read_text())["points"][0]
-    assert point["completed"] == 4 and point["failed"] == 0
+    assert point["completed"] == 8 and point["failed"] == 0
     # Against what the server really did (its sleeps overshoot on a loaded host: 50 ms came out as 50-56 ms at
     # a load average of 20), the test request (the first) left out...
     timed = state["chunk_offsets"][1:]
     true = {"ttft_ms": [offs[0] * 1e3 for offs in timed],
             "itl_ms": [(b - a) * 1e3 for offs in timed for a, b in zip(offs, offs[1:])],
             "tpot_ms": [(offs[-1] - offs[0]) / (len(offs) - 1) * 1e3 for offs in timed]}
-    for name, values in true.items():
-        for stat, f in (("mean", np.mean), ("median", np.median)):
-            assert point[name][stat] == pytest.approx(f(values), rel=0.10), (name, stat)
+    # Medians, over four waves of two requests: now and then the loaded host (load average ~17, other jobs'
+    # bursts) leaves a process unscheduled for up to a second, and the requests in flight then show it in
+    # their TTFT (+0.3-0.9 s seen with four waves of four at once); one such wave moves a mean of 8, not the
+    # median. The ITL's mean is compared too: its dozens of gaps are timed on both sides of the same stream.
+    for name, stat, f in (("ttft_ms", "median", np.median), ("itl_ms", "median", np.median),
+                          ("itl_ms", "mean", np.mean), ("tpot_ms", "median", np.median)):
+        assert point[name][stat] == pytest.approx(f(true[name]), rel=0.10), (name, stat)
     # ... and against the delay it was told to make before the first token (which sleeps overshoot by < 1%).
     assert point["ttft_ms"]["median"] == pytest.approx(FIRST_TOKEN_S * 1e3, rel=0.10)
     assert min(true["itl_ms"]) >= BETWEEN_TOKENS_S * 1e3 * 0.99
     # The server's usage report is what counts: 7 prompt tokens and 8 output tokens per request.
-    assert (point["total_input_tokens"], point["total_output_tokens"]) == (4 * PROMPT_TOKENS, 32)
-    assert state["max_in_flight"] == 2  # --max-concurrency held (4 would be in flight at once without it)
-    # The test request, then the 4 timed ones, each asking for exactly --output-len tokens, streamed with usage.
-    assert len(state["bodies"]) == 5
+    assert (point["total_input_tokens"], point["total_output_tokens"]) == (8 * PROMPT_TOKENS, 64)
+    assert state["max_in_flight"] == 2  # --max-concurrency held (8 would be in flight at once without it)
+    # The test request, then the 8 timed ones, each asking for exactly --output-len tokens, streamed with usage.
+    assert len(state["bodies"]) == 9
     for body in state["bodies"][1:]:
         assert body["model"] == "fake-model" and body["stream"] and body["stream_options"]["include_usage"]
         assert body["max_tokens"] == body["min_tokens"] == 8 and body["ignore_eos"] is True
         assert len(body["prompt"].split()) == 12  # no tokenizer: one word per token
-    assert len({body["prompt"] for body in state["bodies"]}) == 5  # no two prompts alike (prefix caches)
+    assert len({body["prompt"] for body in state["bodies"]}) == 9  # no two prompts alike (prefix caches)
 
 
 def test_wrong_api_key_and_dead_url_are_one_line_and_exit_1(capsys):
