@@ -12,7 +12,7 @@ import argparse
 import os
 
 from marserve import progress
-from marserve.errors import ConfigError
+from marserve.errors import ConfigError, MarserveError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -47,7 +47,7 @@ def _check(args) -> str:
         raise ConfigError(f"{d}: not a model directory (no config.json)")
     try:
         ModelConfig.from_dir(d)
-    except ConfigError as e:
+    except MarserveError as e:
         raise ConfigError(f"{d}: not an MoE checkpoint marserve can calibrate ({e})") from None
     for name, value in (("--tokens", args.tokens), ("--lookahead", args.lookahead), ("--seq-len", args.seq_len),
                         ("--eval-tokens", args.eval_tokens)):
