@@ -21,6 +21,7 @@ Legend: T=tokens of the pass, E=experts, n=experts predicted per token, D'=layer
 from __future__ import annotations
 
 import itertools
+import math
 
 import torch
 
@@ -118,17 +119,19 @@ class Prefetcher:
         top, idx = scores.topk(self.per_layer, dim=-1)  # [D',T,n]
         keep = None
         if self.min_prob > 0.0:
-            keep = self._probability(scores, top) >= self.min_prob  # [D',T,n]
+            keep = self._confident(scores, top)  # [D',T,n]
         for d, j in enumerate(targets):
             ids = self._ranked_union(idx[d], None if keep is None else keep[d])
-            if ids.numel():
-                self.num_prefetched += ids.numel()
+            n = ids.numel()
+            if n:
+                self.num_prefetched += n
                 self.blocks[j].experts.prefetch(ids)
 
-    def _probability(self, scores: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
-        if self.predictor.name == "learned":  # fitted as per-expert logistic regressions
-            return torch.sigmoid(top)
-        return torch.exp(top - torch.logsumexp(scores, dim=-1, keepdim=True))  # the router's softmax
+    def _confident(self, scores: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
+        """Which of the top scores [D',T,n] reach min_prob, compared in score space (one op fewer per layer)."""
+        if self.predictor.name == "learned":  # per-expert logistic regressions: p = sigmoid(score)
+            return top >= math.log(self.min_prob / (1.0 - self.min_prob))
+        return top - torch.logsumexp(scores, dim=-1, keepdim=True) >= math.log(self.min_prob)  # the router's softmax
 
     def _ranked_union(self, idx: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
         """idx [T,n] predicted ids (keep [T,n] which count) -> the distinct ids, wanted by most tokens first."""
