@@ -50,6 +50,10 @@ class Prefetcher:
         num_experts = self.blocks[0].experts.num_experts
         self.per_layer = min(num_experts, per_layer or self.blocks[0].top_k)
         self.min_prob = min_prob
+        # min_prob in score space: a learned score is a logistic regression's logit, a router's is compared after
+        # log-softmax; one comparison per layer instead of computing probabilities.
+        self._threshold = None if min_prob <= 0.0 else (
+            math.log(min_prob / (1.0 - min_prob)) if self.predictor.name == "learned" else math.log(min_prob))
         self.num_experts = num_experts
         self._position = {b.layer_idx: i for i, b in enumerate(self.blocks)}
         self._chained: list = []  # per MoE position: the observer that was there before install()
@@ -116,10 +120,19 @@ class Prefetcher:
 
     def _prefetch(self, targets: list[int], scores: torch.Tensor) -> None:
         """scores [D',T,E] of MoE positions `targets` -> one prefetch() per position, nearest first."""
+        if self.min_prob > 0.0 and self.predictor.name != "learned":  # router: threshold the softmax, in log space
+            scores = scores - torch.logsumexp(scores, dim=-1, keepdim=True)
+        if scores.shape[1] == 1:  # one token (batch-1 decode): a few numbers, cheaper as Python lists than as ops
+            top, idx = scores[:, 0].topk(self.per_layer, dim=-1)  # [D',n], best first
+            wanted = idx.tolist() if self._threshold is None else \
+                [[e for v, e in zip(vs, es) if v >= self._threshold] for vs, es in zip(top.tolist(), idx.tolist())]
+            for j, ids in zip(targets, wanted):
+                if ids:
+                    self.num_prefetched += len(ids)
+                    self.blocks[j].experts.prefetch(torch.tensor(ids))
+            return
         top, idx = scores.topk(self.per_layer, dim=-1)  # [D',T,n]
-        keep = None
-        if self.min_prob > 0.0:
-            keep = self._confident(scores, top)  # [D',T,n]
+        keep = None if self._threshold is None else top >= self._threshold
         for d, j in enumerate(targets):
             ids = self._ranked_union(idx[d], None if keep is None else keep[d])
             n = ids.numel()
@@ -128,15 +141,13 @@ class Prefetcher:
                 self.blocks[j].experts.prefetch(ids)
 
     def _confident(self, scores: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
-        """Which of the top scores [D',T,n] reach min_prob, compared in score space (one op fewer per layer)."""
-        if self.predictor.name == "learned":  # per-expert logistic regressions: p = sigmoid(score)
-            return top >= math.log(self.min_prob / (1.0 - self.min_prob))
-        return top - torch.logsumexp(scores, dim=-1, keepdim=True) >= math.log(self.min_prob)  # the router's softmax
+        """Which of the top scores [D',T,n] (of scores [D',T,E]) reach min_prob (bench/prediction.py's view)."""
+        if self.predictor.name != "learned":
+            top = top - torch.logsumexp(scores, dim=-1, keepdim=True)
+        return top >= self._threshold
 
     def _ranked_union(self, idx: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
         """idx [T,n] predicted ids (keep [T,n] which count) -> the distinct ids, wanted by most tokens first."""
-        if idx.shape[0] == 1:  # one token (batch-1 decode): already distinct and best first
-            return idx[0] if keep is None else idx[0][keep[0]]
         flat = idx.flatten() if keep is None else idx[keep]
         counts = torch.bincount(flat, minlength=self.num_experts)
         order = torch.argsort(counts, descending=True, stable=True)
