@@ -31,11 +31,12 @@ from marserve.experts.preferences import EMBED, ExpertPreferences
 
 class Prefetcher:
     def __init__(self, model, preferences: ExpertPreferences | None, lookahead: int = 1, per_layer: int | None = None,
-                 min_prob: float = 0.5, predictor: str = "auto"):
+                 min_prob: float = 0.5, predictor: str = "auto", max_per_layer: int | None = None):
         """lookahead: how many MoE layers ahead to prefetch (a slow read needs more than one layer's compute to
         hide); per_layer: experts predicted per token and layer (default: the model's top-k); min_prob: keep only
         predictions the predictor gives at least this probability (sigmoid of a learned score, softmax of router
-        logits); predictor: "auto", "learned" or "router". The defaults (1 layer ahead, top-k, p >= 0.5) are the
+        logits); predictor: "auto", "learned" or "router"; max_per_layer: at most this many experts per layer and
+        call, the ones most tokens want (a batch's union can outgrow a small expert cache and evict itself). The defaults (1 layer ahead, top-k, p >= 0.5) are the
         setting with the best recall at a precision >= 0.9 on the default model (docs/offload.md, "Prediction")."""
         if lookahead < 1:
             raise ValueError(f"lookahead must be at least 1, got {lookahead}")
@@ -50,6 +51,7 @@ class Prefetcher:
         num_experts = self.blocks[0].experts.num_experts
         self.per_layer = min(num_experts, per_layer or self.blocks[0].top_k)
         self.min_prob = min_prob
+        self.max_per_layer = max_per_layer
         # min_prob in score space: a learned score is a logistic regression's logit, a router's is compared after
         # log-softmax; one comparison per layer instead of computing probabilities.
         self._threshold = None if min_prob <= 0.0 else (
@@ -151,4 +153,5 @@ class Prefetcher:
         flat = idx.flatten() if keep is None else idx[keep]
         counts = torch.bincount(flat, minlength=self.num_experts)
         order = torch.argsort(counts, descending=True, stable=True)
-        return order[: int((counts > 0).sum())]
+        n = int((counts > 0).sum())
+        return order[: n if self.max_per_layer is None else min(n, self.max_per_layer)]

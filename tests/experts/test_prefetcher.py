@@ -128,3 +128,13 @@ def test_prefetching_during_engine_decode_leaves_greedy_output_unchanged(baby_ch
     assert again == plain
     # One pass per generated token (prefill, then decode steps on the per-layer CPU path), each asking layers 1, 2.
     assert calls.count(1) == len(again) and calls.count(2) == len(again) and 0 not in calls
+
+
+def test_max_per_layer_keeps_the_experts_most_tokens_want(baby_checkpoint):
+    model, calls = _model(baby_checkpoint)
+    blocks = model.moe_blocks()
+    Prefetcher(model, None, lookahead=1, per_layer=2, min_prob=0.0, max_per_layer=1).install()
+    x = torch.randn(40, 32)
+    blocks[0].routing_observer(blocks[0].layer_idx, x, None, None, None)
+    counts = torch.bincount(blocks[1].router_logits(x).float().topk(2, dim=-1).indices.flatten(), minlength=4)
+    assert calls == [(1, [int(counts.argmax())])]
