@@ -76,6 +76,8 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     with progress.stage(f"loading {os.path.basename(os.path.normpath(args.model_dir))}"):
         model, config = load_model(args.model_dir)
+    if not model.moe_blocks():
+        raise ConfigError(f"{args.model_dir}: every layer is dense (mlp_only_layers): no experts to calibrate")
     if args.eval_only:
         prefs = load_preferences(args.model_dir, model)
     else:
