@@ -1,0 +1,157 @@
+"""The prefetcher: on each MoE layer's routing, predicts the experts of the next layers and asks their providers for them.
+
+It sits on each SparseMoeBlock's `routing_observer` (called before the block fetches its experts, also on the
+per-layer CPU decode path), chaining any observer already there. On MoE position i it scores positions
+i+1..i+lookahead with the predictor (predictors.py: learned maps when calibrated, else the router lookahead), keeps
+each token's top `per_layer` experts (and, with `min_prob`, only those the predictor is that sure of), and calls
+`model.moe_blocks()[j].experts.prefetch(ids)`, nearest layer first, the experts most tokens want first. The
+provider reads them on background threads; a wrong guess costs a read, never an output (fetch() still reads
+what is missing).
+
+`before_step` (called by the engine before each forward pass) covers the first `lookahead` MoE layers, which no
+earlier layer can predict: from the tokens of the step through the embedding predictor. At prefill those are
+all the prompt's tokens, so the prefetch is the prompt's predicted working set of those layers; the deeper layers'
+working sets follow layer by layer as the pass reaches them.
+
+Cost: a handful of tensor ops per layer for the whole batch (no Python loop over tokens); measured per decode
+step in docs/offload.md ("Prediction").
+Legend: T=tokens of the pass, E=experts, n=experts predicted per token, D'=layers predicted from one layer.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import torch
+
+from marserve.experts.predictors import make_predictor
+from marserve.experts.preferences import EMBED, ExpertPreferences
+
+
+class Prefetcher:
+    def __init__(self, model, preferences: ExpertPreferences | None, lookahead: int = 1, per_layer: int | None = None,
+                 min_prob: float = 0.5, predictor: str = "auto", max_per_layer: int | None = None):
+        """lookahead: how many MoE layers ahead to prefetch (a slow read needs more than one layer's compute to
+        hide); per_layer: experts predicted per token and layer (default: the model's top-k); min_prob: keep only
+        predictions the predictor gives at least this probability (sigmoid of a learned score, softmax of router
+        logits); predictor: "auto", "learned" or "router"; max_per_layer: at most this many experts per layer and
+        call, the ones most tokens want (a batch's union can outgrow a small expert cache and evict itself). The defaults (1 layer ahead, top-k, p >= 0.5) are the
+        setting with the best recall at a precision >= 0.9 on the default model (docs/offload.md, "Prediction")."""
+        if lookahead < 1:
+            raise ValueError(f"lookahead must be at least 1, got {lookahead}")
+        if not 0.0 <= min_prob < 1.0:
+            raise ValueError(f"min_prob must be in [0, 1), got {min_prob}")
+        self.model = model
+        self.blocks = model.moe_blocks()
+        if not self.blocks:
+            raise ValueError("the model has no MoE layers: nothing to prefetch")
+        self.preferences = preferences
+        self.predictor = make_predictor(predictor, self.blocks, preferences, lookahead)
+        num_experts = self.blocks[0].experts.num_experts
+        self.per_layer = min(num_experts, per_layer or self.blocks[0].top_k)
+        self.min_prob = min_prob
+        self.max_per_layer = max_per_layer
+        # min_prob in score space: a learned score is a logistic regression's logit, a router's is compared after
+        # log-softmax; one comparison per layer instead of computing probabilities.
+        self._threshold = None if min_prob <= 0.0 else (
+            math.log(min_prob / (1.0 - min_prob)) if self.predictor.name == "learned" else math.log(min_prob))
+        self.num_experts = num_experts
+        self._position = {b.layer_idx: i for i, b in enumerate(self.blocks)}
+        self._chained: list = []  # per MoE position: the observer that was there before install()
+        self._observers: list = []
+        self.num_prefetched = 0  # expert ids handed to providers (before they drop resident ones)
+
+    # -- installation ---------------------------------------------------------------------------------------
+    def install(self) -> "Prefetcher":
+        if self._observers:
+            return self
+        for b in self.blocks:
+            previous = b.routing_observer
+            self._chained.append(previous)
+            observer = self._observer_for(previous)
+            self._observers.append(observer)
+            b.routing_observer = observer
+        return self
+
+    def uninstall(self) -> None:
+        """Put back the observers found at install(); if another observer was chained on top of ours since, ours
+        stays in the chain but passes straight through."""
+        for b, ours, previous in zip(self.blocks, self._observers, self._chained):
+            if b.routing_observer is ours:
+                b.routing_observer = previous
+            ours.active = False
+        self._observers, self._chained = [], []
+
+    @property
+    def installed(self) -> bool:
+        return bool(self._observers)
+
+    def _observer_for(self, previous):
+        def observer(layer_idx, router_input, router_logits, topk_ids, topk_weights):
+            if previous is not None:
+                previous(layer_idx, router_input, router_logits, topk_ids, topk_weights)
+            if observer.active:
+                self.on_routing(layer_idx, router_input)
+        observer.active = True
+        return observer
+
+    # -- prediction -----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def on_routing(self, layer_idx: int, router_input: torch.Tensor) -> None:
+        """Layer layer_idx routed x [T,H]: prefetch the predicted experts of the next `lookahead` MoE layers."""
+        i = self._position[layer_idx]
+        targets = self.predictor.targets(i)
+        if targets:
+            self._prefetch(targets, self.predictor.scores(i, router_input))
+
+    @torch.no_grad()
+    def before_step(self, input_ids_per_sequence: list[list[int]], is_prefill: list[bool]) -> None:
+        """Before the forward pass: predict the first MoE layers' experts from the step's tokens (a prefilling
+        sequence contributes all its ids, a decoding one its last id)."""
+        targets = self.predictor.targets(EMBED)
+        if not targets or not input_ids_per_sequence:
+            return
+        ids = list(itertools.chain.from_iterable(
+            seq if prefill else seq[-1:] for seq, prefill in zip(input_ids_per_sequence, is_prefill)))
+        if not ids:
+            return
+        embed = self.model.model.embed_tokens
+        x = embed(torch.tensor(ids, device=embed.weight.device))  # [T,H]
+        self._prefetch(targets, self.predictor.scores(EMBED, x))
+
+    def _prefetch(self, targets: list[int], scores: torch.Tensor) -> None:
+        """scores [D',T,E] of MoE positions `targets` -> one prefetch() per position, nearest first."""
+        if self.min_prob > 0.0 and self.predictor.name != "learned":  # router: threshold the softmax, in log space
+            scores = scores - torch.logsumexp(scores, dim=-1, keepdim=True)
+        if scores.shape[1] == 1:  # one token (batch-1 decode): a few numbers, cheaper as Python lists than as ops
+            top, idx = scores[:, 0].topk(self.per_layer, dim=-1)  # [D',n], best first
+            wanted = idx.tolist() if self._threshold is None else \
+                [[e for v, e in zip(vs, es) if v >= self._threshold] for vs, es in zip(top.tolist(), idx.tolist())]
+            for j, ids in zip(targets, wanted):
+                if ids:
+                    self.num_prefetched += len(ids)
+                    self.blocks[j].experts.prefetch(torch.tensor(ids))
+            return
+        top, idx = scores.topk(self.per_layer, dim=-1)  # [D',T,n]
+        keep = None if self._threshold is None else top >= self._threshold
+        for d, j in enumerate(targets):
+            ids = self._ranked_union(idx[d], None if keep is None else keep[d])
+            n = ids.numel()
+            if n:
+                self.num_prefetched += n
+                self.blocks[j].experts.prefetch(ids)
+
+    def _confident(self, scores: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
+        """Which of the top scores [D',T,n] (of scores [D',T,E]) reach min_prob (bench/prediction.py's view)."""
+        if self.predictor.name != "learned":
+            top = top - torch.logsumexp(scores, dim=-1, keepdim=True)
+        return top >= self._threshold
+
+    def _ranked_union(self, idx: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+        """idx [T,n] predicted ids (keep [T,n] which count) -> the distinct ids, wanted by most tokens first."""
+        flat = idx.flatten() if keep is None else idx[keep]
+        counts = torch.bincount(flat, minlength=self.num_experts)
+        order = torch.argsort(counts, descending=True, stable=True)
+        n = int((counts > 0).sum())
+        return order[: n if self.max_per_layer is None else min(n, self.max_per_layer)]
