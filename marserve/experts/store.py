@@ -34,6 +34,7 @@ from marserve.experts.policies import EvictionPolicy, Key
 from marserve.experts.provider import ExpertCacheStats
 
 logger = logging.getLogger(__name__)
+_DROP_ALIGN = 2 << 20  # the largest page-cache folio on x86-64 (a PMD)
 
 
 class ExpertStore:
@@ -256,8 +257,13 @@ class ExpertStore:
         fd = self._fd(piece)
         for attempt in (1, 2):
             got = os.preadv(fd, [view], piece.offset)
-            # Give the range back to the kernel: the slow tier must not stay in RAM as page cache.
-            os.posix_fadvise(fd, piece.offset, piece.nbytes, os.POSIX_FADV_DONTNEED)
+            # Give the range back to the kernel: the slow tier must not stay in RAM as page cache. The kernel
+            # drops only whole folios inside the range, and the page cache keeps files in folios of up to 2 MiB,
+            # so the range is widened to 2 MiB boundaries (the neighbours' bytes are either other experts or
+            # weights already copied into the model).
+            first = piece.offset // _DROP_ALIGN * _DROP_ALIGN
+            os.posix_fadvise(fd, first, -(-(piece.offset + piece.nbytes - first) // _DROP_ALIGN) * _DROP_ALIGN,
+                             os.POSIX_FADV_DONTNEED)
             if got != piece.nbytes:
                 raise CheckpointError(f"{piece.path}: truncated safetensors file (expert tensor {piece.tensor} is "
                                       f"cut short: {got} of {piece.nbytes} bytes)")
