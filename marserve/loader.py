@@ -108,7 +108,7 @@ def load_model(model_dir, dtype: str | torch.dtype = "auto", device: str = "cpu"
     if expert_cache < 1.0 or expert_cache_gb is not None:
         from marserve.experts import offloaded
         offload = offloaded.plan(model, config, model_dir, files, torch_dtype, expert_cache, expert_cache_gb,
-                                 expert_policy)
+                                 expert_policy, device)
     skipped = offload.tensor_names if offload is not None else set()
     targets = dict(model.named_parameters(remove_duplicate=False))
     targets.update(dict(model.named_buffers()))

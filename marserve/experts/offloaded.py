@@ -118,12 +118,15 @@ class Offload:
 
 
 def plan(model, config, model_dir: Path, files: dict[str, Path], dtype: torch.dtype, expert_cache: float = 1.0,
-         expert_cache_gb: float | None = None, expert_policy: str = "lru") -> Offload | None:
+         expert_cache_gb: float | None = None, expert_policy: str = "lru", device: str = "cpu") -> Offload | None:
     """Before any weight is read: None when the budget holds every expert (the resident path, unchanged); else
     swap each MoE block's provider for an OffloadedExperts over one new store and return the Offload."""
     budget = budget_for(config, dtype, expert_cache, expert_cache_gb)
     if not budget.offloads:
         return None
+    if torch.device(device).type != "cpu":
+        raise ConfigError(f"expert offloading keeps its fast tier in host RAM and runs on the CPU only in this build; "
+                          f"use expert_cache=1 on {device}")
     index = CheckpointIndex.build(model, files)
     policy = make_policy(expert_policy, budget.num_layers)
     store = ExpertStore(index, budget.num_slots, budget.min_slots, policy, config.hidden_size,
