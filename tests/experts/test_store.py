@@ -99,12 +99,12 @@ def test_a_fetch_waits_for_the_read_in_flight(offloaded):
     assert block.experts.stats.misses == 0 and block.experts.stats.prefetch_hits == 1
 
 
-def _flip_first(n):
-    """A fault hook that damages the first n reads (one bit each)."""
+def _flip_first(n, tensor=""):
+    """A fault hook that damages the first n reads (one bit each) of pieces whose tensor name contains `tensor`."""
     left = [n]
 
     def hook(piece, view):
-        if left[0] > 0:
+        if left[0] > 0 and tensor in piece.tensor:
             left[0] -= 1
             view[0] ^= 0x01
     return hook
@@ -124,7 +124,7 @@ def test_a_persistent_corruption_names_file_and_tensor(offloaded):
     model, resident = offloaded
     store, block = model.expert_store, model.moe_blocks()[3]
     e = _absent(store, 3)[0]
-    store.fault_hook = _flip_first(2)  # the read and its retry
+    store.fault_hook = _flip_first(2, f".experts.{e}.w1.")  # the read and its retry
     with pytest.raises(CheckpointError, match=rf"model\.safetensors: expert tensor model\.layers\.3\.block_sparse_moe"
                                               rf"\.experts\.{e}\.w1\.weight .* read back twice"):
         block.experts.fetch(torch.tensor([[e]]))
@@ -188,3 +188,17 @@ def test_bf16_file_fills_fp32_slots(baby_checkpoint):
     _assert_weights(model.moe_blocks()[0].experts.fetch(ids), ids, resident.moe_blocks()[0])
     assert model.moe_blocks()[0].experts.stats.bytes_moved == store.index.file_bytes(0, e)  # bf16 bytes read
     store.close()
+
+
+def test_an_experts_adjacent_tensors_are_one_read(offloaded, monkeypatch):
+    model, resident = offloaded
+    store, block = model.expert_store, model.moe_blocks()[2]
+    e = _absent(store, 2)[0]
+    assert len(store.index.pieces[2][e]) == 3  # w1, w2, w3: back to back in the file
+    from marserve.experts import slow_tier
+    calls = []
+    real = os.preadv
+    monkeypatch.setattr(slow_tier.os, "preadv", lambda fd, bufs, off: calls.append(len(bufs)) or real(fd, bufs, off))
+    ids = torch.tensor([[e]])
+    _assert_weights(block.experts.fetch(ids), ids, resident.moe_blocks()[2])
+    assert calls == [3]  # one request, three destinations
