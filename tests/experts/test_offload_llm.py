@@ -125,5 +125,10 @@ def test_async_engine_stats_sum_the_layers(checkpoint):
         stats = engine.stats().expert_cache
         assert [s.layer_idx for s in stats] == [0, 1, 2, 3]
         assert sum(s.misses for s in stats) > 0 and sum(s.bytes_moved for s in stats) > 0
+        from marserve_server.metrics import _EngineCollector  # what /metrics renders, one series per layer
+        families = {f.name: f for f in _EngineCollector(engine, "m").collect()}
+        misses = {s.labels["layer"]: s.value for s in families["marserve:expert_cache_misses"].samples}
+        assert set(misses) == {"0", "1", "2", "3"} and sum(misses.values()) == sum(s.misses for s in stats)
+        assert 0 < families["marserve:expert_cache_hit_rate"].samples[0].value < 1
     finally:
         engine.engine.expert_store.close()
