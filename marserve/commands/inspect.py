@@ -1,4 +1,4 @@
-"""`marserve inspect MODEL_DIR`: architecture, sizes, parameter counts and MAR settings of a checkpoint; --routing hands over to the routing analysis."""
+"""`marserve inspect MODEL_DIR`: architecture, sizes, parameter counts and MAR settings of a checkpoint; --routing hands over to the routing analysis, --placement N to marserve.experts.placement_eval."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ from marserve.config import ModelConfig
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model_dir", nargs="?", default=None, help="model directory (default: the bundled default model)")
     p.add_argument("--routing", action="store_true", help="analyse expert use per domain (marserve.analysis.routing)")
+    p.add_argument("--placement", type=int, default=None, metavar="N",
+                   help="expert placements over N ranks: local share and bytes per token on held-out text")
     add_routing_arguments(p)
     progress.add_quiet_flag(p)
 
@@ -99,4 +101,8 @@ def run(args: argparse.Namespace) -> int:
             return 1
         args.model_dir = str(model_dir)
         return int(routing.run(args) or 0)
+    if args.placement is not None:
+        from marserve.experts import placement_eval
+        placement_eval.print_report(placement_eval.report(model_dir, args.placement, args.routing_seq_len,
+                                                          args.routing_max_tokens))
     return 0
