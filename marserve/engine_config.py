@@ -20,6 +20,13 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048  # tokens computed in one step (prefill chunks + decodes)
     max_model_len: int | None = None  # None = the model's max_position_embeddings, capped by the KV cache
     enable_prefix_caching: bool = True
+    # Expert parallelism (marserve/engine/distributed.py): ranks launched by torchrun, each holding a share
+    # of the experts; placement "mar" (affinity-aware, from MAR memory) or "round_robin"; a rank silent for
+    # expert_parallel_timeout seconds ends the engine with an error; transport "all_to_all" or "gather".
+    expert_parallel_size: int = 1
+    expert_placement: str = "mar"
+    expert_parallel_timeout: float = 60.0
+    expert_transport: str = "all_to_all"
 
     def __post_init__(self):
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
@@ -27,5 +34,13 @@ class EngineConfig:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.kv_cache_gb <= 0:
             raise ConfigError(f"kv_cache_gb must be positive, got {self.kv_cache_gb}")
+        if self.expert_parallel_size < 1:
+            raise ConfigError(f"expert_parallel_size must be at least 1, got {self.expert_parallel_size}")
+        if self.expert_placement not in ("mar", "round_robin"):
+            raise ConfigError(f"expert_placement {self.expert_placement!r}: choose mar or round_robin")
+        if self.expert_transport not in ("all_to_all", "gather"):
+            raise ConfigError(f"expert_transport {self.expert_transport!r}: choose all_to_all or gather")
+        if self.expert_parallel_timeout <= 0:
+            raise ConfigError(f"expert_parallel_timeout must be positive, got {self.expert_parallel_timeout}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ConfigError(f"max_model_len must be at least 2, got {self.max_model_len}")

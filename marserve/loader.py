@@ -16,6 +16,7 @@ import torch
 from marserve import hugepages, progress
 from marserve.config import ModelConfig
 from marserve.errors import CheckpointError, ConfigError
+from marserve.experts.provider import ExpertProvider
 from marserve.models import get_model_class
 
 logger = logging.getLogger(__name__)
@@ -91,13 +92,18 @@ def _open(path: Path):
         raise CheckpointError(f"{path}: truncated or corrupt safetensors file ({e})") from None
 
 
-def load_model(model_dir, dtype: str | torch.dtype = "auto", device: str = "cpu"):
-    """Build the architecture on `meta`, then fill every parameter and buffer from the checkpoint -> (model, config)."""
+def load_model(model_dir, dtype: str | torch.dtype = "auto", device: str = "cpu", prepare=None):
+    """Build the architecture on `meta`, then fill every parameter and buffer from the checkpoint -> (model, config).
+
+    prepare(model), when given, runs on the meta model before any weight is read (expert parallelism swaps in
+    providers that keep only this rank's experts: the others are never read)."""
     model_dir = Path(model_dir)
     config = ModelConfig.from_dir(model_dir)
     torch_dtype = resolve_dtype(dtype, config, device)
     with torch.device("meta"):
         model = get_model_class(config.model_type)(config)
+        if prepare is not None:
+            prepare(model)
     targets = dict(model.named_parameters(remove_duplicate=False))
     targets.update(dict(model.named_buffers()))
     expected = {n: tuple(t.shape) for n, t in targets.items()}
@@ -152,16 +158,19 @@ def _load_one(model, config, path, f, name, targets, expected, filled, dtype, de
         _assign(module, attr, tensor)
         filled.setdefault(target, set()).add(None)
         return
+    slot = module.local_slot(expert) if isinstance(module, ExpertProvider) else expert
+    if slot is None:
+        return  # another rank's expert: never read
     current = getattr(module, attr)
     if current.is_meta:  # first slice of a stacked parameter: allocate it once
         _assign(module, attr, hugepages.empty(full, dtype=dtype, device=device))
         current = getattr(module, attr)
-    rows = current.data[expert]
+    rows = current.data[slot]
     if half is not None:
         I = full[1] // 2
         rows = rows[half * I:(half + 1) * I]
     _read_into(path, name, rows)
-    filled.setdefault(target, set()).add((expert, half))
+    filled.setdefault(target, set()).add((slot, half))
 
 
 _ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}

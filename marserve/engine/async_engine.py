@@ -169,6 +169,7 @@ class AsyncEngine:
             while not self._stopping:
                 self._drain_inbox()
                 if not self.engine.has_unfinished:
+                    self.engine.check_health()  # an expert-parallel rank that died while idle ends the loop
                     self._work.clear()
                     if not self._inbox:
                         self._work.wait(0.5)

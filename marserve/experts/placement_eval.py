@@ -160,3 +160,27 @@ def print_report(r: dict) -> None:
     base = r["rows"][0]["local_share"]
     for row in r["rows"][1:]:
         print(f"{row['placement']}: {row['local_share'] / base:.2f}x the local assignments of round_robin")
+
+
+def checkpoint_mar_stats(model_dir, config):
+    """RoutingStats from the MAR tensors of a checkpoint on disk (read alone, before the model is loaded), or
+    None when some MoE layer has no MAR."""
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    from marserve.experts.placement import RoutingStats
+    from marserve.loader import checkpoint_files
+    layers = [i for i in range(config.num_hidden_layers) if config.is_moe_layer(i)]
+    if not layers or not all(config.has_mar(i) for i in layers):
+        return None
+    files = checkpoint_files(Path(model_dir))
+    block = config.moe_block_name
+
+    def read(i, what):
+        name = f"model.layers.{i}.{block}.mar.{what}"
+        with safe_open(str(files[name]), framework="pt") as f:
+            return f.get_tensor(name).float()
+    memory = torch.stack([read(i, "memory") for i in layers])
+    usage = torch.stack([read(i, "usage") for i in layers])
+    return RoutingStats.from_mar(memory, usage, config.num_experts_per_tok)
