@@ -9,6 +9,7 @@ import os
 import socket
 
 from marserve import progress
+from marserve.commands import expert_parallel_flags
 from marserve.commands.generate import resolve_model_dir
 from marserve.errors import ConfigError
 
@@ -52,6 +53,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--offload-tier", default="none", choices=["none", "cpu", "disk"],
                    help="where experts outside the cache live (default: none, all resident)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    expert_parallel_flags.add_arguments(p)
     progress.add_quiet_flag(p)
 
 
@@ -82,7 +84,8 @@ def run(args: argparse.Namespace) -> int:
     if args.expert_cache_gb is not None or args.offload_tier != "none":
         raise ConfigError("expert offloading (--expert-cache-gb, --offload-tier) is not available yet: "
                           "this version keeps every expert resident; leave both flags unset")
-    sock = claim_port(args.host, args.port)  # before the imports and the load: a busy port fails in a second
+    # (ranks other than 0 of an expert-parallel launch follow rank 0's steps and listen on no port)
+    sock = None if expert_parallel_flags.is_follower(args) else claim_port(args.host, args.port)  # before the imports and the load: a busy port fails in a second
     from marserve.engine.async_engine import AsyncEngine
     from marserve.engine_config import EngineConfig
     from marserve_server import ServerConfig, serve
@@ -105,7 +108,8 @@ def run(args: argparse.Namespace) -> int:
     engine = AsyncEngine.from_config(EngineConfig(
         model=model_dir, dtype=args.dtype, seed=args.seed, kv_cache_gb=args.kv_cache_gb, block_size=args.block_size,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-        max_model_len=args.max_model_len, enable_prefix_caching=args.enable_prefix_caching))
+        max_model_len=args.max_model_len, enable_prefix_caching=args.enable_prefix_caching,
+        **expert_parallel_flags.engine_kwargs(args)))
     logger.info("model %s loaded; listening on http://%s:%d (OpenAI API under /v1)", server_config.model_name,
                 args.host, args.port)
     serve(engine, server_config, sock=sock)
