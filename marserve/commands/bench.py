@@ -1,4 +1,4 @@
-"""`marserve bench {throughput,moe,linear}`: each benchmark's flags, and the dispatch to its module in marserve/bench/.
+"""`marserve bench {throughput,moe,linear,ep}`: each benchmark's flags, and the dispatch to its module in marserve/bench/.
 
 The flags live here, not in the benchmark modules, because those import torch at the top and building the
 parser must not: `marserve --help` and usage errors answer without loading torch (~4 s).
@@ -45,6 +45,15 @@ def _linear_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="default: torch's thread count (the cores)")
 
 
+def _ep_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="default", help="'default' (the shipped model) or a model directory")
+    p.add_argument("--ranks", default="1,2,4", help="comma-separated rank counts measured on this host")
+    p.add_argument("--prompts", type=int, default=8)
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--replay-ranks", type=int, default=8, help="GPUs of the trace-replay model")
+    p.add_argument("--skip-measure", action="store_true", help="the trace replay only")
+
+
 # name -> (module with run(args) -> int, one-line help, flags)
 BENCHMARKS = {
     "throughput": ("marserve.bench.throughput", "offline generation throughput, marserve vs transformers",
@@ -53,6 +62,8 @@ BENCHMARKS = {
             _moe_flags),
     "linear": ("marserve.bench.linear", "CPU linear layers on cold weights: MKL vs oneDNN, 4K vs huge pages",
                _linear_flags),
+    "ep": ("marserve.bench.ep", "expert parallelism: tokens/s and bytes at 1/2/4 ranks; 8-GPU trace replay",
+           _ep_flags),
 }
 
 

@@ -44,6 +44,10 @@ class ExpertParallelGroup:
     bytes_sent: int = 0  # this rank's dispatch + combine payload to other ranks (self excluded)
     bytes_replicated: int = 0  # this rank's share of the replication all_reduce (all_reduce input bytes)
     tokens: int = 0  # tokens through the first MoE layer (per-token figures divide by it)
+    # Whole-group figures, the same on every rank (routing is replicated, so each rank can count them all):
+    group_bytes_sent: int = 0  # dispatch + combine payload between different ranks, all ranks together
+    assignments: int = 0  # (token, expert) pairs routed
+    local_assignments: int = 0  # of which the expert sat on the token's rank
     timeout: timedelta | None = field(default=None, repr=False)
 
     def __post_init__(self):
@@ -90,6 +94,7 @@ class ParallelExperts(ExpertProvider):
             ep.tokens += T
         owners = ep.owners
         ep.owners = self.expert_rank[topk_ids[:, 0]]  # the token moves with its top-1 expert
+        self._count(x, topk_ids, owners)
         if ep.transport == "gather":
             return self._gathered(x, topk_weights, topk_ids, owners)
         # Dispatch: for each destination d, my tokens with an expert on d (each token once per rank).
@@ -111,6 +116,16 @@ class ParallelExperts(ExpertProvider):
             + (sum(recv_counts) - recv_counts[me]) * x.shape[1] * elem
         out = torch.zeros_like(x).index_add_(0, order, back)
         return self._replicate(out)
+
+    def _count(self, x: torch.Tensor, topk_ids: torch.Tensor, owners: torch.Tensor) -> None:
+        ep, K = self.ep, topk_ids.shape[1]
+        expert_ranks = self.expert_rank[topk_ids]  # [T,K]
+        ep.assignments += expert_ranks.numel()
+        ep.local_assignments += int((expert_ranks == owners[:, None]).sum())
+        other = torch.zeros(x.shape[0], ep.world_size, dtype=torch.bool, device=x.device)
+        other.scatter_(1, expert_ranks, True).scatter_(1, owners[:, None], False)
+        messages = int(other.sum())  # (token, other rank) pairs: one row out, one partial back
+        ep.group_bytes_sent += messages * (2 * x.shape[1] * x.element_size() + 2 * K * 4)
 
     def _gathered(self, x, topk_weights, topk_ids, owners) -> torch.Tensor:
         """Fallback: every rank gets every token (the owners' rows summed), runs its experts, all_reduce."""

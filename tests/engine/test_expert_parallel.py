@@ -4,38 +4,25 @@ same greedy outputs as one process; a killed rank is reported in one line within
 from __future__ import annotations
 
 import json
-import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
+from marserve.engine.local_launch import spawn_ranks
 from marserve.llm import LLM
 from marserve.sampling_params import SamplingParams
 
-ROOT = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("ep_worker.py")
 MAX_TOKENS = 6
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(model_dir, size: int, out: Path, transport="all_to_all", placement="mar", extra_env=None):
-    port = _free_port()
-    env = dict(os.environ, WORLD_SIZE=str(size), LOCAL_WORLD_SIZE=str(size), MASTER_ADDR="127.0.0.1",
-               MASTER_PORT=str(port), OMP_NUM_THREADS="1", **(extra_env or {}))
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "kernels"), env.get("PYTHONPATH", "")])
-    return [subprocess.Popen([sys.executable, str(WORKER), str(model_dir), str(size), str(out), transport,
-                              placement, str(MAX_TOKENS)], env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(size)]
+    return spawn_ranks([str(WORKER), str(model_dir), str(size), str(out), transport, placement, str(MAX_TOKENS)],
+                       size, dict(OMP_NUM_THREADS="1", **(extra_env or {})), stdout=subprocess.PIPE,
+                       stderr=subprocess.PIPE, text=True)
 
 
 def _run(model_dir, size, tmp_path, **kw) -> list[list[int]]:
