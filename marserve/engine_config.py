@@ -21,7 +21,8 @@ class EngineConfig:
     max_model_len: int | None = None  # None = the model's max_position_embeddings, capped by the KV cache
     enable_prefix_caching: bool = True
     # Expert parallelism (marserve/engine/distributed.py): ranks launched by torchrun, each holding a share
-    # of the experts; placement "mar" (affinity-aware, from MAR memory) or "round_robin"; a rank silent for
+    # of the experts; placement "mar" (affinity-aware, from MAR memory), "round_robin", or a JSON file from
+    # `marserve inspect --placement N --placement-json FILE` (its best measured placement); a rank silent for
     # expert_parallel_timeout seconds ends the engine with an error; transport "all_to_all" or "gather".
     expert_parallel_size: int = 1
     expert_placement: str = "mar"
@@ -36,8 +37,9 @@ class EngineConfig:
             raise ConfigError(f"kv_cache_gb must be positive, got {self.kv_cache_gb}")
         if self.expert_parallel_size < 1:
             raise ConfigError(f"expert_parallel_size must be at least 1, got {self.expert_parallel_size}")
-        if self.expert_placement not in ("mar", "round_robin"):
-            raise ConfigError(f"expert_placement {self.expert_placement!r}: choose mar or round_robin")
+        if self.expert_placement not in ("mar", "round_robin") and not Path(self.expert_placement).is_file():
+            raise ConfigError(f"expert_placement {self.expert_placement!r}: choose mar, round_robin or a JSON "
+                              "file written by `marserve inspect --placement N --placement-json FILE`")
         if self.expert_transport not in ("all_to_all", "gather"):
             raise ConfigError(f"expert_transport {self.expert_transport!r}: choose all_to_all or gather")
         if self.expert_parallel_timeout <= 0:

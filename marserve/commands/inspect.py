@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import sys
 
 from marserve import progress
@@ -15,6 +16,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--routing", action="store_true", help="analyse expert use per domain (marserve.analysis.routing)")
     p.add_argument("--placement", type=int, default=None, metavar="N",
                    help="expert placements over N ranks: local share and bytes per token on held-out text")
+    p.add_argument("--placement-json", default=None, metavar="FILE",
+                   help="write the placements and their figures (serve/generate take it as --expert-placement FILE)")
     add_routing_arguments(p)
     progress.add_quiet_flag(p)
 
@@ -103,6 +106,9 @@ def run(args: argparse.Namespace) -> int:
         return int(routing.run(args) or 0)
     if args.placement is not None:
         from marserve.experts import placement_eval
-        placement_eval.print_report(placement_eval.report(model_dir, args.placement, args.routing_seq_len,
-                                                          args.routing_max_tokens))
+        found = placement_eval.report(model_dir, args.placement, args.routing_seq_len, args.routing_max_tokens)
+        placement_eval.print_report(found)
+        if args.placement_json:
+            with open(args.placement_json, "w") as f:
+                json.dump(found, f, indent=1)
     return 0

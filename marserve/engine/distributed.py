@@ -68,7 +68,9 @@ class ExpertParallel:
         from marserve.experts.placement_eval import checkpoint_mar_stats
         L = sum(model_config.is_moe_layer(i) for i in range(model_config.num_hidden_layers))
         chosen = None
-        if self.rank == 0:
+        if self.rank == 0 and kind not in ("mar", "round_robin"):
+            chosen = placement_from_file(kind, self.world_size, L, model_config.num_experts)
+        elif self.rank == 0:
             stats = checkpoint_mar_stats(model_dir, model_config) if kind == "mar" else None
             chosen = (pl.mar(stats, self.world_size) if stats is not None else
                       pl.round_robin(L, model_config.num_experts, self.world_size)).to_dict()
@@ -100,6 +102,22 @@ class ExpertParallel:
 
     def close(self) -> None:
         self._stop_heartbeat.set()
+
+
+def placement_from_file(path, num_ranks: int, num_layers: int, num_experts: int) -> dict:
+    """The best-measured placement for num_ranks in a `marserve inspect --placement-json` report."""
+    import json
+    with open(path) as f:
+        report = json.load(f)
+    rows = report.get("rows", []) if isinstance(report, dict) else []
+    if report.get("num_ranks") != num_ranks or not rows:
+        raise ConfigError(f"{path}: a placement for {report.get('num_ranks')} ranks, not {num_ranks}; write one "
+                          f"with marserve inspect --placement {num_ranks} --placement-json {path}")
+    best = max(rows, key=lambda r: r["local_share"])
+    if len(best["ranks"]) != num_layers or len(best["ranks"][0]) != num_experts:
+        raise ConfigError(f"{path}: placement for {len(best['ranks'])} MoE layers x {len(best['ranks'][0])} experts; "
+                          f"this model has {num_layers} x {num_experts}")
+    return {"name": best["placement"], "num_ranks": num_ranks, "ranks": best["ranks"]}
 
 
 class LeaderRunner:

@@ -28,6 +28,9 @@ from dataclasses import dataclass
 import torch
 
 COSELECT_WEIGHT = 0.5  # co-selection saves bytes (one message for two experts) but not locality: weigh it less
+# How sharply memory similarity decides where an expert's tokens go next (from_mar). Chosen on the default
+# model's held-out routing among 0.05 / 0.1 / 0.2 (correlation with measured chains 0.66 / 0.72 / 0.79).
+MEMORY_TEMPERATURE = 0.2
 
 
 @dataclass
@@ -73,39 +76,35 @@ class RoutingStats:
         return cls(usage, coselect, chain)
 
     @classmethod
-    def from_mar(cls, memory: torch.Tensor, usage: torch.Tensor, top_k: int) -> "RoutingStats":
+    def from_mar(cls, memory: torch.Tensor, usage: torch.Tensor) -> "RoutingStats":
         """Estimates from a MAR checkpoint alone (no text run): memory [L,E,S,H] unit prototypes, usage [L,E].
 
-        Each prototype stands for the tokens its expert takes (weight usage/S). Routed by the next layer's
-        memory affinity (its top-k experts), the prototypes of layer l-1 give the chains into layer l; routed
-        by their own layer's affinity, the prototypes of layer l give which experts are chosen together.
-        The gate's part of the logits is left out: it needs the tokens' real scale, which only text gives.
+        A prototype is the direction of the router inputs its expert takes, so two experts whose memories
+        point the same way take the same kind of token. Chains: the tokens of expert a at layer l-1 (usage
+        share) spread over layer l's experts b by softmax_b(sim(a, b) / MEMORY_TEMPERATURE), with sim the best
+        cosine between their slots; co-selection alike within one layer. (Routing the prototypes through the
+        next layer's affinity instead, or through the gate too, agreed far less with measured chains on the
+        default model: correlation 0.23-0.33 against 0.79 for this.)
         """
-        L, E, S, H = memory.shape
-        mem = memory.double()
         u = usage.double() / usage.double().sum(-1, keepdim=True)
+        mem = memory.double()
+        L, E = u.shape
         chain = torch.zeros(L, E, E, dtype=torch.float64)
         coselect = torch.zeros(L, E, E, dtype=torch.float64)
+        eye = torch.eye(E, dtype=torch.bool)
         for l in range(L):
-            protos = mem[l].reshape(E * S, H)  # [E*S, H]
-            w = (u[l] / S).repeat_interleave(S)  # [E*S]
-            owner = torch.arange(E).repeat_interleave(S)
-            chosen = _affinity_topk(protos, mem[l], top_k)  # [E*S, K]
-            onehot = torch.zeros(E * S, E, dtype=torch.float64).scatter_(1, chosen, 1.0)
-            co = (onehot * w[:, None]).T @ onehot
-            co.fill_diagonal_(0)
-            coselect[l] = co
-            if l > 0:
-                prev = mem[l - 1].reshape(E * S, H)
-                nxt = torch.zeros(E * S, E, dtype=torch.float64).scatter_(1, _affinity_topk(prev, mem[l], top_k), 1.0)
-                wp = (u[l - 1] / S).repeat_interleave(S)
-                chain[l] = torch.zeros(E, E, dtype=torch.float64).index_add_(0, owner, nxt * wp[:, None])
+            same = _memory_similarity(mem[l], mem[l]).masked_fill(eye, float("-inf"))
+            co = torch.softmax(same / MEMORY_TEMPERATURE, -1) * u[l][:, None]
+            coselect[l] = (co + co.T) / 2
+            if l:
+                chain[l] = torch.softmax(_memory_similarity(mem[l - 1], mem[l]) / MEMORY_TEMPERATURE, -1) \
+                    * u[l - 1][:, None]
         return cls(u.clone(), coselect, chain)
 
 
-def _affinity_topk(x: torch.Tensor, memory: torch.Tensor, k: int) -> torch.Tensor:
-    """Top-k experts by MAR affinity max_s <x, memory[e, s]>: x [P,H] unit, memory [E,S,H] -> [P,K]."""
-    return torch.einsum("ph,esh->pes", x, memory).amax(-1).topk(k, dim=-1).indices
+def _memory_similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """[E,E]: best cosine between any slot of expert i in `a` [E,S,H] and any slot of expert j in `b`."""
+    return torch.einsum("ish,jth->ijst", a, b).flatten(2).amax(-1)
 
 
 @dataclass

@@ -103,7 +103,7 @@ def mar_stats(model):
         return None
     memory = torch.stack([b.mar_memory.float() for b in blocks])  # [L,E,S,H]
     usage = torch.stack([b.mar_usage.float() for b in blocks])  # [L,E]
-    return RoutingStats.from_mar(memory, usage, blocks[0].top_k)
+    return RoutingStats.from_mar(memory, usage)
 
 
 def report(model_dir, num_ranks: int, seq_len: int = 256, max_tokens: int = 8192) -> dict:
@@ -183,4 +183,4 @@ def checkpoint_mar_stats(model_dir, config):
             return f.get_tensor(name).float()
     memory = torch.stack([read(i, "memory") for i in layers])
     usage = torch.stack([read(i, "usage") for i in layers])
-    return RoutingStats.from_mar(memory, usage, config.num_experts_per_tok)
+    return RoutingStats.from_mar(memory, usage)

@@ -74,7 +74,7 @@ def test_stats_from_mar_memory_find_the_chains():
     perm = torch.tensor([2, 0, 3, 1])
     m1 = torch.empty_like(m0)
     m1[perm] = m0
-    stats = pl.RoutingStats.from_mar(torch.stack([m0, m1]), torch.full((2, E), 0.25), top_k=1)
+    stats = pl.RoutingStats.from_mar(torch.stack([m0, m1]), torch.full((2, E), 0.25))
     assert stats.chain[1].argmax(1).tolist() == perm.tolist()
     assert torch.allclose(stats.usage.sum(1), torch.ones(2, dtype=torch.float64))
 
