@@ -48,18 +48,19 @@ def _prompts(n: int, chars: int = 200) -> list[str]:
     return [texts[i % len(texts)][(i // len(texts)) * chars:(i // len(texts) + 1) * chars] for i in range(n)]
 
 
-def _measure(model: str, size: int, transport: str, placement: str, prompts_file: Path, max_tokens: int) -> dict:
+def _measure(model: str, size: int, transport: str, placement: str, prompts_file: Path, max_tokens: int,
+             dtype: str) -> dict:
     with tempfile.TemporaryDirectory() as d:
         out = Path(d) / "out.json"
         procs = spawn_ranks(["-m", "marserve.bench.ep_worker", model, str(size), transport, placement,
-                             str(prompts_file), str(max_tokens), str(out)], size)
+                             str(prompts_file), str(max_tokens), str(out), dtype], size)
         codes = [p.wait() for p in procs]
         if any(codes) or not out.exists():
             raise RuntimeError(f"bench ep: a run at {size} ranks failed (exit codes {codes})")
         return json.loads(out.read_text())
 
 
-def measured_runs(model: str, ranks: list[int], num_prompts: int, max_tokens: int) -> list[dict]:
+def measured_runs(model: str, ranks: list[int], num_prompts: int, max_tokens: int, dtype: str) -> list[dict]:
     configs = [(1, "all_to_all", "mar")]
     for n in ranks:
         if n > 1:
@@ -67,7 +68,7 @@ def measured_runs(model: str, ranks: list[int], num_prompts: int, max_tokens: in
     with tempfile.TemporaryDirectory() as d:
         prompts_file = Path(d) / "prompts.json"
         prompts_file.write_text(json.dumps(_prompts(num_prompts)))
-        return [_measure(model, n, t, p, prompts_file, max_tokens)
+        return [_measure(model, n, t, p, prompts_file, max_tokens, dtype)
                 for n, t, p in progress.bar(configs, desc="bench ep: runs", unit="run")]
 
 
@@ -133,11 +134,13 @@ def run(args) -> int:
           "runs on these cores (LOCAL_WORLD_SIZE ranks split them: 2 cores = 1 thread per rank at 2 ranks, "
           "4 ranks oversubscribe)")
     if not args.skip_measure:
-        runs = measured_runs(model, ranks, args.prompts, args.max_tokens)
+        runs = measured_runs(model, ranks, args.prompts, args.max_tokens, args.dtype)
         base = runs[0]
-        print(f"\nmeasured on this host: {model}, {args.prompts} prompts x {args.max_tokens} greedy tokens, gloo")
-        print(f"{'ranks':>5} {'transport':<10} {'placement':<12} {'tok/s':>7} {'local':>6} {'bytes/token':>12} "
-              f"{'replicated B/token':>19} {'same outputs':>12}")
+        print(f"\nmeasured on this host: {model}, dtype {args.dtype}, {args.prompts} prompts x {args.max_tokens} "
+              "greedy tokens, gloo; a2a = dispatch + combine bytes between ranks (all ranks), all_reduce = the "
+              "replication all_reduce input per rank (gather: both all_reduces)")
+        print(f"{'ranks':>5} {'transport':<10} {'placement':<12} {'tok/s':>7} {'local':>6} {'a2a B/token':>12} "
+              f"{'all_reduce B/token':>19} {'same outputs':>12}")
         for r in runs:
             print(f"{r['ranks']:>5} {r['transport']:<10} {r['placement']:<12} {r['tokens_per_s']:>7.1f} "
                   f"{r['local_share']:>6.3f} {r['bytes_sent_per_token']:>12.0f} {r['bytes_replicated_per_token']:>19.0f}"
@@ -145,8 +148,9 @@ def run(args) -> int:
     rows = replay(model, args.replay_ranks)
     print(f"\ntrace replay over {args.replay_ranks} GPUs (routing of {Path(model).name} on held-out text, "
           f"NVLink {NVLINK_BPS / 1e9:.0f} GB/s, IB {IB_BPS / 1e9:.0f} GB/s per GPU, bf16 activations)")
-    print(f"{'model':<17} {'topology':<31} {'placement':<12} {'local':>6} {'KB/token':>9} {'a2a us/token':>13}")
+    print(f"{'model':<17} {'topology':<31} {'placement':<12} {'local':>6} {'KB/token':>9} {'a2a us/token':>13} "
+          f"{'expert GB/GPU':>14}")
     for r in rows:
         print(f"{r['model']:<17} {r['topology']:<31} {r['placement']:<12} {r['local_share']:>6.3f} "
-              f"{r['bytes_per_token'] / 1e3:>9.1f} {r['a2a_us_per_token']:>13.2f}")
+              f"{r['bytes_per_token'] / 1e3:>9.1f} {r['a2a_us_per_token']:>13.2f} {r['expert_gb_per_rank']:>14.1f}")
     return 0

@@ -9,12 +9,12 @@ import time
 
 
 def main(model: str, size: int, transport: str, placement: str, prompts_path: str, max_tokens: int,
-         out_path: str) -> int:
+         out_path: str, dtype: str) -> int:
     from marserve.llm import LLM
     from marserve.sampling_params import SamplingParams
     with open(prompts_path) as f:
         prompts = json.load(f)
-    llm = LLM(model, kv_cache_gb=0.25, expert_parallel_size=size, expert_transport=transport,
+    llm = LLM(model, dtype=dtype, kv_cache_gb=0.25, expert_parallel_size=size, expert_transport=transport,
               expert_placement=placement)  # ranks other than 0 follow rank 0 inside this call, then exit
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     llm.generate(prompts[:1], SamplingParams(max_tokens=2, temperature=0.0))  # warm-up: kernels built, pages touched
@@ -41,4 +41,4 @@ def main(model: str, size: int, transport: str, placement: str, prompts_path: st
 
 if __name__ == "__main__":
     a = sys.argv[1:]
-    sys.exit(main(a[0], int(a[1]), a[2], a[3], a[4], int(a[5]), a[6]))
+    sys.exit(main(a[0], int(a[1]), a[2], a[3], a[4], int(a[5]), a[6], a[7]))

@@ -51,6 +51,8 @@ def _ep_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompts", type=int, default=8)
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--replay-ranks", type=int, default=8, help="GPUs of the trace-replay model")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="weights of the measured runs (bf16 partial sums round per rank: outputs may drift)")
     p.add_argument("--skip-measure", action="store_true", help="the trace replay only")
 
 

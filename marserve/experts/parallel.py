@@ -124,8 +124,9 @@ class ParallelExperts(ExpertProvider):
         ep.local_assignments += int((expert_ranks == owners[:, None]).sum())
         other = torch.zeros(x.shape[0], ep.world_size, dtype=torch.bool, device=x.device)
         other.scatter_(1, expert_ranks, True).scatter_(1, owners[:, None], False)
-        messages = int(other.sum())  # (token, other rank) pairs: one row out, one partial back
-        ep.group_bytes_sent += messages * (2 * x.shape[1] * x.element_size() + 2 * K * 4)
+        if ep.transport == "all_to_all":  # (the gather fallback moves whole batches instead: bytes_replicated)
+            messages = int(other.sum())  # (token, other rank) pairs: one row out, one partial back
+            ep.group_bytes_sent += messages * (2 * x.shape[1] * x.element_size() + 2 * K * 4)
 
     def _gathered(self, x, topk_weights, topk_ids, owners) -> torch.Tensor:
         """Fallback: every rank gets every token (the owners' rows summed), runs its experts, all_reduce."""
