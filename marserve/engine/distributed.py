@@ -19,7 +19,6 @@ import logging
 import os
 import sys
 import threading
-import time
 from datetime import timedelta
 
 import torch
@@ -61,7 +60,8 @@ class ExpertParallel:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))  # ranks on one host share its cores
         self.placement = self._placement(placement_kind, model_dir, model_config)
         self._stop_heartbeat = threading.Event()
-        threading.Thread(target=self._heartbeat, name="marserve-ep-heartbeat", daemon=True).start()
+        self._heartbeat_thread = threading.Thread(target=self._heartbeat, name="marserve-ep-heartbeat", daemon=True)
+        self._heartbeat_thread.start()
 
     def _placement(self, kind: str, model_dir, model_config):
         from marserve.experts import placement as pl
@@ -86,38 +86,38 @@ class ExpertParallel:
                                    transport=transport, timeout=self.timeout)
 
     def _heartbeat(self) -> None:
+        # Each beat all-reduces "someone is stopping": every rank leaves after the same beat, so none is left
+        # waiting in a collective the others have abandoned (which would end the process in std::terminate).
         beat = torch.zeros(1)
-        while not self._stop_heartbeat.wait(HEARTBEAT_SECONDS):
+        while True:
+            self._stop_heartbeat.wait(HEARTBEAT_SECONDS)
+            beat.fill_(1.0 if self._stop_heartbeat.is_set() else 0.0)
             try:
                 dist.all_reduce(beat, group=self.heartbeat_group)
             except Exception as e:  # noqa: BLE001 - any failure of a peer ends the group
-                if self._stop_heartbeat.is_set():
-                    return
-                self.failure = describe_failure(e)
+                self.failure = self.failure or describe_failure(e)
                 if self.rank != 0:  # a follower may be blocked in the step broadcast: leave now
-                    print(f"marserve: error: rank {self.rank}: {self.failure}", file=sys.stderr, flush=True)
-                    os._exit(1)
+                    _exit_with(self.rank, self.failure)
                 logger.error("%s", self.failure)
+                return
+            if beat.item() > 0:
                 return
 
     def close(self) -> None:
+        """Leave the group cleanly (after rank 0's stop): heartbeats end together, then the groups go."""
         self._stop_heartbeat.set()
+        self._heartbeat_thread.join(self.timeout.total_seconds() + 2 * HEARTBEAT_SECONDS)
+        try:
+            dist.destroy_process_group()
+        except Exception:  # noqa: BLE001 - already torn down
+            pass
 
 
-def placement_from_file(path, num_ranks: int, num_layers: int, num_experts: int) -> dict:
-    """The best-measured placement for num_ranks in a `marserve inspect --placement-json` report."""
-    import json
-    with open(path) as f:
-        report = json.load(f)
-    rows = report.get("rows", []) if isinstance(report, dict) else []
-    if report.get("num_ranks") != num_ranks or not rows:
-        raise ConfigError(f"{path}: a placement for {report.get('num_ranks')} ranks, not {num_ranks}; write one "
-                          f"with marserve inspect --placement {num_ranks} --placement-json {path}")
-    best = max(rows, key=lambda r: r["local_share"])
-    if len(best["ranks"]) != num_layers or len(best["ranks"][0]) != num_experts:
-        raise ConfigError(f"{path}: placement for {len(best['ranks'])} MoE layers x {len(best['ranks'][0])} experts; "
-                          f"this model has {num_layers} x {num_experts}")
-    return {"name": best["placement"], "num_ranks": num_ranks, "ranks": best["ranks"]}
+def _exit_with(rank: int, message: str) -> None:
+    """A follower that lost the group: one line, then out (skipping teardown that would wait on dead peers)."""
+    print(f"marserve: error: rank {rank}: {message}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(1)
 
 
 class LeaderRunner:
@@ -154,11 +154,11 @@ class LeaderRunner:
         if self._stopped or self.ep.failure is not None:
             return
         self._stopped = True
-        self.ep.close()
         try:
             dist.broadcast_object_list([_STOP], src=0)
         except Exception:  # noqa: BLE001 - a follower already gone needs no goodbye
-            pass
+            return
+        self.ep.close()
 
 
 def _is_comm_error(e: BaseException) -> bool:
@@ -180,18 +180,7 @@ def follow(runner, ep: ExpertParallel) -> int:
         except Exception as e:  # noqa: BLE001 - rank 0 or a peer is gone: say so in one line
             if not _is_comm_error(e):
                 raise
-            print(f"marserve: error: rank {ep.rank}: {describe_failure(e)}", file=sys.stderr, flush=True)
-            return 1
-
-
-def wait_for_failure(ep: ExpertParallel, seconds: float) -> bool:
-    """Test helper: poll until the heartbeat reports a failure (True) or `seconds` pass (False)."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if ep.failure is not None:
-            return True
-        time.sleep(0.05)
-    return False
+            _exit_with(ep.rank, describe_failure(e))
 
 
 def setup(config):

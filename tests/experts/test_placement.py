@@ -89,3 +89,15 @@ def test_evaluate_counts_local_assignments_and_messages():
     assert m.local_share == 4 / 8
     assert m.messages_per_token == 3 / 2
     assert m.bytes_per_token == 2 * 1.5 * 4 * 2
+
+
+def test_report_measures_every_placement_on_a_mar_checkpoint(baby_checkpoint, capsys):
+    model = baby_checkpoint("qwen3_moe", mar=True)
+    r = pe.report(model, 2, seq_len=32, max_tokens=256)
+    names = [row["placement"] for row in r["rows"]]
+    assert names == ["round_robin", "mar (MAR memory + usage)", "mar (calibration trace)"]
+    for row in r["rows"]:
+        assert 0.0 <= row["local_share"] <= 1.0 and row["bytes_per_token"] >= 0
+        assert sorted(sum(row["ranks"], [])) == [0] * 4 + [1] * 4  # 2 layers x 4 experts, 2 per rank per layer
+    pe.print_report(r)
+    assert "the local assignments of round_robin" in capsys.readouterr().out
