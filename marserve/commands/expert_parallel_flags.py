@@ -10,8 +10,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("expert parallelism (launch every rank with torchrun; docs/expert_parallel.md)")
     g.add_argument("--expert-parallel-size", type=int, default=1, metavar="N",
                    help="split every MoE layer's experts over N ranks (torchrun's WORLD_SIZE)")
-    g.add_argument("--expert-placement", default="mar", choices=["mar", "round_robin"],
-                   help="which rank holds which expert (mar: from MAR memory, else round_robin)")
+    g.add_argument("--expert-placement", default="mar", metavar="mar|round_robin|FILE",
+                   help="which rank holds which expert: mar (from MAR memory; round_robin without MAR), "
+                        "round_robin, or FILE from marserve inspect --placement N --placement-json FILE")
     g.add_argument("--expert-parallel-timeout", type=float, default=60.0, metavar="SECONDS",
                    help="a rank silent this long ends the engine with an error")
 

@@ -68,16 +68,21 @@ class ExpertParallel:
         from marserve.experts.placement_eval import checkpoint_mar_stats
         L = sum(model_config.is_moe_layer(i) for i in range(model_config.num_hidden_layers))
         chosen = None
-        if self.rank == 0 and kind not in ("mar", "round_robin"):
-            chosen = placement_from_file(kind, self.world_size, L, model_config.num_experts)
-        elif self.rank == 0:
-            stats = checkpoint_mar_stats(model_dir, model_config) if kind == "mar" else None
-            chosen = (pl.mar(stats, self.world_size) if stats is not None else
-                      pl.round_robin(L, model_config.num_experts, self.world_size)).to_dict()
-            if kind == "mar" and stats is None:
-                logger.warning("placement mar needs MAR memory on every MoE layer; using round_robin")
+        try:
+            if self.rank == 0 and kind not in ("mar", "round_robin"):
+                chosen = placement_from_file(kind, self.world_size, L, model_config.num_experts)
+            elif self.rank == 0:
+                stats = checkpoint_mar_stats(model_dir, model_config) if kind == "mar" else None
+                chosen = (pl.mar(stats, self.world_size) if stats is not None else
+                          pl.round_robin(L, model_config.num_experts, self.world_size)).to_dict()
+                if kind == "mar" and stats is None:
+                    logger.warning("placement mar needs MAR memory on every MoE layer; using round_robin")
+        except (ConfigError, OSError, ValueError, KeyError) as e:
+            chosen = {"error": f"expert placement: {e}"}  # every rank stops with rank 0's one line
         box = [chosen]
         dist.broadcast_object_list(box, src=0)  # one placement, whatever each rank would compute
+        if "error" in box[0]:
+            raise ConfigError(box[0]["error"])
         return pl.Placement.from_dict(box[0])
 
     def expert_group_for(self, transport: str = "all_to_all"):
@@ -118,6 +123,23 @@ def _exit_with(rank: int, message: str) -> None:
     print(f"marserve: error: rank {rank}: {message}", file=sys.stderr, flush=True)
     sys.stdout.flush()
     os._exit(1)
+
+
+def placement_from_file(path, num_ranks: int, num_layers: int, num_experts: int) -> dict:
+    """The best-measured placement for num_ranks in a `marserve inspect --placement-json` report."""
+    import json
+    with open(path) as f:
+        report = json.load(f)
+    if not isinstance(report, dict) or not report.get("rows"):
+        raise ConfigError(f"{path}: not a report of marserve inspect --placement N --placement-json FILE")
+    if report.get("num_ranks") != num_ranks:
+        raise ConfigError(f"{path}: placements for {report.get('num_ranks')} ranks, not {num_ranks}; write one "
+                          f"with marserve inspect --placement {num_ranks} --placement-json {path}")
+    best = max(report["rows"], key=lambda r: r["local_share"])
+    if len(best["ranks"]) != num_layers or len(best["ranks"][0]) != num_experts:
+        raise ConfigError(f"{path}: placement for {len(best['ranks'])} MoE layers x {len(best['ranks'][0])} "
+                          f"experts; this model has {num_layers} x {num_experts}")
+    return {"name": best["placement"], "num_ranks": num_ranks, "ranks": best["ranks"]}
 
 
 class LeaderRunner:

@@ -101,3 +101,22 @@ def test_report_measures_every_placement_on_a_mar_checkpoint(baby_checkpoint, ca
         assert sorted(sum(row["ranks"], [])) == [0] * 4 + [1] * 4  # 2 layers x 4 experts, 2 per rank per layer
     pe.print_report(r)
     assert "the local assignments of round_robin" in capsys.readouterr().out
+
+
+def test_serving_takes_the_best_placement_of_an_inspect_report(tmp_path):
+    import json
+
+    import pytest
+
+    from marserve.engine.distributed import placement_from_file
+    from marserve.errors import ConfigError
+    rows = [{"placement": "round_robin", "local_share": 0.5, "ranks": [[0, 1, 0, 1]]},
+            {"placement": "mar (calibration trace)", "local_share": 0.7, "ranks": [[0, 0, 1, 1]]}]
+    f = tmp_path / "p.json"
+    f.write_text(json.dumps({"num_ranks": 2, "rows": rows}))
+    assert placement_from_file(f, 2, 1, 4) == {"name": "mar (calibration trace)", "num_ranks": 2,
+                                               "ranks": [[0, 0, 1, 1]]}
+    with pytest.raises(ConfigError, match="for 2 ranks, not 4"):
+        placement_from_file(f, 4, 1, 4)
+    with pytest.raises(ConfigError, match="this model has 2 x 4"):
+        placement_from_file(f, 2, 2, 4)
