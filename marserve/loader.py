@@ -16,6 +16,7 @@ import torch
 from marserve import hugepages, progress
 from marserve.config import ModelConfig
 from marserve.errors import CheckpointError, ConfigError
+from marserve.experts.provider import ExpertProvider
 from marserve.models import get_model_class
 
 logger = logging.getLogger(__name__)
@@ -92,17 +93,22 @@ def _open(path: Path):
 
 
 def load_model(model_dir, dtype: str | torch.dtype = "auto", device: str = "cpu", expert_cache: float = 1.0,
-               expert_cache_gb: float | None = None, expert_policy: str = "lru"):
+               expert_cache_gb: float | None = None, expert_policy: str = "lru", prepare=None):
     """Build the architecture on `meta`, then fill every parameter and buffer from the checkpoint -> (model, config).
 
     With an expert budget below all experts (expert_cache < 1, or expert_cache_gb), each MoE block gets an
     offloading provider instead (marserve/experts/offloaded.py): expert tensors are not read here, only located,
-    and the store streams them once afterwards (checksums, initial resident set)."""
+    and the store streams them once afterwards (checksums, initial resident set).
+
+    prepare(model), when given, runs on the meta model before any weight is read (expert parallelism swaps in
+    providers that keep only this rank's experts: the others are never read)."""
     model_dir = Path(model_dir)
     config = ModelConfig.from_dir(model_dir)
     torch_dtype = resolve_dtype(dtype, config, device)
     with torch.device("meta"):
         model = get_model_class(config.model_type)(config)
+        if prepare is not None:
+            prepare(model)
     files = checkpoint_files(model_dir)
     offload = None
     if expert_cache < 1.0 or expert_cache_gb is not None:
@@ -174,16 +180,19 @@ def _load_one(model, config, path, f, name, targets, expected, filled, dtype, de
         _assign(module, attr, tensor)
         filled.setdefault(target, set()).add(None)
         return
+    slot = module.local_slot(expert) if isinstance(module, ExpertProvider) else expert
+    if slot is None:
+        return  # another rank's expert: never read
     current = getattr(module, attr)
     if current.is_meta:  # first slice of a stacked parameter: allocate it once
         _assign(module, attr, hugepages.empty(full, dtype=dtype, device=device))
         current = getattr(module, attr)
-    rows = current.data[expert]
+    rows = current.data[slot]
     if half is not None:
         I = full[1] // 2
         rows = rows[half * I:(half + 1) * I]
     _read_into(path, name, rows)
-    filled.setdefault(target, set()).add((expert, half))
+    filled.setdefault(target, set()).add((slot, half))
 
 
 _headers: dict = {}

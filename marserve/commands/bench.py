@@ -1,4 +1,4 @@
-"""`marserve bench {throughput,moe,linear,serve}`: each benchmark's flags, and the dispatch to its module in marserve/bench/.
+"""`marserve bench {throughput,moe,linear,serve,ep}`: each benchmark's flags, and the dispatch to its module in marserve/bench/.
 
 The flags live here, not in the benchmark modules, because those import torch at the top and building the
 parser must not: `marserve --help` and usage errors answer without loading torch (~4 s).
@@ -77,6 +77,17 @@ def _serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", default="bench_serve.json", help="JSON results; plots are written beside it")
 
 
+def _ep_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="default", help="'default' (the shipped model) or a model directory")
+    p.add_argument("--ranks", default="1,2,4", help="comma-separated rank counts measured on this host")
+    p.add_argument("--prompts", type=int, default=8)
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--replay-ranks", type=int, default=8, help="GPUs of the trace-replay model")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="weights of the measured runs (bf16 partial sums round per rank: outputs may drift)")
+    p.add_argument("--skip-measure", action="store_true", help="the trace replay only")
+
+
 # name -> (module with run(args) -> int, one-line help, flags)
 BENCHMARKS = {
     "throughput": ("marserve.bench.throughput", "offline generation throughput, marserve vs transformers",
@@ -87,6 +98,8 @@ BENCHMARKS = {
                _linear_flags),
     "serve": ("marserve.bench.serve", "load an OpenAI-compatible server over HTTP: TTFT, TPOT, ITL, throughput, "
               "goodput", _serve_flags),
+    "ep": ("marserve.bench.ep", "expert parallelism: tokens/s and bytes at 1/2/4 ranks; 8-GPU trace replay",
+           _ep_flags),
 }
 
 

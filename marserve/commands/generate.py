@@ -8,6 +8,7 @@ from pathlib import Path
 
 from marserve import progress
 from marserve.commands.expert_flags import add_expert_flags, expert_kwargs
+from marserve.commands import expert_parallel_flags
 from marserve.errors import CheckpointError
 
 
@@ -23,6 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--echo", action="store_true",
                    help="print each prompt before its output (on its own line with --chat)")
     add_expert_flags(p)
+    expert_parallel_flags.add_arguments(p)
     progress.add_quiet_flag(p)
 
 
@@ -40,7 +42,8 @@ def resolve_model_dir(model_dir: str | None) -> Path:
 def run(args: argparse.Namespace) -> int:
     from marserve.llm import LLM
     from marserve.sampling_params import SamplingParams
-    llm = LLM(resolve_model_dir(args.model_dir), dtype=args.dtype, **expert_kwargs(args))
+    llm = LLM(resolve_model_dir(args.model_dir), dtype=args.dtype, **expert_kwargs(args),
+              **expert_parallel_flags.engine_kwargs(args))
     defaults = llm.default_sampling_params()
     params = SamplingParams(
         max_tokens=args.max_tokens if args.max_tokens is not None else defaults.max_tokens,

@@ -1,9 +1,10 @@
-"""`marserve inspect MODEL_DIR`: architecture, sizes, parameter counts and MAR settings of a checkpoint; --routing hands over to the routing analysis."""
+"""`marserve inspect MODEL_DIR`: architecture, sizes, parameter counts and MAR settings of a checkpoint; --routing hands over to the routing analysis, --placement N to marserve.experts.placement_eval."""
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import sys
 
 from marserve import progress
@@ -13,6 +14,10 @@ from marserve.config import ModelConfig
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model_dir", nargs="?", default=None, help="model directory (default: the bundled default model)")
     p.add_argument("--routing", action="store_true", help="analyse expert use per domain (marserve.analysis.routing)")
+    p.add_argument("--placement", type=int, default=None, metavar="N",
+                   help="expert placements over N ranks: local share and bytes per token on held-out text")
+    p.add_argument("--placement-json", default=None, metavar="FILE",
+                   help="write the placements and their figures (serve/generate take it as --expert-placement FILE)")
     add_routing_arguments(p)
     progress.add_quiet_flag(p)
 
@@ -99,4 +104,11 @@ def run(args: argparse.Namespace) -> int:
             return 1
         args.model_dir = str(model_dir)
         return int(routing.run(args) or 0)
+    if args.placement is not None:
+        from marserve.experts import placement_eval
+        found = placement_eval.report(model_dir, args.placement, args.routing_seq_len, args.routing_max_tokens)
+        placement_eval.print_report(found)
+        if args.placement_json:
+            with open(args.placement_json, "w") as f:
+                json.dump(found, f, indent=1)
     return 0

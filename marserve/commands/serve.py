@@ -10,6 +10,7 @@ import socket
 
 from marserve import progress
 from marserve.commands.expert_flags import add_expert_flags, expert_kwargs
+from marserve.commands import expert_parallel_flags
 from marserve.commands.generate import resolve_model_dir
 from marserve.errors import ConfigError
 
@@ -49,6 +50,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="seconds a client has to send a whole request (head and body) before its connection is closed")
     add_expert_flags(p)
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    expert_parallel_flags.add_arguments(p)
     progress.add_quiet_flag(p)
 
 
@@ -76,7 +78,8 @@ def claim_port(host: str, port: int) -> socket.socket:
 
 
 def run(args: argparse.Namespace) -> int:
-    sock = claim_port(args.host, args.port)  # before the imports and the load: a busy port fails in a second
+    # (ranks other than 0 of an expert-parallel launch follow rank 0's steps and listen on no port)
+    sock = None if expert_parallel_flags.is_follower(args) else claim_port(args.host, args.port)  # before the imports and the load: a busy port fails in a second
     from marserve.engine.async_engine import AsyncEngine
     from marserve.engine_config import EngineConfig
     from marserve_server import ServerConfig, serve
@@ -99,7 +102,8 @@ def run(args: argparse.Namespace) -> int:
     engine = AsyncEngine.from_config(EngineConfig(
         model=model_dir, dtype=args.dtype, seed=args.seed, kv_cache_gb=args.kv_cache_gb, block_size=args.block_size,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-        max_model_len=args.max_model_len, enable_prefix_caching=args.enable_prefix_caching, **expert_kwargs(args)))
+        max_model_len=args.max_model_len, enable_prefix_caching=args.enable_prefix_caching, **expert_kwargs(args),
+        **expert_parallel_flags.engine_kwargs(args)))
     logger.info("model %s loaded; listening on http://%s:%d (OpenAI API under /v1)", server_config.model_name,
                 args.host, args.port)
     serve(engine, server_config, sock=sock)

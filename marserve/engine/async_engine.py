@@ -169,6 +169,7 @@ class AsyncEngine:
             while not self._stopping:
                 self._drain_inbox()
                 if not self.engine.has_unfinished:
+                    self.engine.check_health()  # an expert-parallel rank that died while idle ends the loop
                     self._work.clear()
                     if not self._inbox:
                         self._work.wait(0.5)
@@ -183,8 +184,10 @@ class AsyncEngine:
         except BaseException as e:  # noqa: BLE001 - report the death to every waiting request
             logger.exception("engine loop died")
             self.errored, self.dead_error = True, e
+            # (a MarserveError put raw would read as this request's own error: say the engine died)
+            dead = EngineDeadError(f"the engine loop stopped: {e}") if isinstance(e, MarserveError) else e
             for queue in list(self._queues.values()):
-                self._loop.call_soon_threadsafe(queue.put_nowait, e)
+                self._loop.call_soon_threadsafe(queue.put_nowait, dead)
 
 
     def _drain_inbox(self) -> None:

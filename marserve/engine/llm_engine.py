@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from marserve import progress
+from marserve.engine import distributed
 from marserve.engine.block_manager import BlockManager
 from marserve.engine.detokenizer import IncrementalDetokenizer
 from marserve.engine_config import EngineConfig
@@ -54,10 +55,11 @@ class _Request:
 class LLMEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
+        ep, shard = distributed.setup(config)  # (None, None) without expert parallelism
         self.model, self.model_config = load_model(config.model, dtype=config.dtype, device=config.device,
                                                    expert_cache=config.expert_cache,
                                                    expert_cache_gb=config.expert_cache_gb,
-                                                   expert_policy=config.expert_policy)
+                                                   expert_policy=config.expert_policy, prepare=shard)
         self.expert_store = getattr(self.model, "expert_store", None)  # set when experts are offloaded
         self.prefetcher = self._make_prefetcher() if config.prefetch and self.expert_store is not None else None
         if torch.device(config.device).type == "cpu":
@@ -81,6 +83,8 @@ class LLMEngine:
         self.max_model_len = min(context, num_blocks * config.block_size)
         self.runner = ModelRunner(self.model, self.model_config, block_size=config.block_size,
                                   num_blocks=num_blocks, device=config.device, dtype=dtype)
+        if ep is not None:  # ranks other than 0 follow rank 0's steps here and exit; rank 0 leads
+            self.runner = distributed.lead_or_follow(self.runner, ep)
         self.scheduler = Scheduler(BlockManager(num_blocks, config.block_size, config.enable_prefix_caching),
                                    max_num_seqs=config.max_num_seqs,
                                    max_num_batched_tokens=max(config.max_num_batched_tokens, 1))
@@ -174,6 +178,10 @@ class LLMEngine:
             for seq in req.seqs:
                 self.scheduler.finish(seq, "abort")
 
+    def check_health(self) -> None:
+        """Raise when the engine can no longer run a step (a rank of the expert-parallel group is gone)."""
+        getattr(self.runner, "check_health", lambda: None)()
+
     @property
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished
@@ -201,6 +209,8 @@ class LLMEngine:
         try:
             logits = self.runner.execute(out.chunks)  # 3. execute
             self.scheduler.update(out)
+        except distributed.RankFailure:
+            raise  # a rank is gone: no later step can run either
         except Exception:  # noqa: BLE001 - one bad step must not take the engine down
             # One forward for the whole batch: nothing says whose input broke it, so every sequence
             # fails, and none is shown the exception's text (it may quote another request's data).

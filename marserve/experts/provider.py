@@ -65,6 +65,20 @@ class ExpertProvider(nn.Module):
         """Return weights covering every expert named in `topk_ids` [T, K]."""
         raise NotImplementedError
 
+    def compute(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+        """The routed experts' weighted sum: x [T,H], topk_weights [T,K] (x's dtype), topk_ids [T,K] -> [T,H].
+
+        By default the experts are fetched here and run by marserve_kernels.moe; a provider whose experts
+        live elsewhere (other ranks, marserve/experts/parallel.py) sends the tokens to them instead."""
+        import marserve_kernels  # resolved per call so a kernel package patched in tests is picked up
+        ew = self.fetch(topk_ids)
+        return marserve_kernels.moe(x, ew.w13, ew.w2, topk_weights, ew.topk_ids)
+
+    def local_slot(self, expert: int) -> int | None:
+        """Row of the stacked expert parameters that holds `expert`, or None when this provider does not keep
+        it (the loader then skips that checkpoint tensor)."""
+        return expert
+
     def prefetch(self, expert_ids: torch.Tensor) -> None:
         """Hint that these experts will be wanted soon. Resident experts need nothing."""
 

@@ -34,12 +34,6 @@ def route(z: torch.Tensor, top_k: int, renormalise: bool) -> tuple[torch.Tensor,
     return torch.exp(top_z - torch.logsumexp(z, dim=-1, keepdim=True)), ids
 
 
-def _experts_moe():
-    # Resolved per call so a kernel package installed (or patched in tests) later is picked up.
-    import marserve_kernels
-    return marserve_kernels.moe
-
-
 class SparseMoeBlock(nn.Module):
     """gate -> (MAR) routing -> experts from the provider; plus qwen2_moe's sigmoid-gated shared expert."""
 
@@ -84,8 +78,7 @@ class SparseMoeBlock(nn.Module):
         weights/ids [T,K] -> [T,H]."""
         if self.routing_observer is not None:
             self.routing_observer(self.layer_idx, x, z, ids, weights)
-        ew = self.experts.fetch(ids)
-        out = _experts_moe()(x, ew.w13, ew.w2, weights.to(x.dtype), ew.topk_ids)
+        out = self.experts.compute(x, weights.to(x.dtype), ids)
         if self.shared_expert is not None:
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return out
