@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import errno
 import logging
-import os
 import socket
 
 from marserve import progress
+from marserve.commands.env_flags import add_env_fallbacks, check as check_env_flags
 from marserve.commands.generate import resolve_model_dir
 from marserve.errors import ConfigError
 
@@ -22,9 +22,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--served-model-name", default=None,
                    help="model name clients use (default: the directory name; marserve-default for the shipped model)")
-    p.add_argument("--api-key", default=os.environ.get("MARSERVE_API_KEY"),
+    p.add_argument("--api-key", default=None,  # MARSERVE_API_KEY, like every flag's variable (env_flags)
                    help="require 'Authorization: Bearer KEY' on /v1 routes, /tokenize, /detokenize and the OpenAPI "
-                        "schema and pages (default: $MARSERVE_API_KEY)")
+                        "schema and pages")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
     p.add_argument("--max-num-seqs", type=int, default=64, help="sequences in one batch")
@@ -53,6 +53,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="where experts outside the cache live (default: none, all resident)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     progress.add_quiet_flag(p)
+    add_env_fallbacks(p)  # last: every flag above, MARSERVE_<FLAG> (docs/deploy.md lists them)
 
 
 def claim_port(host: str, port: int) -> socket.socket:
@@ -79,6 +80,7 @@ def claim_port(host: str, port: int) -> socket.socket:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_env_flags(args)
     if args.expert_cache_gb is not None or args.offload_tier != "none":
         raise ConfigError("expert offloading (--expert-cache-gb, --offload-tier) is not available yet: "
                           "this version keeps every expert resident; leave both flags unset")
