@@ -1,7 +1,7 @@
 """The CPU image (deploy/Dockerfile.cpu) builds from a local Debian base and answers a completion over HTTP.
 
 Opt-in, MARSERVE_TEST_IMAGE=1: the first build took 41 minutes and a few GB of disk on a busy 2-core host of
-machines (debootstrap, then every layer copied whole by the vfs storage driver), too much for CI's budget.
+ours (debootstrap, then every layer copied whole by the vfs storage driver), too much for CI's budget.
 It uses the docker daemon at DOCKER_HOST (or the default socket) when one answers; otherwise, as root, it
 starts its own on a private socket with its data under MARSERVE_TEST_DOCKER_ROOT (default
 /tmp/marserve-docker, kept between runs, so later builds reuse the cached base and layers) and stops it
