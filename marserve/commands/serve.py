@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 import errno
 import logging
-import os
 import socket
 
 from marserve import progress
 from marserve.commands.expert_flags import add_expert_flags, expert_kwargs
 from marserve.commands import expert_parallel_flags
+from marserve.commands.env_flags import add_env_fallbacks, check as check_env_flags
 from marserve.commands.generate import resolve_model_dir
 from marserve.errors import ConfigError
 
@@ -24,9 +24,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--served-model-name", default=None,
                    help="model name clients use (default: the directory name; marserve-default for the shipped model)")
-    p.add_argument("--api-key", default=os.environ.get("MARSERVE_API_KEY"),
+    p.add_argument("--api-key", default=None,  # MARSERVE_API_KEY, like every flag's variable (env_flags)
                    help="require 'Authorization: Bearer KEY' on /v1 routes, /tokenize, /detokenize and the OpenAPI "
-                        "schema and pages (default: $MARSERVE_API_KEY)")
+                        "schema and pages")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
     p.add_argument("--max-num-seqs", type=int, default=64, help="sequences in one batch")
@@ -52,6 +52,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     expert_parallel_flags.add_arguments(p)
     progress.add_quiet_flag(p)
+    add_env_fallbacks(p)  # last: every flag above, MARSERVE_<FLAG> (docs/deploy.md lists them)
 
 
 def claim_port(host: str, port: int) -> socket.socket:
@@ -78,6 +79,7 @@ def claim_port(host: str, port: int) -> socket.socket:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_env_flags(args)
     # (ranks other than 0 of an expert-parallel launch follow rank 0's steps and listen on no port)
     sock = None if expert_parallel_flags.is_follower(args) else claim_port(args.host, args.port)  # before the imports and the load: a busy port fails in a second
     from marserve.engine.async_engine import AsyncEngine
