@@ -32,6 +32,7 @@ from marserve_server.protocol import (
     ModelList,
     TokenizeRequest,
 )
+from marserve_server.request_outcomes import RequestOutcomes
 from marserve_server.serving import ServerState, off_loop, warn_if_tokens_outrun_the_prompt_bound
 from marserve_server.serving_chat import create_chat_completion, render_chat
 from marserve_server.serving_completions import create_completion
@@ -106,6 +107,7 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
     app.state.server = state
     errors.install(app, on_error=metrics.observe_error)
     app.add_middleware(_Guard, config=config, metrics=metrics)
+    app.add_middleware(RequestOutcomes, metrics=metrics)  # added last = outermost: sees the guard's answers too
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, raw: Request):
