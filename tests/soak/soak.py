@@ -154,7 +154,7 @@ async def soak(args) -> tuple[list[C.Check], dict]:
     grace = 10.0
     server = ServerProcess(secrets.token_hex(16), out / "server.log", expert_cache=args.expert_cache,
                            shutdown_grace=grace)
-    info = {"command": " ".join([Path(sys.executable).name, "-m", "tests.soak.soak", *sys.argv[1:]]),
+    info = {"command": " ".join(["python", "-m", "tests.soak.soak", *args.argv]),
             "server": server.command.replace(server.api_key, "KEY"), "loadavg_start": os.getloadavg()}
     try:
         return await _phases(args, server, info, grace)
@@ -221,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=f"/tmp/marserve-soak-{time.strftime('%Y%m%d-%H%M%S')}",
                     help="where the server log and report.json go")
     args = ap.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     checks, info = asyncio.run(soak(args))
     print(C.table(checks))
     print(f"\n{info['requests']} requests in {info['load_seconds']:.0f} s ({info['kinds']}, {info['disconnected']} left "
