@@ -11,6 +11,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import signal
 import socket
 from contextlib import asynccontextmanager
 
@@ -197,6 +198,11 @@ class _Server(uvicorn.Server):
     def handle_exit(self, sig, frame) -> None:
         self._state.draining = True
         super().handle_exit(sig, frame)
+        # uvicorn raises a captured signal again once it has shut down, so the process died of SIGTERM
+        # (exit -15 / 143) even after a clean drain. SIGTERM is how deployments stop a server: after the
+        # drain it exits 0. (SIGINT, Ctrl-C, is left to uvicorn's way.)
+        if sig == signal.SIGTERM:
+            self._captured_signals = [s for s in getattr(self, "_captured_signals", []) if s != signal.SIGTERM]
 
     async def shutdown(self, sockets=None) -> None:
         self._state.draining = True

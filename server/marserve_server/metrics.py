@@ -92,7 +92,8 @@ class ServerMetrics:
         self.ended = Counter("marserve:requests_ended", "Generation requests ended, by outcome: finished, aborted "
                              "(the client left), rejected (4xx), failed (5xx or an error event in the stream).",
                              ["model_name", "outcome"], registry=self.registry)
-        for outcome in REQUEST_OUTCOMES:  # every outcome shows from the start, at 0
+        self.received.labels(model_name)  # every count shows from the start, at 0
+        for outcome in REQUEST_OUTCOMES:
             self.ended.labels(model_name, outcome)
         self.registry.register(_EngineCollector(engine, model_name))
 
