@@ -37,11 +37,10 @@ NUM_BATCHES, WARM_BATCHES = 11, 7
 @pytest.mark.skipif(not release_free_heap(), reason="needs glibc's malloc_trim (the growth it fixes is glibc's)")
 def test_rss_stays_flat_on_the_prompt_logprobs_path():
     """Measured on the AVX2 host: without trimming RSS rose 1474 -> 1600 MB over these last 64 requests
-    (and 928 -> 1807 MB over 320, still rising); with it 1177 -> 1187 MB. Native memory still in use
-    grows for the first ~100 requests and then levels off: that is the warm-up. One thread, because with
-    two the memory in use (worker threads' malloc arenas) levels off only after ~300 requests (980 ->
-    1521 MB over 384, flat over the last 64; without trimming 1106 -> 2332 MB and rising): too long here."""
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    (and 928 -> 1807 MB over 320, still rising); with it 1177 -> 1187 MB on one thread. On two threads (the
+    server's) the memory in use kept growing for ~300 requests more, 980 -> 1521 MB: oneDNN's primitive caches
+    filling (native_memory.bound_onednn_caches); with them capped, 800 -> 846 MB by request 64 and 846 at 176."""
+    env = dict(os.environ, OMP_NUM_THREADS="2")
     out = subprocess.run([sys.executable, "-c", PROBE.replace("NUM_BATCHES", str(NUM_BATCHES))],
                          capture_output=True, text=True, timeout=600, env=env)
     assert out.returncode == 0, out.stderr[-2000:]
