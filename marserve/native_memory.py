@@ -9,12 +9,27 @@ model on echo + logprobs, RSS rose 928 -> 1807 MB over 320 requests, of which ~4
 the free pages inside the heap (madvise): RSS then levels off once the memory really in use has
 (1190 MB after ~110 requests on one thread; 1520 MB after ~300 on two, against 2332 MB and rising
 without). A trim costs ~1 ms (~30 ms the first time, releasing 320 MB).
+
+What trimming cannot give back is memory still in use, and oneDNN kept some growing: every distinct
+shape of a oneDNN product (above cpu_linear.NATIVE_MAX_TOKENS rows: prefill chunks, and with prompt
+logprobs the [T, V] head) creates a primitive, ~0.55 MB of JIT'd kernel and descriptors, and two caches
+keep up to 1024 of them each by default (ideep's, read from LRU_CACHE_CAPACITY, and oneDNN's,
+ONEDNN_PRIMITIVE_CACHE_CAPACITY). With varied prompt lengths they filled over hundreds of requests: the
+"in use" heap of the default model on echo + logprobs, two threads, grew 248 -> 862 MB over 272
+requests (heaptrack: the top holders were oneDNN's matmul primitive descriptors), and 600 linears of
+distinct row counts grew RSS 412 -> 1245 MB, flat at 368 MB with both caches at 128. bound_onednn_caches
+sets them (unless the user did) before the engine creates its first primitive.
 """
 
 from __future__ import annotations
 
 import ctypes
+import os
 import time
+
+# Entries in each of ideep's and oneDNN's primitive caches: ~70 MB at most. Varied prompt lengths miss
+# the cache anyway; a steady workload's shapes still fit.
+ONEDNN_CACHE_CAPACITY = 128
 
 
 def _find_malloc_trim():
@@ -28,6 +43,13 @@ def _find_malloc_trim():
 
 
 _malloc_trim = _find_malloc_trim()
+
+
+def bound_onednn_caches(capacity: int = ONEDNN_CACHE_CAPACITY) -> None:
+    """Cap oneDNN's primitive caches (environment values already set win). Effective only before the
+    process's first oneDNN primitive: both caches read their capacity once, when first used."""
+    for name in ("LRU_CACHE_CAPACITY", "ONEDNN_PRIMITIVE_CACHE_CAPACITY"):
+        os.environ.setdefault(name, str(capacity))
 
 
 def release_free_heap() -> bool:

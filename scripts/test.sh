@@ -5,7 +5,8 @@
 # kernel, model, runner, engine and server-smoke tests again with marserve treating the host as AVX2-only and
 # once as a CPU with no AVX at all (MARSERVE_NATIVE_ISA; torch and oneDNN capped alike), each leg a host ISA
 # above the capped one allows (on an AVX2 host the AVX2 leg is the host run itself). Every ISA the kernels
-# have is compiled by tests/kernels/test_native_build.py on any host. With arguments: one pytest run with them.
+# have is compiled by tests/kernels/test_native_build.py on any host. After the host leg, the soak's 2-minute form.
+# With arguments: one pytest run with them.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh || exit 1
@@ -34,6 +35,9 @@ LEG_TESTS=(tests/kernels tests/models tests/runner tests/engine tests/train/test
 failed=0
 echo "== host leg: $("$PY" -c "from marserve_kernels import cpu_features as c; print(c.describe())")"
 pytest_run tests || failed=1
+# The soak's 2-minute form (~5 min with its references, restarts and faults; scripts/soak.sh runs 30 minutes)
+echo "== soak: 2 minutes under 64 clients, then SIGTERM and SIGKILL under load (docs/reliability.md)"
+MARSERVE_SOAK_MINUTES=2 pytest_run -s tests/soak || failed=1
 
 leg() { # name, then env assignments
   local name=$1

@@ -22,7 +22,7 @@ from marserve.engine_config import EngineConfig
 from marserve.errors import ConfigError, RequestError
 from marserve.loader import generation_defaults, load_model, load_tokenizer
 from marserve.engine.model_runner import ModelRunner
-from marserve.native_memory import HeapTrimmer
+from marserve.native_memory import HeapTrimmer, bound_onednn_caches
 from marserve.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from marserve.engine.sampler import Sampler, SamplerOutput
 from marserve.sampling_params import SamplingParams
@@ -55,6 +55,7 @@ class _Request:
 class LLMEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
+        bound_onednn_caches()  # before packing or running the model creates the first oneDNN primitive
         ep, shard = distributed.setup(config)  # (None, None) without expert parallelism
         self.model, self.model_config = load_model(config.model, dtype=config.dtype, device=config.device,
                                                    expert_cache=config.expert_cache,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import signal
 import socket
 from contextlib import asynccontextmanager
 
@@ -32,6 +33,7 @@ from marserve_server.protocol import (
     ModelList,
     TokenizeRequest,
 )
+from marserve_server.request_outcomes import RequestOutcomes
 from marserve_server.serving import ServerState, off_loop, warn_if_tokens_outrun_the_prompt_bound
 from marserve_server.serving_chat import create_chat_completion, render_chat
 from marserve_server.serving_completions import create_completion
@@ -106,6 +108,7 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
     app.state.server = state
     errors.install(app, on_error=metrics.observe_error)
     app.add_middleware(_Guard, config=config, metrics=metrics)
+    app.add_middleware(RequestOutcomes, metrics=metrics)  # added last = outermost: sees the guard's answers too
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, raw: Request):
@@ -195,6 +198,11 @@ class _Server(uvicorn.Server):
     def handle_exit(self, sig, frame) -> None:
         self._state.draining = True
         super().handle_exit(sig, frame)
+        # uvicorn raises a captured signal again once it has shut down, so the process died of SIGTERM
+        # (exit -15 / 143) even after a clean drain. SIGTERM is how deployments stop a server: after the
+        # drain it exits 0. (SIGINT, Ctrl-C, is left to uvicorn's way.)
+        if sig == signal.SIGTERM:
+            self._captured_signals = [s for s in getattr(self, "_captured_signals", []) if s != signal.SIGTERM]
 
     async def shutdown(self, sockets=None) -> None:
         self._state.draining = True

@@ -13,6 +13,7 @@ from marserve.outputs import RequestOutput
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
                     20.0, 40.0, 80.0, 160.0)
+REQUEST_OUTCOMES = ("finished", "aborted", "rejected", "failed")
 _TOKEN_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
 
 
@@ -84,6 +85,16 @@ class ServerMetrics:
                                 ["model_name", "finished_reason"], registry=self.registry)
         self.http_errors = Counter("marserve:http_errors", "Requests answered with an error, by status.",
                                    ["model_name", "status"], registry=self.registry)
+        # Generation requests (/v1/completions, /v1/chat/completions) as they arrive and as they end: once
+        # nothing is in flight, received = the sum of ended over its outcomes (request_outcomes.py).
+        self.received = Counter("marserve:requests_received", "Generation requests received (any method, any body).",
+                                labels, registry=self.registry)
+        self.ended = Counter("marserve:requests_ended", "Generation requests ended, by outcome: finished, aborted "
+                             "(the client left), rejected (4xx), failed (5xx or an error event in the stream).",
+                             ["model_name", "outcome"], registry=self.registry)
+        self.received.labels(model_name)  # every count shows from the start, at 0
+        for outcome in REQUEST_OUTCOMES:
+            self.ended.labels(model_name, outcome)
         self.registry.register(_EngineCollector(engine, model_name))
 
     def observe_finished(self, out: RequestOutput) -> None:
@@ -101,6 +112,12 @@ class ServerMetrics:
                 self.e2e.labels(name).observe(end - m.arrival_time)
         for o in out.outputs:
             self.finished.labels(name, o.finish_reason or "unknown").inc()
+
+    def observe_received(self) -> None:
+        self.received.labels(self.model_name).inc()
+
+    def observe_ended(self, outcome: str) -> None:
+        self.ended.labels(self.model_name, outcome).inc()
 
     def observe_error(self, status: int) -> None:
         self.http_errors.labels(self.model_name, str(status)).inc()

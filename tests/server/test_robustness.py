@@ -119,17 +119,21 @@ def test_sigterm_finishes_running_requests_then_exits(baby_checkpoint):
                              "--log-level", "warning"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 300  # a start on a loaded 2-core host took over a minute
         while time.monotonic() < deadline:
             try:
                 if httpx.get(base + "/health", timeout=1).status_code == 200:
                     break
             except httpx.HTTPError:
                 time.sleep(0.1)
+        else:
+            pytest.fail("the server did not start")
+        # The first request may build the native kernels (minutes on a loaded host): not within the grace.
+        httpx.post(base + "/v1/completions", json={"prompt": "warm", "max_tokens": 4}, timeout=600)
         events = []
 
         def stream():
-            with httpx.stream("POST", base + "/v1/completions", timeout=60,
+            with httpx.stream("POST", base + "/v1/completions", timeout=300,
                               json={"prompt": "a long answer", "max_tokens": 60, "temperature": 0,
                                     "ignore_eos": True, "stream": True}) as r:
                 for line in r.iter_lines():
@@ -138,13 +142,14 @@ def test_sigterm_finishes_running_requests_then_exits(baby_checkpoint):
 
         t = threading.Thread(target=stream)
         t.start()
-        while not events:
+        while not events and t.is_alive():  # (a stream that failed would leave events empty for good)
             time.sleep(0.01)
+        assert events, "the stream failed before its first event"
         proc.send_signal(signal.SIGTERM)
         t.join(30)
         assert events[-1] == "data: [DONE]" and len(events) > 10  # the running request finished
-        # uvicorn re-raises the signal once drained, so the exit reads as "terminated by SIGTERM"
-        assert proc.wait(30) in (0, -signal.SIGTERM)
+        # A drained SIGTERM is an orderly stop: exit 0 (uvicorn alone raises the signal again: -15)
+        assert proc.wait(30) == 0
         with pytest.raises(httpx.ConnectError):
             httpx.get(base + "/health", timeout=2)
     finally:
