@@ -1,0 +1,332 @@
+"""Trace replay: a model of a GPU serving an MoE with an expert cache, driven by recorded routing traces.
+
+Nothing here runs a model: a routing trace (marserve/experts/traces.py) says which experts each token used
+in each MoE layer, and this file plays those decisions against an expert cache of a given size holding the
+experts of a real model (Mixtral-8x7B, Qwen3-30B-A3B, DeepSeek-V2-Lite), with the missing experts copied in
+over one link (PCIe 4.0 x16 from host RAM, or NVMe from disk), and adds up the time a batch-1 decode takes.
+
+The time model (what `replay()` computes; stated again in docs/benchmarks.md, "Expert offloading"):
+- Compute, per MoE layer: batch-1 decode on a GPU is bound by reading weights from its memory, so
+  attention takes attention bytes / HBM bandwidth and the MoE part (K routed + shared experts) takes
+  their bytes / HBM bandwidth, each plus a fixed launch overhead; per token, the LM head adds its bytes /
+  HBM bandwidth. KV-cache reads are left out (short contexts).
+- The cache: each MoE layer has its own pool of `capacity` expert slots (budget share x experts, at least
+  K: one token's experts must fit), filled at start with the experts of highest prior usage (MAR usage or
+  calibration) for every policy, the baseline included.
+- The link: one transfer at a time, expert bytes / link bandwidth each. A miss (an expert not in the pool
+  when its layer routes) is copied at once, ahead of queued prefetches; the layer waits for all its
+  experts (a stall). A prefetch is queued when a layer routes, for predicted experts of the next
+  `lookahead` layers, and starts only when the link is free (it never delays a miss that comes later);
+  a queued prefetch whose layer has routed is dropped. A prefetched expert still in flight when its layer
+  routes is waited for (a shorter stall).
+- Eviction picks a victim in the layer's pool, never an expert the current layer uses nor one in flight
+  for a prefetch: `lru` (least recently used), `lfu` (fewest uses since start), `mar` (keeps predicted
+  experts not yet used, then the highest blend of prior usage and recent use).
+
+Legend: T=tokens, L=MoE layers, K=experts per token, E=experts per layer, D=lookahead layers,
+M=experts predicted per lookahead layer.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from marserve.errors import ConfigError
+
+POLICIES = ("lru", "lfu", "mar")
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """The expert sizes and counts of a real MoE (bf16), and the shape of the small model trained here to
+    record its routing traces (same E and top-k; tiny hidden size)."""
+
+    name: str
+    num_moe_layers: int
+    num_experts: int
+    top_k: int
+    hidden_size: int
+    expert_intermediate: int
+    num_shared_experts: int
+    attention_params: int  # per layer (q, k, v, o projections)
+    lm_head_params: int
+    bytes_per_param: int = 2
+    proxy_arch: str = "qwen3_moe"  # `marserve train --arch` of the trace model
+    proxy_note: str = ""
+
+    @property
+    def expert_bytes(self) -> int:
+        return 3 * self.hidden_size * self.expert_intermediate * self.bytes_per_param  # gate, up, down
+
+    @property
+    def total_expert_bytes(self) -> int:
+        return self.num_moe_layers * self.num_experts * self.expert_bytes
+
+
+# Published configs (config.json of each checkpoint on the Hub), bf16.
+SERVED_MODELS = {
+    "mixtral-8x7b": ServedModel(
+        "Mixtral-8x7B", num_moe_layers=32, num_experts=8, top_k=2, hidden_size=4096, expert_intermediate=14336,
+        num_shared_experts=0, attention_params=4096 * (4096 + 2 * 1024) + 4096 * 4096, lm_head_params=32000 * 4096,
+        proxy_arch="mixtral"),
+    "qwen3-30b-a3b": ServedModel(
+        "Qwen3-30B-A3B", num_moe_layers=48, num_experts=128, top_k=8, hidden_size=2048, expert_intermediate=768,
+        num_shared_experts=0, attention_params=2048 * (4096 + 2 * 512) + 4096 * 2048, lm_head_params=151936 * 2048,
+        proxy_arch="qwen3_moe"),
+    # MLA attention (q 2048x3072, kv_a 2048x576, kv_b 512x4096, o 2048x2048); the first layer is dense and
+    # left out. The trace model (qwen2_moe) has one shared expert, not two: shared experts are always
+    # resident and never routed, so the trace is unaffected; the time model counts two.
+    "deepseek-v2-lite": ServedModel(
+        "DeepSeek-V2-Lite", num_moe_layers=26, num_experts=64, top_k=6, hidden_size=2048, expert_intermediate=1408,
+        num_shared_experts=2, attention_params=2048 * 3072 + 2048 * 576 + 512 * 4096 + 2048 * 2048,
+        lm_head_params=102400 * 2048, proxy_arch="qwen2_moe", proxy_note="one shared expert in the trace model"),
+}
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """The modelled machine. The defaults: an RTX 4090-class GPU (~1 TB/s), PCIe 4.0 x16, a PCIe 4.0 NVMe."""
+
+    hbm_gbs: float = 1000.0
+    pcie_gbs: float = 25.0
+    nvme_gbs: float = 7.0
+    launch_overhead_s: float = 20e-6  # per attention or MoE part of a layer
+
+    def link_gbs(self, tier: str) -> float:
+        if tier == "host":
+            return self.pcie_gbs
+        if tier == "disk":  # NVMe -> host -> GPU, pipelined: the slower link sets the rate
+            return min(self.nvme_gbs, self.pcie_gbs)
+        raise ConfigError(f"tier must be 'host' or 'disk', got {tier!r}")
+
+
+@dataclass(frozen=True)
+class ReplayConfig:
+    budget: float  # share of all expert bytes the cache holds
+    policy: str = "lru"
+    prefetch: bool = False
+    lookahead: int = 2  # D: layers ahead predicted at each routing
+    width: int | None = None  # M: experts prefetched per predicted layer (default K)
+    tier: str = "host"
+
+    def __post_init__(self):
+        if not 0 < self.budget <= 1:
+            raise ConfigError(f"budget must be a share in (0, 1], got {self.budget}")
+        if self.policy not in POLICIES:
+            raise ConfigError(f"policy must be one of {POLICIES}, got {self.policy!r}")
+        if self.lookahead < 1:
+            raise ConfigError("lookahead must be >= 1 layer")
+
+
+@dataclass
+class ReplayResult:
+    tokens: int = 0
+    lookups: int = 0
+    hits: int = 0
+    misses: int = 0
+    prefetches: int = 0
+    prefetch_hits: int = 0
+    bytes_moved: int = 0
+    stall_s: float = 0.0
+    compute_s: float = 0.0
+    time_s: float = 0.0
+    capacity: int = 0  # slots per layer
+    clamped: bool = False  # the budget was below K experts per layer and was raised to it
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / self.lookups if self.lookups else 1.0
+
+    @property
+    def ms_per_token(self) -> float:
+        return 1e3 * self.time_s / self.tokens if self.tokens else 0.0
+
+    @property
+    def precision(self) -> float:
+        """prefetch_hits / prefetches: the share of prefetched experts used before eviction."""
+        return self.prefetch_hits / self.prefetches if self.prefetches else 0.0
+
+    @property
+    def recall(self) -> float:
+        """prefetch_hits / (prefetch_hits + misses): the share of would-be misses that a prefetch served."""
+        return self.prefetch_hits / (self.prefetch_hits + self.misses) if self.prefetch_hits + self.misses else 0.0
+
+    def row(self) -> dict:
+        return {"tokens": self.tokens, "lookups": self.lookups, "hits": self.hits, "misses": self.misses,
+                "hit_rate": self.hit_rate, "prefetches": self.prefetches, "prefetch_hits": self.prefetch_hits,
+                "precision": self.precision, "recall": self.recall, "bytes_moved": self.bytes_moved,
+                "stall_s": self.stall_s, "compute_s": self.compute_s, "time_s": self.time_s,
+                "ms_per_token": self.ms_per_token, "capacity_per_layer": self.capacity, "clamped": self.clamped}
+
+
+@dataclass
+class _Slot:
+    ready_at: float  # when its bytes are in fast memory
+    last_used: float
+    prefetched: bool = False  # copied by a prefetch and not used since
+    wanted_at: int = -1  # position (token x L + layer) the prefetch was for
+
+
+@dataclass
+class _Pool:
+    """One MoE layer's expert slots and the policy's bookkeeping."""
+
+    capacity: int
+    slots: dict[int, _Slot] = field(default_factory=dict)
+    counts: np.ndarray | None = None  # uses per expert since start (lfu; kept across evictions)
+    recent: np.ndarray | None = None  # exponential average of use per token (mar)
+    prior: np.ndarray | None = None  # [E] usage prior, sums to 1 (mar)
+
+
+def _victim(pool: _Pool, policy: str, keep: set[int], in_flight_ok: bool, now: float, pos: int) -> int | None:
+    """The expert to evict from a full pool, or None when every slot is protected."""
+    candidates = [e for e, s in pool.slots.items() if e not in keep and (in_flight_ok or s.ready_at <= now)]
+    if not candidates:
+        return None
+    if policy == "lru":
+        return min(candidates, key=lambda e: pool.slots[e].last_used)
+    if policy == "lfu":
+        return min(candidates, key=lambda e: (pool.counts[e], pool.slots[e].last_used))
+    # mar: a prefetched expert whose layer has not routed yet is kept (a live prediction says it comes next),
+    # then the blend of the prior (what the expert is for over many tokens) and recent use (what this text
+    # needs now).
+    return min(candidates, key=lambda e: (pool.slots[e].prefetched and pool.slots[e].wanted_at > pos,
+                                          0.5 * pool.prior[e] + 0.5 * pool.recent[e], pool.slots[e].last_used))
+
+
+def replay(ids: np.ndarray, served: ServedModel, cfg: ReplayConfig, hw: Hardware = Hardware(),
+           predictions: np.ndarray | None = None, usage: np.ndarray | None = None) -> ReplayResult:
+    """Plays a routing trace against the modelled cache.
+
+    ids [T, L, K] expert ids per token and MoE layer (L must equal served.num_moe_layers); predictions
+    [T, L, D', M'] ids predicted at layer l for layer l+1+d (needed with cfg.prefetch; the first cfg.lookahead
+    and cfg.width of them are used); usage [L, E] the placement prior (None: pools start empty and `mar`
+    uses recent use only).
+    """
+    T, L, K = ids.shape
+    E = served.num_experts
+    if L != served.num_moe_layers or K != served.top_k:
+        raise ConfigError(f"trace has {L} layers x top-{K} but {served.name} has {served.num_moe_layers} x "
+                          f"top-{served.top_k}")
+    if cfg.prefetch and predictions is None:
+        raise ConfigError("prefetch needs predictions")
+    capacity = max(K, int(round(cfg.budget * E)))
+    res = ReplayResult(capacity=capacity, clamped=cfg.budget * E < K)
+    gbs = 1e9
+    transfer_s = served.expert_bytes / (hw.link_gbs(cfg.tier) * gbs)
+    attn_s = served.attention_params * served.bytes_per_param / (hw.hbm_gbs * gbs) + hw.launch_overhead_s
+    moe_s = (K + served.num_shared_experts) * served.expert_bytes / (hw.hbm_gbs * gbs) + hw.launch_overhead_s
+    head_s = served.lm_head_params * served.bytes_per_param / (hw.hbm_gbs * gbs)
+    prior = (usage / usage.sum(axis=1, keepdims=True)) if usage is not None else np.full((L, E), 1.0 / E)
+    pools = []
+    for layer in range(L):
+        pool = _Pool(capacity, counts=np.zeros(E, np.int64), recent=prior[layer].copy(), prior=prior[layer])
+        if usage is not None:
+            for e in np.argsort(-usage[layer], kind="stable")[:capacity]:
+                pool.slots[int(e)] = _Slot(ready_at=0.0, last_used=-1.0)
+        pools.append(pool)
+    width = cfg.width or K
+    queue: deque = deque()  # queued prefetches: (target position t*L+l, layer, expert, issued at)
+    queued: set[tuple[int, int]] = set()  # (target position, expert) in the queue
+    link_free = 0.0
+    now = 0.0
+
+    def start_queued(pos_now: int, until: float) -> None:
+        """Start queued prefetches in order while the link frees up before `until` (a miss at `until` goes
+        first after that)."""
+        nonlocal link_free
+        while queue and link_free < until:
+            pos, layer, e, issued = queue[0]
+            start = max(link_free, issued)
+            if start >= until:
+                break
+            queue.popleft()
+            queued.discard((pos, e))
+            pool = pools[layer]
+            if pos <= pos_now or e in pool.slots:
+                continue  # its layer has routed already, or an earlier prefetch brought it
+            if len(pool.slots) >= pool.capacity:
+                victim = _victim(pool, cfg.policy, set(), in_flight_ok=False, now=start, pos=pos_now)
+                if victim is None:
+                    continue
+                del pool.slots[victim]
+            link_free = start + transfer_s
+            pool.slots[e] = _Slot(ready_at=link_free, last_used=start, prefetched=True, wanted_at=pos)
+            res.prefetches += 1
+            res.bytes_moved += served.expert_bytes
+
+    for t in range(T):
+        for layer in range(L):
+            pos = t * L + layer
+            now += attn_s  # attention, then the router decides
+            start_queued(pos - 1, now)
+            pool = pools[layer]
+            needed = [int(e) for e in ids[t, layer]]
+            keep = set(needed)
+            ready = now
+            for e in needed:
+                res.lookups += 1
+                slot = pool.slots.get(e)
+                if slot is not None:
+                    res.hits += 1
+                    if slot.prefetched:
+                        res.prefetch_hits += 1
+                        slot.prefetched = False
+                else:
+                    res.misses += 1
+                    if len(pool.slots) >= pool.capacity:
+                        # a miss may evict a prefetch still in flight (its transfer is wasted)
+                        del pool.slots[_victim(pool, cfg.policy, keep, in_flight_ok=True, now=now, pos=pos)]
+                    link_free = max(now, link_free) + transfer_s
+                    slot = pool.slots[e] = _Slot(ready_at=link_free, last_used=now)
+                    res.bytes_moved += served.expert_bytes
+                slot.last_used = now
+                pool.counts[e] += 1
+                ready = max(ready, slot.ready_at)
+            pool.recent *= 0.9
+            pool.recent[needed] += 0.1 / K
+            if cfg.prefetch:
+                for d in range(min(cfg.lookahead, predictions.shape[2])):
+                    target = layer + 1 + d
+                    if target >= L:
+                        break
+                    for e in predictions[t, layer, d, :width]:
+                        e = int(e)
+                        key = (t * L + target, e)
+                        if e not in pools[target].slots and key not in queued:
+                            queue.append((key[0], target, e, now))
+                            queued.add(key)
+            res.stall_s += ready - now
+            now = ready + moe_s
+            res.compute_s += attn_s + moe_s
+        now += head_s
+        res.compute_s += head_s
+        res.tokens += 1
+    res.time_s = now
+    return res
+
+
+def lookahead_predictions(blocks, router_inputs: np.ndarray, lookahead: int, width: int) -> np.ndarray:
+    """The stand-in predictor ("router lookahead"): MoE layer l+1+d's own router (gate, plus MAR affinity on
+    MAR layers) evaluated on layer l's router input; its top-`width` experts are the prediction.
+
+    blocks: the model's SparseMoeBlocks in layer order; router_inputs [T, L, H] -> [T, L, D, M] int16 (rows
+    past the last layer are 0 and never read).
+    """
+    import torch
+    T, L, _ = router_inputs.shape
+    out = np.zeros((T, L, lookahead, width), np.int16)
+    with torch.no_grad():
+        for layer in range(L):
+            x = torch.from_numpy(router_inputs[:, layer].astype(np.float32))
+            for d in range(lookahead):
+                target = layer + 1 + d
+                if target >= L:
+                    break
+                logits = blocks[target].router_logits(x.to(blocks[target].gate.weight.dtype)
+                                                      if hasattr(blocks[target].gate, "weight") else x)
+                out[:, layer, d] = torch.topk(logits.float(), width, dim=-1).indices.numpy()
+    return out
