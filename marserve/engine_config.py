@@ -20,6 +20,12 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048  # tokens computed in one step (prefill chunks + decodes)
     max_model_len: int | None = None  # None = the model's max_position_embeddings, capped by the KV cache
     enable_prefix_caching: bool = True
+    # Expert offloading (docs/offload.md): the share of all expert bytes kept in fast memory (1.0 = every expert
+    # resident, the default), or a size in GB instead; the eviction policy; whether experts are read ahead.
+    expert_cache: float = 1.0
+    expert_cache_gb: float | None = None
+    expert_policy: str = "lru"
+    prefetch: bool = True
 
     def __post_init__(self):
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
@@ -29,3 +35,13 @@ class EngineConfig:
             raise ConfigError(f"kv_cache_gb must be positive, got {self.kv_cache_gb}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ConfigError(f"max_model_len must be at least 2, got {self.max_model_len}")
+        if not 0 < self.expert_cache <= 1:
+            raise ConfigError(f"expert_cache is a share of the experts' bytes in (0, 1], got {self.expert_cache}")
+        if self.expert_cache_gb is not None:
+            if self.expert_cache_gb <= 0:
+                raise ConfigError(f"expert_cache_gb must be positive, got {self.expert_cache_gb}")
+            if self.expert_cache != 1.0:
+                raise ConfigError("give expert_cache (a share) or expert_cache_gb (a size), not both")
+        from marserve.experts.policies import POLICIES
+        if self.expert_policy not in POLICIES:
+            raise ConfigError(f"expert_policy {self.expert_policy!r} is not one of {', '.join(POLICIES)}")

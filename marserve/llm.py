@@ -24,7 +24,8 @@ _ids = itertools.count()
 class LLM:
     def __init__(self, model: str | Path, dtype: str = "auto", device: str = "cpu", seed: int = 0, **engine_kwargs):
         """engine_kwargs: kv_cache_gb, block_size, max_num_seqs, max_num_batched_tokens, max_model_len,
-        enable_prefix_caching (see marserve.engine_config.EngineConfig)."""
+        enable_prefix_caching, expert_cache, expert_cache_gb, expert_policy, prefetch (see
+        marserve.engine_config.EngineConfig; docs/offload.md for the expert ones)."""
         self.model_dir = Path(model)
         self.engine = LLMEngine(EngineConfig(model=self.model_dir, dtype=dtype, device=device, seed=seed,
                                              **engine_kwargs))

@@ -91,18 +91,29 @@ def _open(path: Path):
         raise CheckpointError(f"{path}: truncated or corrupt safetensors file ({e})") from None
 
 
-def load_model(model_dir, dtype: str | torch.dtype = "auto", device: str = "cpu"):
-    """Build the architecture on `meta`, then fill every parameter and buffer from the checkpoint -> (model, config)."""
+def load_model(model_dir, dtype: str | torch.dtype = "auto", device: str = "cpu", expert_cache: float = 1.0,
+               expert_cache_gb: float | None = None, expert_policy: str = "lru"):
+    """Build the architecture on `meta`, then fill every parameter and buffer from the checkpoint -> (model, config).
+
+    With an expert budget below all experts (expert_cache < 1, or expert_cache_gb), each MoE block gets an
+    offloading provider instead (marserve/experts/offloaded.py): expert tensors are not read here, only located,
+    and the store streams them once afterwards (checksums, initial resident set)."""
     model_dir = Path(model_dir)
     config = ModelConfig.from_dir(model_dir)
     torch_dtype = resolve_dtype(dtype, config, device)
     with torch.device("meta"):
         model = get_model_class(config.model_type)(config)
+    files = checkpoint_files(model_dir)
+    offload = None
+    if expert_cache < 1.0 or expert_cache_gb is not None:
+        from marserve.experts import offloaded
+        offload = offloaded.plan(model, config, model_dir, files, torch_dtype, expert_cache, expert_cache_gb,
+                                 expert_policy)
+    skipped = offload.tensor_names if offload is not None else set()
     targets = dict(model.named_parameters(remove_duplicate=False))
     targets.update(dict(model.named_buffers()))
     expected = {n: tuple(t.shape) for n, t in targets.items()}
     filled: dict[str, set] = {}  # target -> parts filled (None = whole, (expert, half) for slices)
-    files = checkpoint_files(model_dir)
     by_file: dict[Path, list[str]] = {}
     for name, f in files.items():
         by_file.setdefault(f, []).append(name)
@@ -114,12 +125,17 @@ def load_model(model_dir, dtype: str | torch.dtype = "auto", device: str = "cpu"
                 for name in names:
                     if name not in present:
                         raise CheckpointError(f"{path}: tensor {name} listed in the index is not in the file")
+                    if name in skipped:  # an offloaded expert: the store reads it by offset when needed
+                        shown.update()
+                        continue
                     _load_one(model, config, path, f, name, targets, expected, filled, torch_dtype, device)
                     shown.update()
     _check_complete(model, config, model_dir, expected, filled)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.eval()
+    if offload is not None:
+        offload.start()
     return model, config
 
 
@@ -164,7 +180,6 @@ def _load_one(model, config, path, f, name, targets, expected, filled, dtype, de
     filled.setdefault(target, set()).add((expert, half))
 
 
-_ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
 _headers: dict = {}
 
 
@@ -174,16 +189,15 @@ def _read_into(path: Path, name: str, dest: torch.Tensor) -> None:
     Copying out of an mmap would keep the touched file pages mapped next to the stacked copy (2x RSS);
     a plain read into the destination costs one copy and no extra resident memory.
     """
+    from marserve.experts.checkpoint_index import ST_DTYPES, read_header
     key = str(path)
     if key not in _headers:
-        with open(path, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            _headers.clear()  # one file at a time: shards are visited in order
-            _headers[key] = (8 + n, json.loads(f.read(n)))
+        _headers.clear()  # one file at a time: shards are visited in order
+        _headers[key] = read_header(path)
     data_start, header = _headers[key]
     entry = header[name]
     begin, end = entry["data_offsets"]
-    src_dtype = _ST_DTYPES.get(entry["dtype"])
+    src_dtype = ST_DTYPES.get(entry["dtype"])
     if src_dtype is None:
         raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {entry['dtype']}")
     direct = src_dtype == dest.dtype and dest.is_contiguous() and dest.device.type == "cpu"

@@ -54,7 +54,12 @@ class _Request:
 class LLMEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
-        self.model, self.model_config = load_model(config.model, dtype=config.dtype, device=config.device)
+        self.model, self.model_config = load_model(config.model, dtype=config.dtype, device=config.device,
+                                                   expert_cache=config.expert_cache,
+                                                   expert_cache_gb=config.expert_cache_gb,
+                                                   expert_policy=config.expert_policy)
+        self.expert_store = getattr(self.model, "expert_store", None)  # set when experts are offloaded
+        self.prefetcher = self._make_prefetcher() if config.prefetch and self.expert_store is not None else None
         if torch.device(config.device).type == "cpu":
             with progress.stage("packing the weights for the CPU"):
                 self.model.pack_for_cpu()  # inference only from here: q/k/v fused; oneDNN-packed if no native kernel
@@ -86,6 +91,19 @@ class LLMEngine:
         torch.manual_seed(config.seed)  # unseeded requests draw from the global generator
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
+
+    def _make_prefetcher(self):
+        """marserve.experts.prefetcher.Prefetcher over the checkpoint's preferences, installed; None when this
+        build has no prefetcher module (then experts are read on demand only)."""
+        try:
+            from marserve.experts.prefetcher import Prefetcher
+            from marserve.experts.preferences import load_preferences
+        except ImportError:
+            logger.info("no expert prefetcher in this build: experts are read when first used")
+            return None
+        prefetcher = Prefetcher(self.model, load_preferences(self.config.model, self.model))
+        prefetcher.install()
+        return prefetcher
 
     # ---- requests -------------------------------------------------------------------------------
 
@@ -174,7 +192,12 @@ class LLMEngine:
         for seq in out.seqs:
             m = self.requests[seq.request_id].metrics
             m.first_scheduled_time = m.first_scheduled_time or now
-        # 2. prefetch: a hook for the expert prefetcher (all experts are resident today).
+        if self.prefetcher is not None:  # 2. prefetch: ask for the experts this step is predicted to use
+            try:
+                self.prefetcher.before_step([list(c.token_ids) for c in out.chunks],
+                                            [c.start_pos < len(s.prompt_token_ids) for s, c in zip(out.seqs, out.chunks)])
+            except Exception:  # noqa: BLE001 - a prediction is advisory: a miss is read when needed
+                logger.exception("the expert prefetcher failed before a step; running the step without it")
         try:
             logits = self.runner.execute(out.chunks)  # 3. execute
             self.scheduler.update(out)
@@ -187,6 +210,9 @@ class LLMEngine:
         else:
             self._record_prompt_logprobs(out)
             self._sample_and_check(out, logits)  # 4. sample, 5. update
+        finally:
+            if self.expert_store is not None:
+                self.expert_store.end_pass()  # this thread's forward is over: its experts may be evicted
         touched = {s.request_id for s in out.seqs} | {s.request_id for s in out.preempted}
         outputs = [self._output(rid) for rid in touched if rid in self.requests]
         if any(o.finished for o in outputs):

@@ -1,0 +1,147 @@
+"""Expert offloading for a model: the budget in expert slots (and its minimum), the ExpertProvider of each MoE
+layer backed by the shared ExpertStore, and the two steps the loader takes (`plan` before reading weights, so
+expert tensors are never read into the model; `Offload.start` after, once the MAR usage is loaded).
+
+Legend: T=tokens, K=experts per token, E=experts per layer, L=MoE layers, I=expert intermediate, H=hidden.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from marserve.errors import ConfigError
+from marserve.experts.checkpoint_index import CheckpointIndex
+from marserve.experts.policies import make_policy
+from marserve.experts.provider import ExpertProvider, ExpertWeights
+from marserve.experts.store import ExpertStore
+
+logger = logging.getLogger(__name__)
+CALIBRATION_FILE = "mar_preferences.safetensors"
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How many expert slots the fast tier gets, against the minimum and the total."""
+
+    num_slots: int
+    min_slots: int
+    total: int  # experts of all MoE layers
+    expert_bytes: int  # one expert in the compute dtype
+    top_k: int
+    num_layers: int  # MoE layers
+    num_experts: int  # per layer
+
+    @property
+    def offloads(self) -> bool:
+        return self.num_slots < self.total
+
+
+def budget_for(config, dtype: torch.dtype, expert_cache: float = 1.0, expert_cache_gb: float | None = None) -> Budget:
+    """The slots a budget buys (a share of all experts, or GB of fast memory in the compute dtype); ConfigError,
+    naming the minimum, when it is below one decode step's active experts (K x L) or one layer's experts (E): a
+    step must be able to hold what it computes with at once."""
+    E, K, H, I = config.num_experts, config.num_experts_per_tok, config.hidden_size, config.moe_intermediate_size
+    L = sum(config.is_moe_layer(i) for i in range(config.num_hidden_layers))
+    expert_bytes = 3 * I * H * torch.empty((), dtype=dtype).element_size()
+    total = E * L
+    if expert_cache_gb is not None:
+        slots, asked = min(total, int(expert_cache_gb * 2**30 // expert_bytes)), f"expert_cache_gb={expert_cache_gb}"
+    else:
+        slots, asked = min(total, int(expert_cache * total + 1e-9)), f"expert_cache={expert_cache}"
+    minimum = min(total, max(K * L, E))
+    budget = Budget(slots, minimum, total, expert_bytes, K, L, E)
+    if slots < minimum:
+        raise ConfigError(
+            f"{asked} holds {slots} of the model's {total} experts; the minimum is {minimum} "
+            f"(expert_cache={minimum / total:.4g}, expert_cache_gb={minimum * expert_bytes / 2**30:.4g}): one decode "
+            f"step's {K} experts x {L} MoE layers, and at least one layer's {E}")
+    return budget
+
+
+class OffloadedExperts(ExpertProvider):
+    """One MoE layer's experts, served from the shared store's slot pool: fetch() returns the whole pool with the
+    routing ids remapped to slots (the MoE kernels read only the rows named)."""
+
+    def __init__(self, store: ExpertStore, layer_idx: int, num_experts: int, hidden_size: int,
+                 intermediate_size: int):
+        super().__init__(layer_idx, num_experts, hidden_size, intermediate_size)
+        self.store = store
+        self.stats = store.stats[layer_idx]  # the store counts; the provider shows them
+
+    def fetch(self, topk_ids: torch.Tensor) -> ExpertWeights:
+        counts = Counter(topk_ids.reshape(-1).tolist())  # expert -> routing decisions, first use first
+        slots = self.store.fetch(self.layer_idx, counts)
+        lut = torch.zeros(self.num_experts, dtype=topk_ids.dtype)  # expert -> slot; unused experts -> 0, unread
+        lut[list(slots)] = torch.tensor(list(slots.values()), dtype=topk_ids.dtype)
+        return ExpertWeights(self.store.w13, self.store.w2, lut[topk_ids])  # [S,2I,H], [S,H,I], [T,K] slots
+
+    def prefetch(self, expert_ids: torch.Tensor) -> None:
+        self.store.prefetch(self.layer_idx, [int(e) for e in expert_ids.reshape(-1).tolist()])
+
+    def set_scores(self, usage: torch.Tensor) -> None:
+        self.store.policy.set_scores(self.layer_idx, [float(u) for u in usage.reshape(-1).tolist()])
+
+
+class Offload:
+    """A model's offloading between the two loader steps; afterwards kept as `model.expert_store`'s owner."""
+
+    def __init__(self, model, budget: Budget, store: ExpertStore, model_dir: Path):
+        self.model, self.budget, self.store, self.model_dir = model, budget, store, model_dir
+
+    @property
+    def tensor_names(self) -> set[str]:
+        """Checkpoint tensors the loader must not read (the store reads them, by offset, when needed)."""
+        return self.store.index.tensor_names
+
+    def start(self) -> ExpertStore:
+        """After the loader: set each layer's usage prior (MAR usage, else the calibration file), then stream
+        the experts once (checksums, initial resident set)."""
+        usage = _calibration_usage(self.model_dir)
+        for block in self.model.moe_blocks():
+            if block.has_mar:
+                block.experts.set_scores(block.mar_usage)
+            elif block.layer_idx in usage:
+                block.experts.set_scores(usage[block.layer_idx])
+        self.store.start()
+        b = self.budget
+        logger.info("experts offloaded: %d of %d resident (%.2f GB of %.2f GB), policy %s", b.num_slots, b.total,
+                    b.num_slots * b.expert_bytes / 2**30, b.total * b.expert_bytes / 2**30, self.store.policy.name)
+        self.model.expert_store = self.store
+        return self.store
+
+
+def plan(model, config, model_dir: Path, files: dict[str, Path], dtype: torch.dtype, expert_cache: float = 1.0,
+         expert_cache_gb: float | None = None, expert_policy: str = "lru") -> Offload | None:
+    """Before any weight is read: None when the budget holds every expert (the resident path, unchanged); else
+    swap each MoE block's provider for an OffloadedExperts over one new store and return the Offload."""
+    budget = budget_for(config, dtype, expert_cache, expert_cache_gb)
+    if not budget.offloads:
+        return None
+    index = CheckpointIndex.build(model, files)
+    policy = make_policy(expert_policy, budget.num_layers)
+    store = ExpertStore(index, budget.num_slots, budget.min_slots, policy, config.hidden_size,
+                        config.moe_intermediate_size, dtype)
+    for block in model.moe_blocks():
+        block.experts = OffloadedExperts(store, block.layer_idx, config.num_experts, config.hidden_size,
+                                         config.moe_intermediate_size)
+    return Offload(model, budget, store, model_dir)
+
+
+def _calibration_usage(model_dir: Path) -> dict[int, torch.Tensor]:
+    """layer -> usage [E] from `marserve calibrate`'s file (keys layers.{l}.usage), when there is one."""
+    path = Path(model_dir) / CALIBRATION_FILE
+    if not path.is_file():
+        return {}
+    from safetensors import safe_open
+    out = {}
+    with safe_open(str(path), framework="pt") as f:
+        for name in f.keys():
+            parts = name.split(".")
+            if len(parts) == 3 and parts[0] == "layers" and parts[2] == "usage":
+                out[int(parts[1])] = f.get_tensor(name)
+    return out

@@ -1,0 +1,303 @@
+"""The tiered expert store: a bounded pool of expert slots in fast memory (shared by every MoE layer) over the
+checkpoint's own safetensors files (the slow tier), read by byte offset on demand or ahead of time.
+
+Honest budget: only the pool holds expert weights. Reads use os.preadv into the slot (or a staging buffer when
+the file's dtype differs from the compute dtype) and then posix_fadvise(DONTNEED) on the range, so the page cache
+does not quietly keep the slow tier in RAM; nothing maps the expert bytes. Each piece's CRC-32 is computed once
+at start (while streaming the bytes to fill the initial resident set) and checked on every later read: a
+mismatch is read again, then fails with the file and tensor named. `fault_hook` (tests only, never reachable
+over HTTP) may damage a read's bytes to prove that.
+
+Concurrency: one lock guards the slot tables; reads run outside it (preadv and zlib.crc32 release the GIL).
+A fetch pins the slots it returns until the same thread's next fetch (the block computes with them in between),
+so at most one layer's experts per computing thread are pinned. Prefetches run on a small thread pool; a fetch of
+an expert still being read waits for that read instead of reading twice.
+
+Legend: S=slots, I=expert intermediate size, H=hidden size, E=experts per layer.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from marserve import hugepages, progress
+from marserve.errors import CheckpointError
+from marserve.experts.checkpoint_index import CheckpointIndex, Piece
+from marserve.experts.policies import EvictionPolicy, Key
+from marserve.experts.provider import ExpertCacheStats
+
+logger = logging.getLogger(__name__)
+
+
+class ExpertStore:
+    def __init__(self, index: CheckpointIndex, num_slots: int, min_slots: int, policy: EvictionPolicy,
+                 hidden_size: int, intermediate_size: int, dtype: torch.dtype, read_threads: int = 2):
+        H, I = hidden_size, intermediate_size
+        self.index, self.policy, self.dtype = index, policy, dtype
+        self.num_slots, self.min_slots = num_slots, min_slots
+        self.w13 = hugepages.empty((num_slots, 2 * I, H), dtype)  # [S, 2I, H]
+        self.w2 = hugepages.empty((num_slots, H, I), dtype)  # [S, H, I]
+        self.stats = {layer: ExpertCacheStats(layer) for layer in index.layer_ids}
+        self.fault_hook = None  # tests: called as hook(piece, buffer: memoryview) after each runtime read
+        self._cond = threading.Condition()
+        self._slot_key: list[Key | None] = [None] * num_slots
+        self._slot_of: dict[Key, int] = {}
+        self._free = list(range(num_slots - 1, -1, -1))
+        self._loading: set[int] = set()  # slots whose bytes are being read
+        self._pins = [0] * num_slots
+        self._hot: set[int] = set()  # pinned for good (mar's hottest experts)
+        self._active: dict[int, list[int]] = {}  # thread id -> slots pinned by its last fetch
+        self._prefetched: set[Key] = set()  # read ahead and not yet used
+        self._fetches_waiting = 0  # prefetches stand back while a fetch waits for a slot
+        self._crc: dict[Piece, int] = {}
+        self._fds: dict = {}
+        self._pool = ThreadPoolExecutor(max_workers=read_threads, thread_name_prefix="expert-read")
+
+    # ---- start: checksums and the initial resident set ------------------------------------------------
+
+    def start(self) -> None:
+        """Stream every expert's bytes once: record each piece's CRC-32, and keep the experts the policy prefers
+        (usage prior) in the pool until it is full; the hottest are pinned for good when the policy says so."""
+        keys = [(layer, e) for layer, per in self.index.pieces.items() for e in range(len(per))]
+        keep = self.policy.by_preference(keys)
+        initial = keep[:self.num_slots]
+        hot = set(keep[:self.policy.num_pinned(self.num_slots, self.min_slots)])
+        initial_set = set(initial)
+        with progress.bar(total=len(keys), desc="indexing experts", unit="expert") as shown:
+            for key in keys:
+                slot = None
+                if key in initial_set:
+                    slot = self._free.pop()
+                    self._slot_key[slot], self._slot_of[key] = key, slot
+                    self.policy.on_insert(key)
+                    if key in hot:
+                        self._hot.add(slot)
+                for piece in self.index.pieces[key[0]][key[1]]:
+                    self._read_piece(piece, slot, record=True)
+                shown.update()
+
+    # ---- the two calls the providers make ----------------------------------------------------------
+
+    def fetch(self, layer: int, counts: dict[int, int]) -> dict[int, int]:
+        """Make every expert in `counts` (expert -> routing decisions) resident, pin them until this thread's next
+        fetch -> expert -> slot. Misses are read here, synchronously; the time waited is stall time."""
+        start = time.perf_counter()
+        stats = self.stats[layer]
+        reads: list[tuple[Key, int]] = []
+        waits: list[tuple[Key, int]] = []
+        out: dict[int, int] = {}
+        me = threading.get_ident()
+        with self._cond:
+            for s in self._active.pop(me, ()):
+                self._pins[s] -= 1
+            self.policy.advance()
+            pinned = self._active[me] = []
+            for e, n in counts.items():
+                key = (layer, e)
+                stats.lookups += n
+                slot = self._slot_of.get(key)
+                if slot is None:
+                    slot = self._claim(wait=True)
+                    self._occupy(slot, key)
+                    reads.append((key, slot))
+                    stats.misses += n
+                else:
+                    stats.hits += n
+                    if slot in self._loading:
+                        waits.append((key, slot))
+                    if key in self._prefetched:
+                        self._prefetched.discard(key)
+                        stats.prefetch_hits += 1
+                self._pins[slot] += 1
+                pinned.append(slot)
+                out[e] = slot
+                self.policy.on_access(key, n)
+        for i, (key, slot) in enumerate(reads):
+            try:
+                self._load(key, slot, prefetched=False)
+            except BaseException:
+                for later in reads[i + 1:]:  # never read: their slots go back, or waiters would wait forever
+                    self._give_back(*later)
+                raise
+        for key, slot in waits:
+            out[key[1]] = self._wait_for(key, slot, pinned)
+        if reads or waits:
+            stats.stall_seconds += time.perf_counter() - start
+        return out
+
+    def prefetch(self, layer: int, experts: list[int]) -> None:
+        """Start reading these experts on the background threads; resident or in-flight ones are skipped, and so
+        is the rest when no slot can be freed without waiting."""
+        with self._cond:
+            for e in experts:
+                key = (layer, e)
+                self.policy.on_predict(key)
+                if key in self._slot_of:
+                    continue
+                if self._fetches_waiting:
+                    return
+                slot = self._claim(wait=False)
+                if slot is None:
+                    return
+                self._occupy(slot, key)
+                self._prefetched.add(key)
+                self.stats[layer].prefetches += 1
+                self._pool.submit(self._load, key, slot, True)
+
+    # ---- slots -----------------------------------------------------------------------------------------
+
+    def _claim(self, wait: bool) -> int | None:
+        """A free slot, or the policy's victim among unpinned resident ones (lock held). With wait, waits for
+        reads in flight to finish when every slot is pinned or loading."""
+        if wait:
+            self._fetches_waiting += 1
+        try:
+            while True:
+                if self._free:
+                    return self._free.pop()
+                candidates = [k for s, k in enumerate(self._slot_key)
+                              if k is not None and not self._pins[s] and s not in self._loading and s not in self._hot]
+                if candidates:
+                    key = self.policy.victim(candidates)
+                    slot = self._slot_of.pop(key)
+                    self._slot_key[slot] = None
+                    self._prefetched.discard(key)
+                    self.policy.on_evict(key)
+                    return slot
+                if not wait:
+                    return None
+                if not self._loading:
+                    raise RuntimeError(f"expert store: all {self.num_slots} slots are pinned (more experts in use "
+                                       "at once than the budget holds)")
+                self._cond.wait()
+        finally:
+            if wait:
+                self._fetches_waiting -= 1
+
+    def _occupy(self, slot: int, key: Key) -> None:
+        self._slot_key[slot], self._slot_of[key] = key, slot
+        self._loading.add(slot)
+        self.policy.on_insert(key)
+
+    def _wait_for(self, key: Key, slot: int, pinned: list[int]) -> int:
+        """Wait until key's read (started by another thread into `slot`, pinned by us) lands -> its slot; reads it
+        here if that read failed (and gave the slot back)."""
+        with self._cond:
+            while True:
+                if self._slot_of.get(key) == slot and slot not in self._loading:
+                    return slot
+                if self._slot_of.get(key) != slot:  # the other read failed: unpin its slot, read it ourselves
+                    self._pins[slot] -= 1
+                    pinned.remove(slot)
+                    slot = self._claim(wait=True)
+                    self._occupy(slot, key)
+                    self._pins[slot] += 1
+                    pinned.append(slot)
+                    break
+                self._cond.wait()
+        self._load(key, slot, prefetched=False)
+        return slot
+
+    def _load(self, key: Key, slot: int, prefetched: bool) -> None:
+        """Read one expert into its (claimed, loading) slot; on failure give the slot back and raise (a prefetch
+        only logs: the fetch that needs the expert reads it again)."""
+        try:
+            moved = sum(self._read_piece(p, slot) for p in self.index.pieces[key[0]][key[1]])
+        except BaseException as e:
+            self._give_back(key, slot)
+            if prefetched:
+                logger.warning("prefetching expert %d of layer %d failed: %s", key[1], key[0], e)
+                return
+            raise
+        with self._cond:
+            self._loading.discard(slot)
+            self.stats[key[0]].bytes_moved += moved
+            self._cond.notify_all()
+
+    def _give_back(self, key: Key, slot: int) -> None:
+        """A read that will not land: the slot is free again (pins stay counted with their holders)."""
+        with self._cond:
+            self._loading.discard(slot)
+            if self._slot_of.get(key) == slot:
+                del self._slot_of[key]
+                self._slot_key[slot] = None
+                self._free.append(slot)
+                self.policy.on_evict(key)
+            self._prefetched.discard(key)
+            self._cond.notify_all()
+
+    # ---- the slow tier ---------------------------------------------------------------------------------
+
+    def _fd(self, piece: Piece) -> int:
+        fd = self._fds.get(piece.path)
+        if fd is None:
+            with self._cond:
+                fd = self._fds.get(piece.path)
+                if fd is None:
+                    fd = self._fds[piece.path] = os.open(piece.path, os.O_RDONLY)
+        return fd
+
+    def _read_piece(self, piece: Piece, slot: int | None, record: bool = False) -> int:
+        """Read one piece (into its rows of `slot`, or only checksummed when slot is None) -> bytes read.
+        Checks (or with record, records) its CRC-32; a mismatch is read once more before it is an error."""
+        dest = None
+        if slot is not None:
+            dest = (self.w13 if piece.target == "w13" else self.w2)[slot, piece.row0:piece.row0 + piece.rows]
+        direct = dest is not None and piece.dtype == dest.dtype
+        buf = dest if direct else torch.empty(piece.nbytes // piece.dtype.itemsize, dtype=piece.dtype)
+        view = memoryview(buf.view(torch.uint8).numpy()).cast("B")  # the bytes of buf, written in place
+        fd = self._fd(piece)
+        for attempt in (1, 2):
+            got = os.preadv(fd, [view], piece.offset)
+            # Give the range back to the kernel: the slow tier must not stay in RAM as page cache.
+            os.posix_fadvise(fd, piece.offset, piece.nbytes, os.POSIX_FADV_DONTNEED)
+            if got != piece.nbytes:
+                raise CheckpointError(f"{piece.path}: truncated safetensors file (expert tensor {piece.tensor} is "
+                                      f"cut short: {got} of {piece.nbytes} bytes)")
+            if record:
+                self._crc[piece] = zlib.crc32(view)
+                break
+            if self.fault_hook is not None:
+                self.fault_hook(piece, view)
+            if zlib.crc32(view) == self._crc[piece]:
+                break
+            logger.warning("%s: expert tensor %s read back with a wrong checksum (attempt %d)", piece.path,
+                           piece.tensor, attempt)
+        else:
+            raise CheckpointError(f"{piece.path}: expert tensor {piece.tensor} (bytes {piece.offset}.."
+                                  f"{piece.offset + piece.nbytes}) read back twice with a checksum different from "
+                                  "the one taken at load: the file changed or the disk returns bad data")
+        if dest is not None and not direct:
+            dest.copy_(buf.view(dest.shape))  # dtype conversion after the read (e.g. bf16 file, fp32 compute)
+        return piece.nbytes
+
+    def end_pass(self) -> None:
+        """The calling thread's forward pass is over: unpin the experts of its last fetch (the engine calls this
+        after each step, so that a thread that stops generating holds no slots another thread needs)."""
+        with self._cond:
+            for s in self._active.pop(threading.get_ident(), ()):
+                self._pins[s] -= 1
+            self._cond.notify_all()
+
+    def resident_keys(self) -> set[Key]:
+        with self._cond:
+            return {k for s, k in enumerate(self._slot_key) if k is not None and s not in self._loading}
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
