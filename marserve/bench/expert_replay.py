@@ -10,18 +10,21 @@ The time model (what `replay()` computes; stated again in docs/benchmarks.md, "E
   attention takes attention bytes / HBM bandwidth and the MoE part (K routed + shared experts) takes
   their bytes / HBM bandwidth, each plus a fixed launch overhead; per token, the LM head adds its bytes /
   HBM bandwidth. KV-cache reads are left out (short contexts).
-- The cache: each MoE layer has its own pool of `capacity` expert slots (budget share x experts, at least
-  K: one token's experts must fit), filled at start with the experts of highest prior usage (MAR usage or
-  calibration) for every policy, the baseline included.
+- The cache: one pool of expert slots shared by every MoE layer, sized as the store sizes it (budget share x
+  all experts, at least one decode step's K x L and one layer's E), filled at start by the policy's
+  preference (usage prior: MAR usage or calibration; with none, expert index order), for every policy, the
+  baseline included. Eviction uses the store's own policy objects (marserve/experts/policies.py), fed the
+  same events the store feeds them (advance per layer fetch, insert, access, evict, predict); `mar`'s
+  hottest experts stay pinned as in the store. `per_layer=True` instead splits the budget evenly into one
+  pool per layer (at least K each), the layout of mixtral-offloading's LRU cache: a second baseline.
 - The link: one transfer at a time, expert bytes / link bandwidth each. A miss (an expert not in the pool
   when its layer routes) is copied at once, ahead of queued prefetches; the layer waits for all its
   experts (a stall). A prefetch is queued when a layer routes, for predicted experts of the next
   `lookahead` layers, and starts only when the link is free (it never delays a miss that comes later);
   a queued prefetch whose layer has routed is dropped. A prefetched expert still in flight when its layer
   routes is waited for (a shorter stall).
-- Eviction picks a victim in the layer's pool, never an expert the current layer uses nor one in flight
-  for a prefetch: `lru` (least recently used), `lfu` (fewest uses since start), `mar` (keeps predicted
-  experts not yet used, then the highest blend of prior usage and recent use).
+- Eviction never takes an expert the current layer uses, a pinned one, or (for a prefetch) one in flight;
+  a miss may evict a prefetch in flight (its link time is lost).
 
 Legend: T=tokens, L=MoE layers, K=experts per token, E=experts per layer, D=lookahead layers,
 M=experts predicted per lookahead layer.
@@ -30,14 +33,12 @@ M=experts predicted per lookahead layer.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
 from marserve.errors import ConfigError
-
-POLICIES = ("lru", "lfu", "mar")
-
+from marserve.experts.policies import POLICIES, make_policy
 
 @dataclass(frozen=True)
 class ServedModel:
@@ -111,6 +112,7 @@ class ReplayConfig:
     lookahead: int = 2  # D: layers ahead predicted at each routing
     width: int | None = None  # M: experts prefetched per predicted layer (default K)
     tier: str = "host"
+    per_layer: bool = False  # one pool per layer (mixtral-offloading's layout) instead of the store's shared pool
 
     def __post_init__(self):
         if not 0 < self.budget <= 1:
@@ -133,8 +135,8 @@ class ReplayResult:
     stall_s: float = 0.0
     compute_s: float = 0.0
     time_s: float = 0.0
-    capacity: int = 0  # slots per layer
-    clamped: bool = False  # the budget was below K experts per layer and was raised to it
+    capacity: int = 0  # expert slots in all
+    clamped: bool = False  # the budget was below the minimum (K x L, and E) and was raised to it
 
     @property
     def hit_rate(self) -> float:
@@ -159,42 +161,13 @@ class ReplayResult:
                 "hit_rate": self.hit_rate, "prefetches": self.prefetches, "prefetch_hits": self.prefetch_hits,
                 "precision": self.precision, "recall": self.recall, "bytes_moved": self.bytes_moved,
                 "stall_s": self.stall_s, "compute_s": self.compute_s, "time_s": self.time_s,
-                "ms_per_token": self.ms_per_token, "capacity_per_layer": self.capacity, "clamped": self.clamped}
+                "ms_per_token": self.ms_per_token, "capacity": self.capacity, "clamped": self.clamped}
 
 
 @dataclass
 class _Slot:
     ready_at: float  # when its bytes are in fast memory
-    last_used: float
     prefetched: bool = False  # copied by a prefetch and not used since
-    wanted_at: int = -1  # position (token x L + layer) the prefetch was for
-
-
-@dataclass
-class _Pool:
-    """One MoE layer's expert slots and the policy's bookkeeping."""
-
-    capacity: int
-    slots: dict[int, _Slot] = field(default_factory=dict)
-    counts: np.ndarray | None = None  # uses per expert since start (lfu; kept across evictions)
-    recent: np.ndarray | None = None  # exponential average of use per token (mar)
-    prior: np.ndarray | None = None  # [E] usage prior, sums to 1 (mar)
-
-
-def _victim(pool: _Pool, policy: str, keep: set[int], in_flight_ok: bool, now: float, pos: int) -> int | None:
-    """The expert to evict from a full pool, or None when every slot is protected."""
-    candidates = [e for e, s in pool.slots.items() if e not in keep and (in_flight_ok or s.ready_at <= now)]
-    if not candidates:
-        return None
-    if policy == "lru":
-        return min(candidates, key=lambda e: pool.slots[e].last_used)
-    if policy == "lfu":
-        return min(candidates, key=lambda e: (pool.counts[e], pool.slots[e].last_used))
-    # mar: a prefetched expert whose layer has not routed yet is kept (a live prediction says it comes next),
-    # then the blend of the prior (what the expert is for over many tokens) and recent use (what this text
-    # needs now).
-    return min(candidates, key=lambda e: (pool.slots[e].prefetched and pool.slots[e].wanted_at > pos,
-                                          0.5 * pool.prior[e] + 0.5 * pool.recent[e], pool.slots[e].last_used))
 
 
 def replay(ids: np.ndarray, served: ServedModel, cfg: ReplayConfig, hw: Hardware = Hardware(),
@@ -203,8 +176,7 @@ def replay(ids: np.ndarray, served: ServedModel, cfg: ReplayConfig, hw: Hardware
 
     ids [T, L, K] expert ids per token and MoE layer (L must equal served.num_moe_layers); predictions
     [T, L, D', M'] ids predicted at layer l for layer l+1+d (needed with cfg.prefetch; the first cfg.lookahead
-    and cfg.width of them are used); usage [L, E] the placement prior (None: pools start empty and `mar`
-    uses recent use only).
+    and cfg.width of them are used); usage [L, E] the placement prior (None: every expert alike).
     """
     T, L, K = ids.shape
     E = served.num_experts
@@ -213,48 +185,70 @@ def replay(ids: np.ndarray, served: ServedModel, cfg: ReplayConfig, hw: Hardware
                           f"top-{served.top_k}")
     if cfg.prefetch and predictions is None:
         raise ConfigError("prefetch needs predictions")
-    capacity = max(K, int(round(cfg.budget * E)))
-    res = ReplayResult(capacity=capacity, clamped=cfg.budget * E < K)
+    # The store's sizing (marserve/experts/offloaded.py budget_for): a share of all L x E experts, at least one
+    # step's K x L and one layer's E. per_layer: the same share split evenly, at least K per layer.
+    total, minimum = L * E, min(L * E, max(K * L, E))
+    if cfg.per_layer:
+        capacity = max(K, int(cfg.budget * E + 1e-9))
+        res = ReplayResult(capacity=capacity * L, clamped=cfg.budget * E < K)
+    else:
+        capacity = max(minimum, int(cfg.budget * total + 1e-9))
+        res = ReplayResult(capacity=capacity, clamped=int(cfg.budget * total + 1e-9) < minimum)
     gbs = 1e9
     transfer_s = served.expert_bytes / (hw.link_gbs(cfg.tier) * gbs)
     attn_s = served.attention_params * served.bytes_per_param / (hw.hbm_gbs * gbs) + hw.launch_overhead_s
     moe_s = (K + served.num_shared_experts) * served.expert_bytes / (hw.hbm_gbs * gbs) + hw.launch_overhead_s
     head_s = served.lm_head_params * served.bytes_per_param / (hw.hbm_gbs * gbs)
-    prior = (usage / usage.sum(axis=1, keepdims=True)) if usage is not None else np.full((L, E), 1.0 / E)
-    pools = []
-    for layer in range(L):
-        pool = _Pool(capacity, counts=np.zeros(E, np.int64), recent=prior[layer].copy(), prior=prior[layer])
-        if usage is not None:
-            for e in np.argsort(-usage[layer], kind="stable")[:capacity]:
-                pool.slots[int(e)] = _Slot(ready_at=0.0, last_used=-1.0)
-        pools.append(pool)
+    policy = make_policy(cfg.policy, L)
+    if usage is not None:
+        for layer in range(L):
+            policy.set_scores(layer, [float(u) for u in usage[layer]])
+    pool_of = (lambda key: key[0]) if cfg.per_layer else (lambda key: 0)
+    pools: dict[int, dict[tuple[int, int], _Slot]] = {p: {} for p in (range(L) if cfg.per_layer else [0])}
+    order = policy.by_preference([(layer, e) for layer in range(L) for e in range(E)])
+    hot = set() if cfg.per_layer else set(order[:policy.num_pinned(capacity, minimum)])
+    for key in order:  # the initial resident set: the policy's preference (usage prior) until each pool is full
+        if len(pools[pool_of(key)]) < capacity:
+            pools[pool_of(key)][key] = _Slot(ready_at=0.0)
+            policy.on_insert(key)
     width = cfg.width or K
-    queue: deque = deque()  # queued prefetches: (target position t*L+l, layer, expert, issued at)
-    queued: set[tuple[int, int]] = set()  # (target position, expert) in the queue
+    queue: deque = deque()  # queued prefetches: (target position t*L+l, key, issued at)
+    queued: set[tuple[int, tuple[int, int]]] = set()
     link_free = 0.0
     now = 0.0
+
+    def claim(pool: dict, keep: set, in_flight_ok: bool, at: float) -> bool:
+        """Make room in a full pool: evict the policy's victim among the slots that may go -> False if none."""
+        if len(pool) < capacity:
+            return True
+        candidates = [k for k, s in pool.items()
+                      if k not in keep and k not in hot and (in_flight_ok or s.ready_at <= at)]
+        if not candidates:
+            return False
+        victim = policy.victim(candidates)
+        del pool[victim]
+        policy.on_evict(victim)
+        return True
 
     def start_queued(pos_now: int, until: float) -> None:
         """Start queued prefetches in order while the link frees up before `until` (a miss at `until` goes
         first after that)."""
         nonlocal link_free
         while queue and link_free < until:
-            pos, layer, e, issued = queue[0]
+            pos, key, issued = queue[0]
             start = max(link_free, issued)
             if start >= until:
                 break
             queue.popleft()
-            queued.discard((pos, e))
-            pool = pools[layer]
-            if pos <= pos_now or e in pool.slots:
+            queued.discard((pos, key))
+            pool = pools[pool_of(key)]
+            if pos <= pos_now or key in pool:
                 continue  # its layer has routed already, or an earlier prefetch brought it
-            if len(pool.slots) >= pool.capacity:
-                victim = _victim(pool, cfg.policy, set(), in_flight_ok=False, now=start, pos=pos_now)
-                if victim is None:
-                    continue
-                del pool.slots[victim]
+            if not claim(pool, set(), in_flight_ok=False, at=start):
+                continue
             link_free = start + transfer_s
-            pool.slots[e] = _Slot(ready_at=link_free, last_used=start, prefetched=True, wanted_at=pos)
+            pool[key] = _Slot(ready_at=link_free, prefetched=True)
+            policy.on_insert(key)
             res.prefetches += 1
             res.bytes_moved += served.expert_bytes
 
@@ -263,13 +257,14 @@ def replay(ids: np.ndarray, served: ServedModel, cfg: ReplayConfig, hw: Hardware
             pos = t * L + layer
             now += attn_s  # attention, then the router decides
             start_queued(pos - 1, now)
-            pool = pools[layer]
-            needed = [int(e) for e in ids[t, layer]]
+            policy.advance()
+            needed = [(layer, int(e)) for e in ids[t, layer]]
             keep = set(needed)
             ready = now
-            for e in needed:
+            for key in needed:
                 res.lookups += 1
-                slot = pool.slots.get(e)
+                pool = pools[pool_of(key)]
+                slot = pool.get(key)
                 if slot is not None:
                     res.hits += 1
                     if slot.prefetched:
@@ -277,28 +272,25 @@ def replay(ids: np.ndarray, served: ServedModel, cfg: ReplayConfig, hw: Hardware
                         slot.prefetched = False
                 else:
                     res.misses += 1
-                    if len(pool.slots) >= pool.capacity:
-                        # a miss may evict a prefetch still in flight (its transfer is wasted)
-                        del pool.slots[_victim(pool, cfg.policy, keep, in_flight_ok=True, now=now, pos=pos)]
+                    claim(pool, keep, in_flight_ok=True, at=now)  # may cancel a prefetch in flight (link time lost)
                     link_free = max(now, link_free) + transfer_s
-                    slot = pool.slots[e] = _Slot(ready_at=link_free, last_used=now)
+                    slot = pool[key] = _Slot(ready_at=link_free)
+                    policy.on_insert(key)
                     res.bytes_moved += served.expert_bytes
-                slot.last_used = now
-                pool.counts[e] += 1
+                policy.on_access(key)
                 ready = max(ready, slot.ready_at)
-            pool.recent *= 0.9
-            pool.recent[needed] += 0.1 / K
             if cfg.prefetch:
                 for d in range(min(cfg.lookahead, predictions.shape[2])):
                     target = layer + 1 + d
                     if target >= L:
                         break
                     for e in predictions[t, layer, d, :width]:
-                        e = int(e)
-                        key = (t * L + target, e)
-                        if e not in pools[target].slots and key not in queued:
-                            queue.append((key[0], target, e, now))
-                            queued.add(key)
+                        key = (target, int(e))
+                        policy.on_predict(key)
+                        item = (t * L + target, key)
+                        if key not in pools[pool_of(key)] and item not in queued:
+                            queue.append((item[0], key, now))
+                            queued.add(item)
             res.stall_s += ready - now
             now = ready + moe_s
             res.compute_s += attn_s + moe_s
