@@ -159,3 +159,15 @@ class TraceRecorder:
             usage = np.stack([b.mar_usage.float().cpu().numpy() for b in self.blocks])
         return RoutingTrace(topk_ids=ids, num_experts=self.blocks[0].experts.num_experts, layer_ids=self.layer_ids,
                             step=step, router_inputs=inputs, usage=usage, meta=meta)
+
+
+def record_text_trace(llm, windows: list[list[int]], record_inputs: bool = True, **meta) -> RoutingTrace:
+    """The routing of texts read through `llm` (an LLM), window by window: each window is one prompt,
+    prefilled alone (max_tokens=1), so the trace holds its tokens in order as if they had been generated one
+    by one (a token's routing depends only on the tokens before it)."""
+    from marserve.sampling_params import SamplingParams
+    params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+    with TraceRecorder(llm.model, record_inputs=record_inputs) as recorder:
+        for window in windows:
+            llm.generate({"prompt_token_ids": window}, params, use_tqdm=False)
+    return recorder.trace(**meta)
