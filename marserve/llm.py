@@ -6,6 +6,7 @@ All prompts go into the continuous-batching engine at once; results come back in
 from __future__ import annotations
 
 import itertools
+import threading
 import time
 from pathlib import Path
 
@@ -32,6 +33,10 @@ class LLM:
         self.model, self.config = self.engine.model, self.engine.model_config
         self.tokenizer = self.engine.tokenizer
         self.generation_defaults = self.engine.generation_defaults
+        # generate() may be called from several threads: one of them steps the engine at a time, and a request's
+        # finished output waits in _done for the thread that asked for it.
+        self._lock = threading.Lock()
+        self._done: dict[str, RequestOutput] = {}
 
     def default_sampling_params(self) -> SamplingParams:
         """SamplingParams carrying the checkpoint's generation_config.json defaults."""
@@ -50,26 +55,36 @@ class LLM:
         if len(params) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(params)} SamplingParams")
         ids = [f"offline-{next(_ids)}" for _ in prompts]
-        try:
-            for rid, prompt, p in zip(ids, prompts, params):
-                self.engine.add_request(rid, prompt, p)
-        except Exception:
-            for rid in ids:
-                self.engine.abort(rid)
-            raise
+        with self._lock:
+            try:
+                for rid, prompt, p in zip(ids, prompts, params):
+                    self.engine.add_request(rid, prompt, p)
+            except Exception:
+                for rid in ids:
+                    self.engine.abort(rid)
+                raise
         if use_tqdm is None:
             use_tqdm = len(ids) > 1 and progress.is_enabled()  # a terminal, and no --quiet
-        done: dict[str, RequestOutput] = {}
+        mine, done = set(ids), 0
         start, generated = time.perf_counter(), self.engine.generation_tokens_total
         with tqdm(total=len(ids), desc="requests", unit="req", disable=not use_tqdm) as bar:
-            while self.engine.has_unfinished:
-                for out in self.engine.step():
-                    if out.finished:
-                        done[out.request_id] = out
-                        bar.update(1)
-                        rate = (self.engine.generation_tokens_total - generated) / (time.perf_counter() - start)
-                        bar.set_postfix_str(f"output {rate:.1f} tok/s", refresh=False)
-        return [done[rid] for rid in ids]
+            while done < len(ids):
+                with self._lock:  # another thread's step may have finished some of ours
+                    if not self.engine.has_unfinished and not mine <= self._done.keys():
+                        raise RuntimeError("the engine has nothing left to run but requests of this call are "
+                                           "unfinished")
+                    outputs = self.engine.step() if self.engine.has_unfinished else []
+                    for out in outputs:
+                        if out.finished:
+                            self._done[out.request_id] = out
+                    finished = sum(rid in self._done for rid in mine)
+                if finished > done:
+                    bar.update(finished - done)
+                    done = finished
+                    rate = (self.engine.generation_tokens_total - generated) / (time.perf_counter() - start)
+                    bar.set_postfix_str(f"output {rate:.1f} tok/s", refresh=False)
+        with self._lock:
+            return [self._done.pop(rid) for rid in ids]
 
     def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | None = None,
              use_tqdm: bool | None = None) -> list[RequestOutput]:

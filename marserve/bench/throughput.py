@@ -126,7 +126,9 @@ def run(args) -> int:
         limits = measure()
     print(f"machine: {limits.describe()}")
     dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
-    llms = {d: LLM(path, dtype=d, kv_cache_gb=2.0, max_num_seqs=64, max_num_batched_tokens=2048) for d in dtypes}
+    from marserve.commands.expert_flags import expert_kwargs
+    llms = {d: LLM(path, dtype=d, kv_cache_gb=2.0, max_num_seqs=64, max_num_batched_tokens=2048,
+                   **expert_kwargs(args)) for d in dtypes}
     llm = llms[dtypes[0]]
     # transformers in fp32: its strongest form on a CPU (its bf16 matmuls are slower wherever oneDNN lacks bf16).
     # (no stage line: transformers prints its own load report, which would split it)

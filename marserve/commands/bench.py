@@ -10,6 +10,7 @@ import argparse
 import importlib
 
 from marserve import progress
+from marserve.commands.expert_flags import add_expert_flags
 
 
 def _throughput_flags(p: argparse.ArgumentParser) -> None:
@@ -22,6 +23,7 @@ def _throughput_flags(p: argparse.ArgumentParser) -> None:
                    "side by side with the others (e.g. float32,bfloat16); transformers always runs fp32")
     p.add_argument("--quick", action="store_true", help="shorter outputs and fewer prompts (smoke run)")
     p.add_argument("--skip-hf", action="store_true", help="marserve only")
+    add_expert_flags(p)
 
 
 def _moe_flags(p: argparse.ArgumentParser) -> None:

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from marserve import progress
+from marserve.commands.expert_flags import add_expert_flags, expert_kwargs
 from marserve.errors import CheckpointError
 
 
@@ -21,6 +22,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chat", action="store_true", help="wrap each prompt in the tokenizer's chat template")
     p.add_argument("--echo", action="store_true",
                    help="print each prompt before its output (on its own line with --chat)")
+    add_expert_flags(p)
     progress.add_quiet_flag(p)
 
 
@@ -38,7 +40,7 @@ def resolve_model_dir(model_dir: str | None) -> Path:
 def run(args: argparse.Namespace) -> int:
     from marserve.llm import LLM
     from marserve.sampling_params import SamplingParams
-    llm = LLM(resolve_model_dir(args.model_dir), dtype=args.dtype)
+    llm = LLM(resolve_model_dir(args.model_dir), dtype=args.dtype, **expert_kwargs(args))
     defaults = llm.default_sampling_params()
     params = SamplingParams(
         max_tokens=args.max_tokens if args.max_tokens is not None else defaults.max_tokens,

@@ -9,6 +9,7 @@ import os
 import socket
 
 from marserve import progress
+from marserve.commands.expert_flags import add_expert_flags, expert_kwargs
 from marserve.commands.generate import resolve_model_dir
 from marserve.errors import ConfigError
 
@@ -46,11 +47,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="seconds running requests may take to finish after SIGTERM")
     p.add_argument("--request-read-timeout", type=float, default=30.0,
                    help="seconds a client has to send a whole request (head and body) before its connection is closed")
-    # Expert offloading arrives with the next milestone; the flags are here so deployments can be written now.
-    p.add_argument("--expert-cache-gb", type=float, default=None,
-                   help="fast-memory budget for experts (default: all experts resident)")
-    p.add_argument("--offload-tier", default="none", choices=["none", "cpu", "disk"],
-                   help="where experts outside the cache live (default: none, all resident)")
+    add_expert_flags(p)
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     progress.add_quiet_flag(p)
 
@@ -79,9 +76,6 @@ def claim_port(host: str, port: int) -> socket.socket:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.expert_cache_gb is not None or args.offload_tier != "none":
-        raise ConfigError("expert offloading (--expert-cache-gb, --offload-tier) is not available yet: "
-                          "this version keeps every expert resident; leave both flags unset")
     sock = claim_port(args.host, args.port)  # before the imports and the load: a busy port fails in a second
     from marserve.engine.async_engine import AsyncEngine
     from marserve.engine_config import EngineConfig
@@ -105,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
     engine = AsyncEngine.from_config(EngineConfig(
         model=model_dir, dtype=args.dtype, seed=args.seed, kv_cache_gb=args.kv_cache_gb, block_size=args.block_size,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-        max_model_len=args.max_model_len, enable_prefix_caching=args.enable_prefix_caching))
+        max_model_len=args.max_model_len, enable_prefix_caching=args.enable_prefix_caching, **expert_kwargs(args)))
     logger.info("model %s loaded; listening on http://%s:%d (OpenAI API under /v1)", server_config.model_name,
                 args.host, args.port)
     serve(engine, server_config, sock=sock)

@@ -1,0 +1,105 @@
+"""The eviction policies on their own (no model): who is evicted, how the prior orders the initial set, pinning."""
+
+import pytest
+
+from marserve.experts.policies import POLICIES, LFUPolicy, LRUPolicy, MARPolicy, make_policy
+
+
+def _use(policy, key, n=1):
+    policy.advance()
+    policy.on_access(key, n)
+
+
+def test_lru_evicts_the_least_recently_used():
+    p = LRUPolicy()
+    for k in [(0, 0), (0, 1), (0, 2)]:
+        p.on_insert(k)
+        _use(p, k)
+    _use(p, (0, 0))  # 0 is now the most recent; 1 the oldest
+    assert p.victim([(0, 0), (0, 1), (0, 2)]) == (0, 1)
+    assert p.victim([(0, 0), (0, 2)]) == (0, 2)
+
+
+def test_lfu_evicts_the_least_used_and_remembers_across_evictions():
+    p = LFUPolicy()
+    _use(p, (1, 0), 5)
+    _use(p, (1, 1), 1)
+    _use(p, (1, 2), 3)
+    assert p.victim([(1, 0), (1, 1), (1, 2)]) == (1, 1)
+    p.on_evict((1, 0))
+    _use(p, (1, 1), 1)
+    _use(p, (1, 2), 3)
+    # (1, 0) was evicted but its 5 uses count when it comes back
+    assert p.victim([(1, 0), (1, 1), (1, 2)]) == (1, 1)
+
+
+def test_lfu_ties_go_to_the_least_recent():
+    p = LFUPolicy()
+    _use(p, (0, 3))
+    _use(p, (0, 4))
+    assert p.victim([(0, 4), (0, 3)]) == (0, 3)
+
+
+def test_mar_prior_decides_between_cold_experts():
+    p = MARPolicy()
+    p.set_scores(0, [0.1, 0.6, 0.3])
+    assert p.victim([(0, 0), (0, 1), (0, 2)]) == (0, 0)
+    assert p.by_preference([(0, 0), (0, 1), (0, 2)]) == [(0, 1), (0, 2), (0, 0)]
+
+
+def test_mar_frequency_outweighs_the_prior_and_decays():
+    p = MARPolicy(half_life=2.0, prediction_ttl=100)
+    p.set_scores(0, [0.1, 0.9])
+    for _ in range(4):
+        _use(p, (0, 0))
+    assert p.victim([(0, 0), (0, 1)]) == (0, 1)  # used 4 times lately beats a high prior
+    for _ in range(40):
+        p.advance()  # 20 half-lives: the history has faded
+    assert p.victim([(0, 0), (0, 1)]) == (0, 0)
+
+
+def test_mar_keeps_a_pending_prediction_until_used_or_stale():
+    p = MARPolicy(half_life=8.0, prediction_ttl=3)
+    for _ in range(5):
+        _use(p, (0, 0))
+    p.on_predict((0, 1))
+    assert p.victim([(0, 0), (0, 1)]) == (0, 0)  # the predicted expert stays, history or not
+    _use(p, (0, 1))  # used: the prediction is spent
+    p.on_predict((0, 2))
+    for _ in range(4):
+        p.advance()  # older than the ttl
+    assert p.victim([(0, 2), (0, 0)]) == (0, 2)
+
+
+def test_initial_order_without_scores_spreads_layers():
+    p = LRUPolicy()
+    keys = [(layer, e) for layer in range(3) for e in range(4)]
+    assert p.by_preference(keys)[:3] == [(0, 0), (1, 0), (2, 0)]
+
+
+def test_initial_order_follows_each_layers_usage():
+    p = LRUPolicy()
+    p.set_scores(0, [1, 5, 2, 0])
+    p.set_scores(1, [4, 1, 1, 1])
+    order = p.by_preference([(layer, e) for layer in range(2) for e in range(4)])
+    # normalised per layer: layer 1 expert 0 = 4 * 4 / 7 = 2.29; layer 0 expert 1 = 5 * 4 / 8 = 2.5
+    assert order[:3] == [(0, 1), (1, 0), (0, 2)]
+
+
+def test_only_mar_pins_and_only_with_a_prior_and_beyond_the_minimum():
+    assert LRUPolicy().num_pinned(100, 10) == 0
+    p = MARPolicy()
+    assert p.num_pinned(100, 10) == 0  # nothing to choose by
+    p.set_scores(0, [1.0, 2.0])
+    assert p.num_pinned(100, 10) == 22  # a quarter of the 90 slots beyond the minimum
+    assert p.num_pinned(10, 10) == 0
+
+
+@pytest.mark.parametrize("name", POLICIES)
+def test_make_policy(name):
+    assert make_policy(name, 4).name == name
+
+
+def test_unknown_policy():
+    with pytest.raises(ValueError, match="lru, lfu, mar"):
+        make_policy("fifo")
