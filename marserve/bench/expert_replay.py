@@ -175,8 +175,9 @@ def replay(ids: np.ndarray, served: ServedModel, cfg: ReplayConfig, hw: Hardware
     """Plays a routing trace against the modelled cache.
 
     ids [T, L, K] expert ids per token and MoE layer (L must equal served.num_moe_layers); predictions
-    [T, L, D', M'] ids predicted at layer l for layer l+1+d (needed with cfg.prefetch; the first cfg.lookahead
-    and cfg.width of them are used); usage [L, E] the placement prior (None: every expert alike).
+    [T, L, D', M'] ids predicted at layer l for layer l+1+d, best first, -1 padded (needed with cfg.prefetch;
+    the first cfg.lookahead and cfg.width of them are used); usage [L, E] the placement prior (None: every
+    expert alike).
     """
     T, L, K = ids.shape
     E = served.num_experts
@@ -285,6 +286,8 @@ def replay(ids: np.ndarray, served: ServedModel, cfg: ReplayConfig, hw: Hardware
                     if target >= L:
                         break
                     for e in predictions[t, layer, d, :width]:
+                        if e < 0:
+                            break  # fewer predictions than width (-1 pads)
                         key = (target, int(e))
                         policy.on_predict(key)
                         item = (t * L + target, key)
@@ -299,26 +302,3 @@ def replay(ids: np.ndarray, served: ServedModel, cfg: ReplayConfig, hw: Hardware
         res.tokens += 1
     res.time_s = now
     return res
-
-
-def lookahead_predictions(blocks, router_inputs: np.ndarray, lookahead: int, width: int) -> np.ndarray:
-    """The stand-in predictor ("router lookahead"): MoE layer l+1+d's own router (gate, plus MAR affinity on
-    MAR layers) evaluated on layer l's router input; its top-`width` experts are the prediction.
-
-    blocks: the model's SparseMoeBlocks in layer order; router_inputs [T, L, H] -> [T, L, D, M] int16 (rows
-    past the last layer are 0 and never read).
-    """
-    import torch
-    T, L, _ = router_inputs.shape
-    out = np.zeros((T, L, lookahead, width), np.int16)
-    with torch.no_grad():
-        for layer in range(L):
-            x = torch.from_numpy(router_inputs[:, layer].astype(np.float32))
-            for d in range(lookahead):
-                target = layer + 1 + d
-                if target >= L:
-                    break
-                logits = blocks[target].router_logits(x.to(blocks[target].gate.weight.dtype)
-                                                      if hasattr(blocks[target].gate, "weight") else x)
-                out[:, layer, d] = torch.topk(logits.float(), width, dim=-1).indices.numpy()
-    return out

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from marserve.bench.expert_replay import SERVED_MODELS, Hardware, ReplayConfig, lookahead_predictions, replay
+from marserve.bench.expert_replay import SERVED_MODELS, Hardware, ReplayConfig, replay
 from marserve.errors import ConfigError
 from marserve.experts.traces import RoutingTrace, record_text_trace
 
@@ -58,7 +58,7 @@ def record(model_dir: str, name: str, work_dir: Path, max_tokens: int, lookahead
     """Trace, predictions and usage prior of one trace model; cached in work_dir (keyed by model and size)."""
     served = SERVED_MODELS[name]
     cache = work_dir / f"{name}-{Path(model_dir).resolve().name}-{max_tokens}.npz"
-    pred_cache = cache.with_suffix(".predictions.npy")
+    pred_cache = cache.with_suffix(f".predictions-ahead{lookahead}.npy")
     if cache.exists() and pred_cache.exists():
         trace = RoutingTrace.load(cache)
         return {"trace": trace, "predictions": np.load(pred_cache), "usage": trace.usage}
@@ -82,11 +82,49 @@ def record(model_dir: str, name: str, work_dir: Path, max_tokens: int, lookahead
         trace.meta["usage_from"] = "calibration"
     else:
         trace.meta["usage_from"] = "mar_usage"
-    predictions = lookahead_predictions(blocks, trace.router_inputs, lookahead, served.top_k)
+    predictions = prefetcher_predictions(llm.model, model_dir, trace.router_inputs, lookahead)
+    trace.meta["predictor"] = "the engine's Prefetcher (marserve/experts/prefetcher.py), default predictor"
     work_dir.mkdir(parents=True, exist_ok=True)
     trace.save(cache)
     np.save(pred_cache, predictions)
     return {"trace": trace, "predictions": predictions, "usage": trace.usage}
+
+
+def prefetcher_predictions(model, model_dir: str, router_inputs: np.ndarray, lookahead: int) -> np.ndarray:
+    """What the engine's Prefetcher (marserve/experts/prefetcher.py, its default predictor and thresholds, with
+    `lookahead`) asks for at each token and layer of a trace -> [T, L, D, M] ids, -1 padded (M = top-k).
+
+    Each token's router input at each layer is handed to the prefetcher as at batch-1 decode, with the blocks'
+    prefetch() calls caught instead of reaching a store."""
+    import torch
+
+    from marserve.experts.preferences import load_preferences
+    from marserve.experts.prefetcher import Prefetcher
+    blocks = model.moe_blocks()
+    prefetcher = Prefetcher(model, load_preferences(model_dir, model), lookahead=lookahead)
+    T, L, _ = router_inputs.shape
+    out = np.full((T, L, lookahead, prefetcher.per_layer), -1, np.int16)
+    here = {"t": 0, "i": 0}
+
+    def catcher(j):
+        def prefetch(ids):
+            ids = ids[:prefetcher.per_layer]
+            out[here["t"], here["i"], j - here["i"] - 1, :len(ids)] = ids.numpy()
+        return prefetch
+
+    try:
+        for j, b in enumerate(blocks):
+            b.experts.prefetch = catcher(j)
+        for i, b in enumerate(blocks):
+            x = torch.from_numpy(router_inputs[:, i].astype(np.float32))
+            here["i"] = i
+            for t in range(T):
+                here["t"] = t
+                prefetcher.on_routing(b.layer_idx, x[t:t + 1])
+    finally:
+        for b in blocks:
+            del b.experts.prefetch  # the class's method again
+    return out
 
 
 def configurations(budgets: list[float], policies: list[str]) -> list[tuple[str, float, ReplayConfig]]:
@@ -104,6 +142,15 @@ def run_replays(recorded: dict, name: str, budgets: list[float], policies: list[
                 lookahead: int, hw: Hardware = Hardware()) -> list[dict]:
     served = SERVED_MODELS[name]
     ids = recorded["trace"].topk_ids
+    L, E, K = served.num_moe_layers, served.num_experts, served.top_k
+    minimum = min(L * E, max(K * L, E)) / (L * E)  # the store's (and so the replay's) smallest pool
+    kept = []
+    for b in budgets:
+        if b < minimum and any(k <= minimum for k in kept):
+            print(f"replay {served.name}: budget {b:g} is below the minimum {minimum:.4g}; its rows are the minimum's")
+            continue
+        kept.append(b)
+    budgets = kept
     out = []
     for tier in tiers:
         for label, budget, cfg in configurations(budgets, policies):
@@ -134,7 +181,7 @@ def targets(rows: list[dict]) -> list[str]:
     """Issue 20's replay target per served model, tier and budget: the best of our policies with prefetch at
     least 25% below on-demand lru in modelled time per output token."""
     lines = []
-    for (served, tier, budget) in sorted({(r["served"], r["tier"], r["budget"]) for r in rows}):
+    for (served, tier, budget) in sorted({(r["served"], r["tier"], r["budget"]) for r in rows if r["budget"] < 1}):
         ours = [r for r in rows if (r["served"], r["tier"], r["budget"]) == (served, tier, budget)
                 and "prefetch" in r["config"]]
         best = min(ours, key=lambda r: r["ms_per_token"])
