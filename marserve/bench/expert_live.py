@@ -3,7 +3,7 @@
 The parent (`marserve bench experts`) calls `run_config()`, which drops the page cache, starts
 `python -m marserve.bench.expert_live '<json spec>'` and reads back one JSON line. The child builds
 `LLM(model, expert_cache=, expert_policy=, prefetch=)`, generates greedily from fixed prompts at batch 1 (one
-prompt after another), and reports tokens/s, the expert stores' counters summed over the MoE layers, peak RSS
+prompt after another), and reports tokens/s, the expert stores' counters summed over the MoE layers, peak RSS (VmHWM)
 and a digest of the generated tokens (equal digests = identical greedy outputs).
 
 A fresh process per configuration, because peak RSS is a process-lifetime figure and the store's resident set,
@@ -101,10 +101,20 @@ def _child(spec: dict) -> dict:
     one, total = expert_bytes_of(llm.config, next(blocks[0].parameters(), torch.empty(0)).dtype
                                  if spec["dtype"] == "auto" else getattr(torch, spec["dtype"]))
     return {**spec, **totals, "generated_tokens": generated, "seconds": elapsed, "tokens_per_s": generated / elapsed,
-            "load_s": load_s, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "load_s": load_s, "peak_rss_bytes": peak_rss_bytes(),
             "expert_bytes": one, "num_experts_total": total, "output_digest": digest.hexdigest()[:16],
             "offloading": type(blocks[0].experts).__name__,
             "prefetcher": type(llm.engine.prefetcher).__name__ if llm.engine.prefetcher is not None else None}
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set (VmHWM). Not getrusage's ru_maxrss: Linux carries that over exec() from
+    the process that forked us (the parent's 1 GB bandwidth probe showed up as every run's peak)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _counters(stats) -> dict:

@@ -69,7 +69,8 @@ def record(model_dir: str, name: str, work_dir: Path, max_tokens: int, lookahead
             served.num_moe_layers, served.num_experts, served.top_k):
         raise ConfigError(f"{model_dir} has {len(blocks)} MoE layers x {blocks[0].experts.num_experts} experts, "
                           f"top-{blocks[0].top_k}; {served.name} needs {served.num_moe_layers} x "
-                          f"{served.num_experts}, top-{served.top_k}: make it with `{trace_model_command(name, 'DIR')}`")
+                          f"{served.num_experts}, top-{served.top_k}: make it with "
+                          f"`{trace_model_command(name, 'DIR')}`")
     # a window is one prompt: it must leave the one output token room in the context
     window = min(WINDOW, llm.config.max_position_embeddings - 1)
     calib_windows, trace_windows = _windows(llm.tokenizer, max_tokens, window)
@@ -186,8 +187,9 @@ def targets(rows: list[dict]) -> list[str]:
                 and "prefetch" in r["config"]]
         best = min(ours, key=lambda r: r["ms_per_token"])
         gain = 1 - best["time_vs_lru"]
-        lines.append(f"replay {SERVED_MODELS[served].name} {tier} {budget:.3g}: best {best['config']} is "
-                     f"{gain:+.1%} faster than on-demand lru: {'met' if gain >= 0.25 else 'NOT met'} (target 25%)")
+        lines.append(f"replay {SERVED_MODELS[served].name} {tier} {budget:.3g}: best {best['config']} takes "
+                     f"{gain:.1%} less modelled time per token than on-demand lru (target >= 25%): "
+                     f"{'met' if gain >= 0.25 else 'NOT met'}")
     return lines
 
 

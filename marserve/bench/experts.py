@@ -150,6 +150,13 @@ def live_targets(rows: list[dict]) -> list[str]:
         lines.append(f"default 25%: mar+prefetch misses {mar['misses']} = {ratio:.2f} x lru on-demand {lru['misses']} "
                      f"(target <= 0.5): {'met' if ratio <= 0.5 else 'NOT met'}; prefetch precision {prec:.2f} "
                      f"(target >= 0.9): {'met' if prec >= 0.9 else 'NOT met'}")
+    twin_lru, twin = find("twin", 0.25, "lru", False), find("twin", 0.25, "mar", True)
+    if mar and twin and twin_lru:
+        ours, theirs = mar["misses"] / max(1, lru["misses"]), twin["misses"] / max(1, twin_lru["misses"])
+        lines.append(f"25%, MAR model against its --no-mar twin: mar+prefetch misses {mar['misses']} vs "
+                     f"{twin['misses']} ({ours:.2f} vs {theirs:.2f} x each one's lru on-demand), precision "
+                     f"{_derived(mar)['precision']:.2f} vs "
+                     f"{_derived(twin)['precision']:.2f}")
     full, lru, best = find("bench", 1.0, "lru", False), find("bench", 0.25, "lru", False), None
     cands = [r for r in ok if r["label"].startswith("bench") and r["budget"] == 0.25 and r["prefetch"]]
     if cands:
@@ -158,14 +165,16 @@ def live_targets(rows: list[dict]) -> list[str]:
         offloaded = lru["expert_bytes"] * (lru["num_experts_total"] - int(0.25 * lru["num_experts_total"]))
         saved = full["peak_rss_bytes"] - lru["peak_rss_bytes"]
         lines.append(f"bench 25%: peak RSS {saved / 1e6:.0f} MB below 100% = {saved / offloaded:.0%} of the "
-                     f"{offloaded / 1e6:.0f} MB offloaded (target >= 60%): {'met' if saved >= 0.6 * offloaded else 'NOT met'}")
+                     f"{offloaded / 1e6:.0f} MB offloaded (target >= 60%): "
+                     f"{'met' if saved >= 0.6 * offloaded else 'NOT met'}")
     if lru and best:
         speed = best["tokens_per_s"] / lru["tokens_per_s"]
         # read time of the prefetch run's bytes at the read rate the on-demand run saw (all its reads stalled)
         rate = lru["bytes_read"] / lru["stall_s"] if lru["stall_s"] else float("inf")
         read_s = best["bytes_read"] / rate
         lines.append(f"bench 25%: {best['policy']}+prefetch {best['tokens_per_s']:.1f} tok/s = {speed:.2f} x lru "
-                     f"on-demand (target >= 1.5x): {'met' if speed >= 1.5 else 'NOT met'}; stall {best['stall_s']:.2f} s "
+                     f"on-demand (target >= 1.5x): {'met' if speed >= 1.5 else 'NOT met'}; "
+                     f"stall {best['stall_s']:.2f} s "
                      f"= {best['stall_s'] / read_s if read_s else 0:.2f} x its disk-read time {read_s:.2f} s "
                      f"(target <= 0.5): {'met' if best['stall_s'] <= 0.5 * read_s else 'NOT met'}")
     return lines

@@ -42,7 +42,7 @@ class RoutingTrace:
 
     def __post_init__(self):
         if self.topk_ids.ndim != 3:
-            raise ConfigError(f"a routing trace's topk_ids must be [tokens, layers, k], got shape {self.topk_ids.shape}")
+            raise ConfigError(f"a routing trace's topk_ids must be [tokens, layers, k], got {self.topk_ids.shape}")
         T, L, _ = self.topk_ids.shape
         if len(self.layer_ids) != L:
             raise ConfigError(f"trace has {L} layers of ids but {len(self.layer_ids)} layer indices")

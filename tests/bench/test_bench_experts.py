@@ -22,7 +22,7 @@ def test_replay_rows_add_up_and_reproduce_from_the_saved_trace(baby_checkpoint, 
     out = capsys.readouterr().out
     assert "budget 0.125 is below the minimum 0.25" in out  # 2 x 32 of 256 experts: 0.125 runs as 0.25
     assert "lru on-demand, per-layer pools" in out and "mar + prefetch" in out
-    assert "target: replay Mixtral-8x7B host 0.25" in out and "command: marserve bench experts" in out
+    assert "target: replay Mixtral-8x7B host 0.25: best" in out and "command: marserve bench experts" in out
     report = json.loads(report_path.read_text())
     rows = report["replay"]
     served = SERVED_MODELS["mixtral-8x7b"]
