@@ -253,13 +253,15 @@ def replay(ids: np.ndarray, served: ServedModel, cfg: ReplayConfig, hw: Hardware
             res.prefetches += 1
             res.bytes_moved += served.expert_bytes
 
+    routed = ids.tolist()  # plain ints: numpy scalars per element cost more than the replay itself
+    predicted = predictions.tolist() if cfg.prefetch else None
     for t in range(T):
         for layer in range(L):
             pos = t * L + layer
             now += attn_s  # attention, then the router decides
             start_queued(pos - 1, now)
             policy.advance()
-            needed = [(layer, int(e)) for e in ids[t, layer]]
+            needed = [(layer, e) for e in routed[t][layer]]
             keep = set(needed)
             ready = now
             for key in needed:
@@ -281,14 +283,14 @@ def replay(ids: np.ndarray, served: ServedModel, cfg: ReplayConfig, hw: Hardware
                 policy.on_access(key)
                 ready = max(ready, slot.ready_at)
             if cfg.prefetch:
-                for d in range(min(cfg.lookahead, predictions.shape[2])):
+                for d in range(min(cfg.lookahead, len(predicted[t][layer]))):
                     target = layer + 1 + d
                     if target >= L:
                         break
-                    for e in predictions[t, layer, d, :width]:
+                    for e in predicted[t][layer][d][:width]:
                         if e < 0:
                             break  # fewer predictions than width (-1 pads)
-                        key = (target, int(e))
+                        key = (target, e)
                         policy.on_predict(key)
                         item = (t * L + target, key)
                         if key not in pools[pool_of(key)] and item not in queued:
