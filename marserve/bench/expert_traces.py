@@ -54,16 +54,22 @@ def _windows(tokenizer, max_tokens: int, window: int) -> tuple[list[list[int]], 
     return calib, trace
 
 
-def record(model_dir: str, name: str, work_dir: Path, max_tokens: int, lookahead: int) -> dict:
+def record(model_dir: str, name: str, work_dir: Path, max_tokens: int, lookahead: int,
+           min_prob: float | None = None) -> dict:
     """Trace, predictions and usage prior of one trace model; cached in work_dir (keyed by model and size)."""
     served = SERVED_MODELS[name]
     cache = work_dir / f"{name}-{Path(model_dir).resolve().name}-{max_tokens}.npz"
-    pred_cache = cache.with_suffix(f".predictions-ahead{lookahead}.npy")
+    pred_cache = cache.with_suffix(f".predictions-ahead{lookahead}-p{'default' if min_prob is None else min_prob}.npy")
     if cache.exists() and pred_cache.exists():
         trace = RoutingTrace.load(cache)
         return {"trace": trace, "predictions": np.load(pred_cache), "usage": trace.usage}
     from marserve import LLM
     llm = LLM(model_dir, dtype="float32", enable_prefix_caching=False, kv_cache_gb=0.25)
+    if cache.exists():  # the trace is there; only these predictions are new
+        trace = RoutingTrace.load(cache)
+        predictions = prefetcher_predictions(llm.model, model_dir, trace.router_inputs, lookahead, min_prob)
+        np.save(pred_cache, predictions)
+        return {"trace": trace, "predictions": predictions, "usage": trace.usage}
     blocks = llm.model.moe_blocks()
     if (len(blocks), blocks[0].experts.num_experts, blocks[0].top_k) != (
             served.num_moe_layers, served.num_experts, served.top_k):
@@ -83,7 +89,7 @@ def record(model_dir: str, name: str, work_dir: Path, max_tokens: int, lookahead
         trace.meta["usage_from"] = "calibration"
     else:
         trace.meta["usage_from"] = "mar_usage"
-    predictions = prefetcher_predictions(llm.model, model_dir, trace.router_inputs, lookahead)
+    predictions = prefetcher_predictions(llm.model, model_dir, trace.router_inputs, lookahead, min_prob)
     trace.meta["predictor"] = "the engine's Prefetcher (marserve/experts/prefetcher.py), default predictor"
     work_dir.mkdir(parents=True, exist_ok=True)
     trace.save(cache)
@@ -91,7 +97,8 @@ def record(model_dir: str, name: str, work_dir: Path, max_tokens: int, lookahead
     return {"trace": trace, "predictions": predictions, "usage": trace.usage}
 
 
-def prefetcher_predictions(model, model_dir: str, router_inputs: np.ndarray, lookahead: int) -> np.ndarray:
+def prefetcher_predictions(model, model_dir: str, router_inputs: np.ndarray, lookahead: int,
+                           min_prob: float | None = None) -> np.ndarray:
     """What the engine's Prefetcher (marserve/experts/prefetcher.py, its default predictor and thresholds, with
     `lookahead`) asks for at each token and layer of a trace -> [T, L, D, M] ids, -1 padded (M = top-k).
 
@@ -102,7 +109,8 @@ def prefetcher_predictions(model, model_dir: str, router_inputs: np.ndarray, loo
     from marserve.experts.preferences import load_preferences
     from marserve.experts.prefetcher import Prefetcher
     blocks = model.moe_blocks()
-    prefetcher = Prefetcher(model, load_preferences(model_dir, model), lookahead=lookahead)
+    kw = {} if min_prob is None else {"min_prob": min_prob}  # None: the prefetcher's own default threshold
+    prefetcher = Prefetcher(model, load_preferences(model_dir, model), lookahead=lookahead, **kw)
     T, L, _ = router_inputs.shape
     out = np.full((T, L, lookahead, prefetcher.per_layer), -1, np.int16)
     here = {"t": 0, "i": 0}

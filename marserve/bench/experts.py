@@ -196,10 +196,13 @@ def run_replay_section(args) -> tuple[list[dict], list[str]]:
         if name not in et.SERVED_MODELS:
             raise ConfigError(f"--replay {name}: not one of {', '.join(et.SERVED_MODELS)}")
         with progress.stage(f"bench experts: recording the routing of {model_dir}"):
-            recorded = et.record(model_dir, name, Path(args.work_dir), args.trace_tokens, args.lookahead)
+            recorded = et.record(model_dir, name, Path(args.work_dir), args.trace_tokens, args.lookahead,
+                                 args.prefetch_min_prob)
         t = recorded["trace"]
         print(f"replay {name}: trace of {t.num_tokens} tokens x {t.num_layers} layers, top-{t.top_k} of "
-              f"{t.num_experts} from {model_dir}; prior from {t.meta.get('usage_from')}", flush=True)
+              f"{t.num_experts} from {model_dir}; prior from {t.meta.get('usage_from')}; prefetches: the engine's "
+              f"Prefetcher, {args.lookahead} layers ahead, min_prob "
+              f"{'default' if args.prefetch_min_prob is None else args.prefetch_min_prob}", flush=True)
         with progress.stage(f"bench experts: replaying {name}"):
             rows += et.run_replays(recorded, name, _floats(args.budgets), [p.strip() for p in args.policies.split(",")],
                                    args.tiers.split(","), args.lookahead)

@@ -66,6 +66,8 @@ def _experts_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trace-tokens", type=int, default=2048, help="tokens of held-out text recorded per trace")
     p.add_argument("--lookahead", type=int, default=2, help="replay: MoE layers ahead a prefetch predicts")
     p.add_argument("--tiers", default="host,disk", help="replay: where missing experts come from (PCIe / NVMe)")
+    p.add_argument("--prefetch-min-prob", type=float, default=None,
+                   help="replay: the Prefetcher's probability threshold (default: the Prefetcher's own)")
     p.add_argument("--work-dir", default="/tmp/marserve-bench-experts", help="cache of recorded traces")
     p.add_argument("--skip-live", action="store_true")
     p.add_argument("--skip-replay", action="store_true")
