@@ -1,4 +1,4 @@
-"""`marserve bench {throughput,moe,linear}`: each benchmark's flags, and the dispatch to its module in marserve/bench/.
+"""`marserve bench {throughput,moe,linear,experts}`: each benchmark's flags, and the dispatch to its module in marserve/bench/.
 
 The flags live here, not in the benchmark modules, because those import torch at the top and building the
 parser must not: `marserve --help` and usage errors answer without loading torch (~4 s).
