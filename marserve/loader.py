@@ -108,12 +108,25 @@ def load_model(model_dir, dtype: str | torch.dtype = "auto", device: str = "cpu"
     if expert_cache < 1.0 or expert_cache_gb is not None:
         from marserve.experts import offloaded
         offload = offloaded.plan(model, config, model_dir, files, torch_dtype, expert_cache, expert_cache_gb,
-                                 expert_policy)
+                                 expert_policy, device)
     skipped = offload.tensor_names if offload is not None else set()
     targets = dict(model.named_parameters(remove_duplicate=False))
     targets.update(dict(model.named_buffers()))
     expected = {n: tuple(t.shape) for n, t in targets.items()}
     filled: dict[str, set] = {}  # target -> parts filled (None = whole, (expert, half) for slices)
+    _read_tensors(model, config, model_dir, files, skipped, targets, expected, filled, torch_dtype, device)
+    _check_complete(model, config, model_dir, expected, filled)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.eval()
+    if offload is not None:
+        offload.start()
+    return model, config
+
+
+def _read_tensors(model, config, model_dir, files, skipped, targets, expected, filled, dtype, device) -> None:
+    """Every checkpoint tensor but the `skipped` into its target, file by file. A function of its own so that
+    the files' mappings are gone when it returns (an open mapping keeps its pages cached; see experts/offloaded.py)."""
     by_file: dict[Path, list[str]] = {}
     for name, f in files.items():
         by_file.setdefault(f, []).append(name)
@@ -128,15 +141,8 @@ def load_model(model_dir, dtype: str | torch.dtype = "auto", device: str = "cpu"
                     if name in skipped:  # an offloaded expert: the store reads it by offset when needed
                         shown.update()
                         continue
-                    _load_one(model, config, path, f, name, targets, expected, filled, torch_dtype, device)
+                    _load_one(model, config, path, f, name, targets, expected, filled, dtype, device)
                     shown.update()
-    _check_complete(model, config, model_dir, expected, filled)
-    if config.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
-    model.eval()
-    if offload is not None:
-        offload.start()
-    return model, config
 
 
 def _load_one(model, config, path, f, name, targets, expected, filled, dtype, device):

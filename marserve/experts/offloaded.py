@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from marserve import hugepages
 from marserve.errors import ConfigError
 from marserve.experts.checkpoint_index import CheckpointIndex
 from marserve.experts.policies import make_policy
@@ -101,6 +102,7 @@ class Offload:
     def start(self) -> ExpertStore:
         """After the loader: set each layer's usage prior (MAR usage, else the calibration file), then stream
         the experts once (checksums, initial resident set)."""
+        _unmap_small_weights(self.model)
         usage = _calibration_usage(self.model_dir)
         for block in self.model.moe_blocks():
             if block.has_mar:
@@ -116,12 +118,15 @@ class Offload:
 
 
 def plan(model, config, model_dir: Path, files: dict[str, Path], dtype: torch.dtype, expert_cache: float = 1.0,
-         expert_cache_gb: float | None = None, expert_policy: str = "lru") -> Offload | None:
+         expert_cache_gb: float | None = None, expert_policy: str = "lru", device: str = "cpu") -> Offload | None:
     """Before any weight is read: None when the budget holds every expert (the resident path, unchanged); else
     swap each MoE block's provider for an OffloadedExperts over one new store and return the Offload."""
     budget = budget_for(config, dtype, expert_cache, expert_cache_gb)
     if not budget.offloads:
         return None
+    if torch.device(device).type != "cpu":
+        raise ConfigError(f"expert offloading keeps its fast tier in host RAM and runs on the CPU only in this build; "
+                          f"use expert_cache=1 on {device}")
     index = CheckpointIndex.build(model, files)
     policy = make_policy(expert_policy, budget.num_layers)
     store = ExpertStore(index, budget.num_slots, budget.min_slots, policy, config.hidden_size,
@@ -130,6 +135,24 @@ def plan(model, config, model_dir: Path, files: dict[str, Path], dtype: torch.dt
         block.experts = OffloadedExperts(store, block.layer_idx, config.num_experts, config.hidden_size,
                                          config.moe_intermediate_size)
     return Offload(model, budget, store, model_dir)
+
+
+def _unmap_small_weights(model) -> None:
+    """Copy the weights the loader took straight from a file's mmap (those below a huge page) into memory of
+    their own. Such a tensor keeps the whole file mapped, and with it every page readahead brought in around
+    it, expert bytes included: mapped pages stay cached whatever posix_fadvise says, so the slow tier would
+    quietly stay in RAM. Shared (tied) weights stay shared."""
+    copies: dict[int, torch.Tensor] = {}
+    for module in model.modules():
+        for table in (module._parameters, module._buffers):
+            for name, t in table.items():
+                if t is None or t.device.type != "cpu" or t.numel() * t.element_size() >= hugepages.HUGE_PAGE:
+                    continue
+                if id(t) not in copies:
+                    data = t.detach().clone()
+                    copies[id(t)] = torch.nn.Parameter(data, requires_grad=False) \
+                        if isinstance(t, torch.nn.Parameter) else data
+                table[name] = copies[id(t)]
 
 
 def _calibration_usage(model_dir: Path) -> dict[int, torch.Tensor]:

@@ -1,7 +1,7 @@
 """The one narrow interface through which an MoE layer gets its expert weights.
 
-Today every expert is resident (`ResidentExperts`). Later a tiered expert store (fast memory,
-host RAM, disk via mmap) sits behind the same interface; model files never know which.
+`ResidentExperts` keeps every expert in fast memory; `marserve.experts.offloaded.OffloadedExperts` serves
+them from the tiered store (a bounded slot pool over the checkpoint files). Model files never know which.
 """
 
 from __future__ import annotations
@@ -67,6 +67,10 @@ class ExpertProvider(nn.Module):
 
     def prefetch(self, expert_ids: torch.Tensor) -> None:
         """Hint that these experts will be wanted soon. Resident experts need nothing."""
+
+    def set_scores(self, usage: torch.Tensor) -> None:
+        """The placement / eviction prior of this layer's experts, usage [E] (higher = keep). Resident experts
+        need none."""
 
     def resident(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(w13 [E, 2I, H], w2 [E, H, I]) covering every expert, when all of them stay in fast memory for as

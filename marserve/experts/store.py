@@ -1,12 +1,10 @@
 """The tiered expert store: a bounded pool of expert slots in fast memory (shared by every MoE layer) over the
 checkpoint's own safetensors files (the slow tier), read by byte offset on demand or ahead of time.
 
-Honest budget: only the pool holds expert weights. Reads use os.preadv into the slot (or a staging buffer when
-the file's dtype differs from the compute dtype) and then posix_fadvise(DONTNEED) on the range, so the page cache
-does not quietly keep the slow tier in RAM; nothing maps the expert bytes. Each piece's CRC-32 is computed once
-at start (while streaming the bytes to fill the initial resident set) and checked on every later read: a
-mismatch is read again, then fails with the file and tensor named. `fault_hook` (tests only, never reachable
-over HTTP) may damage a read's bytes to prove that.
+Honest budget: only the pool holds expert weights. The slow tier (slow_tier.py) reads with os.preadv into the
+slot (or a staging buffer when the file's dtype differs from the compute dtype), then drops the range from the
+page cache; nothing maps the expert bytes. Checksums are taken at start, while streaming every expert once to
+fill the initial resident set, and checked on every later read.
 
 Concurrency: one lock guards the slot tables; reads run outside it (preadv and zlib.crc32 release the GIL).
 A fetch pins the slots it returns until the same thread's next fetch (the block computes with them in between),
@@ -19,19 +17,17 @@ Legend: S=slots, I=expert intermediate size, H=hidden size, E=experts per layer.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
 from marserve import hugepages, progress
-from marserve.errors import CheckpointError
-from marserve.experts.checkpoint_index import CheckpointIndex, Piece
+from marserve.experts.checkpoint_index import CheckpointIndex
 from marserve.experts.policies import EvictionPolicy, Key
 from marserve.experts.provider import ExpertCacheStats
+from marserve.experts.slow_tier import SlowTier
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +41,7 @@ class ExpertStore:
         self.w13 = hugepages.empty((num_slots, 2 * I, H), dtype)  # [S, 2I, H]
         self.w2 = hugepages.empty((num_slots, H, I), dtype)  # [S, H, I]
         self.stats = {layer: ExpertCacheStats(layer) for layer in index.layer_ids}
-        self.fault_hook = None  # tests: called as hook(piece, buffer: memoryview) after each runtime read
+        self.slow = SlowTier(index)
         self._cond = threading.Condition()
         self._slot_key: list[Key | None] = [None] * num_slots
         self._slot_of: dict[Key, int] = {}
@@ -56,8 +52,6 @@ class ExpertStore:
         self._active: dict[int, list[int]] = {}  # thread id -> slots pinned by its last fetch
         self._prefetched: set[Key] = set()  # read ahead and not yet used
         self._fetches_waiting = 0  # prefetches stand back while a fetch waits for a slot
-        self._crc: dict[Piece, int] = {}
-        self._fds: dict = {}
         self._pool = ThreadPoolExecutor(max_workers=read_threads, thread_name_prefix="expert-read")
 
     # ---- start: checksums and the initial resident set ------------------------------------------------
@@ -79,8 +73,7 @@ class ExpertStore:
                     self.policy.on_insert(key)
                     if key in hot:
                         self._hot.add(slot)
-                for piece in self.index.pieces[key[0]][key[1]]:
-                    self._read_piece(piece, slot, record=True)
+                self.slow.read_expert(*key, self._rows(slot), record=True)
                 shown.update()
 
     # ---- the two calls the providers make ----------------------------------------------------------
@@ -209,7 +202,7 @@ class ExpertStore:
         """Read one expert into its (claimed, loading) slot; on failure give the slot back and raise (a prefetch
         only logs: the fetch that needs the expert reads it again)."""
         try:
-            moved = sum(self._read_piece(p, slot) for p in self.index.pieces[key[0]][key[1]])
+            moved = self.slow.read_expert(*key, self._rows(slot))
         except BaseException as e:
             self._give_back(key, slot)
             if prefetched:
@@ -233,50 +226,11 @@ class ExpertStore:
             self._prefetched.discard(key)
             self._cond.notify_all()
 
-    # ---- the slow tier ---------------------------------------------------------------------------------
-
-    def _fd(self, piece: Piece) -> int:
-        fd = self._fds.get(piece.path)
-        if fd is None:
-            with self._cond:
-                fd = self._fds.get(piece.path)
-                if fd is None:
-                    fd = self._fds[piece.path] = os.open(piece.path, os.O_RDONLY)
-        return fd
-
-    def _read_piece(self, piece: Piece, slot: int | None, record: bool = False) -> int:
-        """Read one piece (into its rows of `slot`, or only checksummed when slot is None) -> bytes read.
-        Checks (or with record, records) its CRC-32; a mismatch is read once more before it is an error."""
-        dest = None
-        if slot is not None:
-            dest = (self.w13 if piece.target == "w13" else self.w2)[slot, piece.row0:piece.row0 + piece.rows]
-        direct = dest is not None and piece.dtype == dest.dtype
-        buf = dest if direct else torch.empty(piece.nbytes // piece.dtype.itemsize, dtype=piece.dtype)
-        view = memoryview(buf.view(torch.uint8).numpy()).cast("B")  # the bytes of buf, written in place
-        fd = self._fd(piece)
-        for attempt in (1, 2):
-            got = os.preadv(fd, [view], piece.offset)
-            # Give the range back to the kernel: the slow tier must not stay in RAM as page cache.
-            os.posix_fadvise(fd, piece.offset, piece.nbytes, os.POSIX_FADV_DONTNEED)
-            if got != piece.nbytes:
-                raise CheckpointError(f"{piece.path}: truncated safetensors file (expert tensor {piece.tensor} is "
-                                      f"cut short: {got} of {piece.nbytes} bytes)")
-            if record:
-                self._crc[piece] = zlib.crc32(view)
-                break
-            if self.fault_hook is not None:
-                self.fault_hook(piece, view)
-            if zlib.crc32(view) == self._crc[piece]:
-                break
-            logger.warning("%s: expert tensor %s read back with a wrong checksum (attempt %d)", piece.path,
-                           piece.tensor, attempt)
-        else:
-            raise CheckpointError(f"{piece.path}: expert tensor {piece.tensor} (bytes {piece.offset}.."
-                                  f"{piece.offset + piece.nbytes}) read back twice with a checksum different from "
-                                  "the one taken at load: the file changed or the disk returns bad data")
-        if dest is not None and not direct:
-            dest.copy_(buf.view(dest.shape))  # dtype conversion after the read (e.g. bf16 file, fp32 compute)
-        return piece.nbytes
+    def _rows(self, slot: int | None):
+        """piece -> the rows of `slot` it fills (None: no slot, checksum only)."""
+        if slot is None:
+            return lambda piece: None
+        return lambda p: (self.w13 if p.target == "w13" else self.w2)[slot, p.row0:p.row0 + p.rows]
 
     def end_pass(self) -> None:
         """The calling thread's forward pass is over: unpin the experts of its last fetch (the engine calls this
@@ -290,11 +244,18 @@ class ExpertStore:
         with self._cond:
             return {k for s, k in enumerate(self._slot_key) if k is not None and s not in self._loading}
 
+    @property
+    def fault_hook(self):
+        """Tests only: called as hook(piece, bytes: memoryview) after each checked read (see slow_tier.py)."""
+        return self.slow.fault_hook
+
+    @fault_hook.setter
+    def fault_hook(self, hook) -> None:
+        self.slow.fault_hook = hook
+
     def close(self) -> None:
         self._pool.shutdown(wait=True)
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
+        self.slow.close()
 
     def __del__(self):
         try:

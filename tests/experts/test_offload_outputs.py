@@ -94,3 +94,17 @@ def test_the_full_budget_keeps_the_resident_path(reference):
     llm = LLM(path, dtype="float32", expert_cache=1.0)
     assert llm.engine.expert_store is None and llm.engine.prefetcher is None
     assert all(b.experts.resident() is not None for b in llm.model.moe_blocks())
+
+
+@pytest.mark.parametrize("name", ["mixtral-mar-sharded", "qwen2_moe"])
+def test_the_engine_prefetcher_changes_nothing(reference, name):
+    """prefetch=True builds marserve.experts.prefetcher.Prefetcher (branch expert-prefetch) when this build has it."""
+    pytest.importorskip("marserve.experts.prefetcher")
+    path, want = reference(name)
+    llm = LLM(path, dtype="float32", expert_cache=0.25, expert_policy="mar", prefetch=True)
+    assert llm.engine.prefetcher is not None
+    assert [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY)] == want
+    off = LLM(path, dtype="float32", expert_cache=0.25, expert_policy="mar", prefetch=False)
+    assert off.engine.prefetcher is None
+    assert [o.outputs[0].token_ids for o in off.generate(PROMPTS, GREEDY)] == want
+    assert sum(s.prefetches for s in off.engine.expert_store.stats.values()) == 0

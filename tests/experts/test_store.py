@@ -1,0 +1,204 @@
+"""The expert store under a real (baby) checkpoint: misses read the right bytes into a slot, prefetches land and count
+as hits, a fetch waits for a read in flight instead of reading twice, reads leave no page cache behind, a corrupt read
+is read again and a persistent one is an error naming the file and tensor; bf16 files convert to fp32 slots."""
+
+import ctypes
+import gc
+import mmap
+import os
+import threading
+import time
+
+import pytest
+import torch
+
+from marserve.errors import CheckpointError
+from marserve.loader import load_model
+from tests.experts.checkpoints import SIZES
+
+
+@pytest.fixture
+def offloaded(baby_checkpoint):
+    """(model at the minimum budget with lru, the resident model) of a mixtral baby."""
+    path = baby_checkpoint("mixtral", **SIZES)
+    model, _ = load_model(path, dtype="float32", expert_cache=0.25, expert_policy="lru")
+    resident, _ = load_model(path, dtype="float32")
+    yield model, resident
+    model.expert_store.close()
+
+
+def _absent(store, layer):
+    resident = store.resident_keys()
+    return [e for e in range(8) if (layer, e) not in resident]
+
+
+def _assert_weights(ew, ids, resident_block):
+    w13, w2 = resident_block.experts.resident()
+    for e, slot in zip(ids.reshape(-1).tolist(), ew.topk_ids.reshape(-1).tolist()):
+        torch.testing.assert_close(ew.w13[slot], w13[e], rtol=0, atol=0)
+        torch.testing.assert_close(ew.w2[slot], w2[e], rtol=0, atol=0)
+
+
+def test_a_miss_reads_the_expert_and_a_second_fetch_hits(offloaded):
+    model, resident = offloaded
+    store, block = model.expert_store, model.moe_blocks()[1]
+    e = _absent(store, 1)[0]
+    ids = torch.tensor([[e, e]])
+    ew = block.experts.fetch(ids)
+    _assert_weights(ew, ids, resident.moe_blocks()[1])
+    s = block.experts.stats
+    assert (s.lookups, s.misses, s.hits) == (2, 2, 0)
+    assert s.bytes_moved == store.index.file_bytes(1, e) and s.stall_seconds > 0
+    block.experts.fetch(torch.tensor([[e]]))
+    assert (s.lookups, s.misses, s.hits) == (3, 2, 1)
+
+
+def _wait_resident(store, key):
+    deadline = time.monotonic() + 30
+    while key not in store.resident_keys():
+        assert time.monotonic() < deadline, f"{key} never landed"
+        time.sleep(0.01)
+
+
+def test_a_prefetched_expert_is_a_hit_and_a_prefetch_hit(offloaded):
+    model, resident = offloaded
+    store, block = model.expert_store, model.moe_blocks()[2]
+    e = _absent(store, 2)[0]
+    block.experts.prefetch(torch.tensor([e]))
+    _wait_resident(store, (2, e))
+    ids = torch.tensor([[e]])
+    _assert_weights(block.experts.fetch(ids), ids, resident.moe_blocks()[2])
+    s = block.experts.stats
+    assert (s.prefetches, s.prefetch_hits, s.misses, s.hits) == (1, 1, 0, 1)
+    block.experts.prefetch(torch.tensor([e]))  # resident already: nothing to do
+    assert s.prefetches == 1
+
+
+def test_a_fetch_waits_for_the_read_in_flight(offloaded):
+    model, resident = offloaded
+    store, block = model.expert_store, model.moe_blocks()[0]
+    e = _absent(store, 0)[0]
+    go, reads = threading.Event(), []
+
+    def hold(piece, view):
+        reads.append(piece)
+        if threading.current_thread().name.startswith("expert-read"):
+            go.wait(30)
+
+    store.fault_hook = hold
+    block.experts.prefetch(torch.tensor([e]))
+    result = {}
+    fetcher = threading.Thread(target=lambda: result.setdefault("ew", block.experts.fetch(torch.tensor([[e]]))))
+    fetcher.start()
+    fetcher.join(0.3)
+    assert fetcher.is_alive()  # blocked on the prefetch's read, not reading on its own
+    go.set()
+    fetcher.join(30)
+    _assert_weights(result["ew"], torch.tensor([[e]]), resident.moe_blocks()[0])
+    assert len(reads) == len(store.index.pieces[0][e])  # each piece read once
+    assert block.experts.stats.misses == 0 and block.experts.stats.prefetch_hits == 1
+
+
+def _flip_first(n, tensor=""):
+    """A fault hook that damages the first n reads (one bit each) of pieces whose tensor name contains `tensor`."""
+    left = [n]
+
+    def hook(piece, view):
+        if left[0] > 0 and tensor in piece.tensor:
+            left[0] -= 1
+            view[0] ^= 0x01
+    return hook
+
+
+def test_a_corrupt_read_is_read_again(offloaded, caplog):
+    model, resident = offloaded
+    store, block = model.expert_store, model.moe_blocks()[3]
+    e = _absent(store, 3)[0]
+    store.fault_hook = _flip_first(1)
+    ids = torch.tensor([[e]])
+    _assert_weights(block.experts.fetch(ids), ids, resident.moe_blocks()[3])
+    assert "wrong checksum" in caplog.text
+
+
+def test_a_persistent_corruption_names_file_and_tensor(offloaded):
+    model, resident = offloaded
+    store, block = model.expert_store, model.moe_blocks()[3]
+    e = _absent(store, 3)[0]
+    store.fault_hook = _flip_first(2, f".experts.{e}.w1.")  # the read and its retry
+    with pytest.raises(CheckpointError, match=rf"model\.safetensors: expert tensor model\.layers\.3\.block_sparse_moe"
+                                              rf"\.experts\.{e}\.w1\.weight .* read back twice"):
+        block.experts.fetch(torch.tensor([[e]]))
+    assert (3, e) not in store.resident_keys()
+    ids = torch.tensor([[e]])  # the slot was given back; the next read is clean
+    _assert_weights(block.experts.fetch(ids), ids, resident.moe_blocks()[3])
+
+
+def _cached_pages(path, offset, nbytes):
+    """How many pages of [offset, offset + nbytes) of a file sit in the page cache (mincore on a fresh mapping)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    page = mmap.PAGESIZE
+    start = offset // page * page
+    length = offset + nbytes - start
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        addr = libc.mmap(None, length, mmap.PROT_READ, mmap.MAP_SHARED, fd, start)
+        assert addr not in (None, ctypes.c_void_p(-1).value)
+        vec = ctypes.create_string_buffer((length + page - 1) // page)
+        assert libc.mincore(addr, length, vec) == 0
+        libc.munmap(addr, length)
+    finally:
+        os.close(fd)
+    return sum(b & 1 for b in vec.raw)
+
+
+def test_reads_leave_no_page_cache_behind(baby_checkpoint):
+    # Alone in its model (no resident twin): pages a live mmap of the file maps stay cached whatever one advises.
+    path = baby_checkpoint("mixtral", **SIZES)
+    fd = os.open(path / "model.safetensors", os.O_RDONLY)
+    os.fsync(fd)  # just written: dirty pages are never dropped, whatever one advises
+    os.close(fd)
+    gc.collect()  # the earlier tests' resident models map the file
+    model, _ = load_model(path, dtype="float32", expert_cache=0.25)
+    assert not [m for m in open("/proc/self/maps") if str(path) in m]  # nothing maps the file any more
+    store, block = model.expert_store, model.moe_blocks()[1]
+    e, e2 = _absent(store, 1)[:2]
+    pieces = store.index.pieces[1][e]
+    with open(pieces[0].path, "rb") as f:  # a plain read of the same bytes does fill the cache: the probe works
+        f.seek(pieces[0].offset)
+        f.read(pieces[0].nbytes)
+    assert _cached_pages(pieces[0].path, pieces[0].offset, pieces[0].nbytes) > 0
+    block.experts.fetch(torch.tensor([[e, e2]]))
+    for p in pieces + store.index.pieces[1][e2]:
+        assert _cached_pages(p.path, p.offset, p.nbytes) == 0
+    store.close()
+
+
+def test_bf16_file_fills_fp32_slots(baby_checkpoint):
+    path = baby_checkpoint("mixtral", dtype="bfloat16", **SIZES)
+    model, _ = load_model(path, dtype="float32", expert_cache=0.5)
+    resident, _ = load_model(path, dtype="float32")
+    store = model.expert_store
+    assert store.w13.dtype == torch.float32
+    e = _absent(store, 0)[0]
+    ids = torch.tensor([[e]])
+    _assert_weights(model.moe_blocks()[0].experts.fetch(ids), ids, resident.moe_blocks()[0])
+    assert model.moe_blocks()[0].experts.stats.bytes_moved == store.index.file_bytes(0, e)  # bf16 bytes read
+    store.close()
+
+
+def test_an_experts_adjacent_tensors_are_one_read(offloaded, monkeypatch):
+    model, resident = offloaded
+    store, block = model.expert_store, model.moe_blocks()[2]
+    e = _absent(store, 2)[0]
+    assert len(store.index.pieces[2][e]) == 3  # w1, w2, w3: back to back in the file
+    from marserve.experts import slow_tier
+    calls = []
+    real = os.preadv
+    monkeypatch.setattr(slow_tier.os, "preadv", lambda fd, bufs, off: calls.append(len(bufs)) or real(fd, bufs, off))
+    ids = torch.tensor([[e]])
+    _assert_weights(block.experts.fetch(ids), ids, resident.moe_blocks()[2])
+    assert calls == [3]  # one request, three destinations
