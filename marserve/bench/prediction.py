@@ -89,7 +89,7 @@ def evaluate_prefetcher(model, preferences, trace, lookahead: int, per_layer: in
             continue
         scores = pf.predictor.scores(i, trace.embed if i == EMBED else trace.x[i].to(_dtype(blocks)))
         top, idx = scores.topk(pf.per_layer, dim=-1)  # [D',N,n]
-        keep = pf._probability(scores, top) >= min_prob if min_prob > 0 else torch.ones_like(idx, dtype=torch.bool)
+        keep = pf._confident(scores, top) if min_prob > 0 else torch.ones_like(idx, dtype=torch.bool)
         for d, j in enumerate(targets):
             wanted[j].scatter_(1, idx[d], keep[d] | wanted[j].gather(1, idx[d]))  # OR into what was asked
     predicted = hits = 0

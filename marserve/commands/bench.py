@@ -1,4 +1,4 @@
-"""`marserve bench {throughput,moe,linear,experts}`: each benchmark's flags, and the dispatch to its module in marserve/bench/.
+"""`marserve bench {throughput,moe,linear,serve,experts}`: each benchmark's flags, and the dispatch to its module in marserve/bench/.
 
 The flags live here, not in the benchmark modules, because those import torch at the top and building the
 parser must not: `marserve --help` and usage errors answer without loading torch (~4 s).
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 
 from marserve import progress
 from marserve.commands.expert_flags import add_expert_flags
@@ -47,6 +48,35 @@ def _linear_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="default: torch's thread count (the cores)")
 
 
+def _serve_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--base-url", default="http://127.0.0.1:8000", help="the OpenAI-compatible server")
+    p.add_argument("--endpoint", default="completions", choices=["completions", "chat"],
+                   help="/v1/completions or /v1/chat/completions (streamed either way)")
+    p.add_argument("--model", default=None, help="model name to send (default: the first at /v1/models)")
+    p.add_argument("--api-key", default=os.environ.get("MARSERVE_API_KEY"), help="bearer token "
+                   "(default: $MARSERVE_API_KEY)")
+    p.add_argument("--num-prompts", type=int, default=64, help="requests per point of the sweep")
+    p.add_argument("--request-rate", default="inf", help="requests/s, comma-separated to sweep (e.g. 1,4,16); "
+                   "'inf' sends them all at once")
+    p.add_argument("--burstiness", type=float, default=1.0,
+                   help="gamma shape of the arrival gaps: 1 = Poisson, < 1 burstier, > 1 steadier")
+    p.add_argument("--max-concurrency", default=None,
+                   help="requests in flight at most, comma-separated to sweep (e.g. 1,4,16,64); default: no limit")
+    p.add_argument("--input-len", type=int, default=128, help="synthetic prompt length in tokens")
+    p.add_argument("--output-len", type=int, default=128, help="tokens to generate per request")
+    p.add_argument("--dataset", default=None,
+                   help='JSONL of {"prompt": ..., "output_len": ...} per line instead of synthetic prompts')
+    p.add_argument("--tokenizer", default=None, help="model directory or tokenizer.json to size prompts "
+                   "exactly ('default': the shipped model's); without it a word counts as a token")
+    p.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True,
+                   help="ask for exactly --output-len tokens (vLLM's ignore_eos/min_tokens extras)")
+    p.add_argument("--goodput", nargs="+", default=None, metavar="NAME:MS",
+                   help="SLO for goodput, e.g. ttft:500 tpot:50 (names: ttft, tpot, e2el)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds one request may take")
+    p.add_argument("--output", default="bench_serve.json", help="JSON results; plots are written beside it")
+
+
 def _experts_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--models", default="default,twin,bench", help="live runs, comma-separated: 'default', 'twin' "
                    "(needs --twin), 'bench' (the Mixtral-style ~1.4 GB model of `bench throughput`) or directories")
@@ -83,6 +113,8 @@ BENCHMARKS = {
             _moe_flags),
     "linear": ("marserve.bench.linear", "CPU linear layers on cold weights: MKL vs oneDNN, 4K vs huge pages",
                _linear_flags),
+    "serve": ("marserve.bench.serve", "load an OpenAI-compatible server over HTTP: TTFT, TPOT, ITL, throughput, "
+              "goodput", _serve_flags),
     "experts": ("marserve.bench.experts", "expert offloading: live budgets/policies/prefetch, and a GPU trace replay",
                 _experts_flags),
 }

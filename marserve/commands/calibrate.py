@@ -12,7 +12,7 @@ import argparse
 import os
 
 from marserve import progress
-from marserve.errors import ConfigError
+from marserve.errors import ConfigError, MarserveError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -47,7 +47,7 @@ def _check(args) -> str:
         raise ConfigError(f"{d}: not a model directory (no config.json)")
     try:
         ModelConfig.from_dir(d)
-    except ConfigError as e:
+    except MarserveError as e:
         raise ConfigError(f"{d}: not an MoE checkpoint marserve can calibrate ({e})") from None
     for name, value in (("--tokens", args.tokens), ("--lookahead", args.lookahead), ("--seq-len", args.seq_len),
                         ("--eval-tokens", args.eval_tokens)):
@@ -76,6 +76,8 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     with progress.stage(f"loading {os.path.basename(os.path.normpath(args.model_dir))}"):
         model, config = load_model(args.model_dir)
+    if not model.moe_blocks():
+        raise ConfigError(f"{args.model_dir}: every layer is dense (mlp_only_layers): no experts to calibrate")
     if args.eval_only:
         prefs = load_preferences(args.model_dir, model)
     else:

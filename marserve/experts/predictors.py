@@ -59,8 +59,9 @@ class LearnedLookahead:
                   and preferences.predictor(src, d) is not None]
             if ds:
                 lins = [preferences.predictor(src, d) for d in ds]
-                self._stacked[i] = ([i + d for d in ds], torch.cat([p.weight for p in lins]).float(),
-                                    torch.cat([p.bias for p in lins]).float())
+                device = _device_of(self.blocks[0])
+                self._stacked[i] = ([i + d for d in ds], torch.cat([p.weight for p in lins]).float().to(device),
+                                    torch.cat([p.bias for p in lins]).float().to(device))
 
     def targets(self, i: int) -> list[int]:
         found = self._stacked.get(i)
@@ -72,6 +73,11 @@ class LearnedLookahead:
         if not targets:
             return x.new_zeros(0, x.shape[0], E, dtype=torch.float32)
         return torch.addmm(b, x.float(), w.t()).view(x.shape[0], len(targets), E).transpose(0, 1)
+
+
+def _device_of(block) -> torch.device:
+    """Where the block computes (its router's parameters; a oneDNN-packed gate reports cpu too)."""
+    return next(block.parameters()).device
 
 
 def make_predictor(kind: str, blocks, preferences: ExpertPreferences | None, lookahead: int):

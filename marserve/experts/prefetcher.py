@@ -21,6 +21,7 @@ Legend: T=tokens of the pass, E=experts, n=experts predicted per token, D'=layer
 from __future__ import annotations
 
 import itertools
+import math
 
 import torch
 
@@ -30,11 +31,12 @@ from marserve.experts.preferences import EMBED, ExpertPreferences
 
 class Prefetcher:
     def __init__(self, model, preferences: ExpertPreferences | None, lookahead: int = 1, per_layer: int | None = None,
-                 min_prob: float = 0.5, predictor: str = "auto"):
+                 min_prob: float = 0.5, predictor: str = "auto", max_per_layer: int | None = None):
         """lookahead: how many MoE layers ahead to prefetch (a slow read needs more than one layer's compute to
         hide); per_layer: experts predicted per token and layer (default: the model's top-k); min_prob: keep only
         predictions the predictor gives at least this probability (sigmoid of a learned score, softmax of router
-        logits); predictor: "auto", "learned" or "router". The defaults (1 layer ahead, top-k, p >= 0.5) are the
+        logits); predictor: "auto", "learned" or "router"; max_per_layer: at most this many experts per layer and
+        call, the ones most tokens want (a batch's union can outgrow a small expert cache and evict itself). The defaults (1 layer ahead, top-k, p >= 0.5) are the
         setting with the best recall at a precision >= 0.9 on the default model (docs/offload.md, "Prediction")."""
         if lookahead < 1:
             raise ValueError(f"lookahead must be at least 1, got {lookahead}")
@@ -49,6 +51,11 @@ class Prefetcher:
         num_experts = self.blocks[0].experts.num_experts
         self.per_layer = min(num_experts, per_layer or self.blocks[0].top_k)
         self.min_prob = min_prob
+        self.max_per_layer = max_per_layer
+        # min_prob in score space: a learned score is a logistic regression's logit, a router's is compared after
+        # log-softmax; one comparison per layer instead of computing probabilities.
+        self._threshold = None if min_prob <= 0.0 else (
+            math.log(min_prob / (1.0 - min_prob)) if self.predictor.name == "learned" else math.log(min_prob))
         self.num_experts = num_experts
         self._position = {b.layer_idx: i for i, b in enumerate(self.blocks)}
         self._chained: list = []  # per MoE position: the observer that was there before install()
@@ -115,26 +122,36 @@ class Prefetcher:
 
     def _prefetch(self, targets: list[int], scores: torch.Tensor) -> None:
         """scores [D',T,E] of MoE positions `targets` -> one prefetch() per position, nearest first."""
+        if self.min_prob > 0.0 and self.predictor.name != "learned":  # router: threshold the softmax, in log space
+            scores = scores - torch.logsumexp(scores, dim=-1, keepdim=True)
+        if scores.shape[1] == 1:  # one token (batch-1 decode): a few numbers, cheaper as Python lists than as ops
+            top, idx = scores[:, 0].topk(self.per_layer, dim=-1)  # [D',n], best first
+            wanted = idx.tolist() if self._threshold is None else \
+                [[e for v, e in zip(vs, es) if v >= self._threshold] for vs, es in zip(top.tolist(), idx.tolist())]
+            for j, ids in zip(targets, wanted):
+                if ids:
+                    self.num_prefetched += len(ids)
+                    self.blocks[j].experts.prefetch(torch.tensor(ids))
+            return
         top, idx = scores.topk(self.per_layer, dim=-1)  # [D',T,n]
-        keep = None
-        if self.min_prob > 0.0:
-            keep = self._probability(scores, top) >= self.min_prob  # [D',T,n]
+        keep = None if self._threshold is None else top >= self._threshold
         for d, j in enumerate(targets):
             ids = self._ranked_union(idx[d], None if keep is None else keep[d])
-            if ids.numel():
-                self.num_prefetched += ids.numel()
+            n = ids.numel()
+            if n:
+                self.num_prefetched += n
                 self.blocks[j].experts.prefetch(ids)
 
-    def _probability(self, scores: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
-        if self.predictor.name == "learned":  # fitted as per-expert logistic regressions
-            return torch.sigmoid(top)
-        return torch.exp(top - torch.logsumexp(scores, dim=-1, keepdim=True))  # the router's softmax
+    def _confident(self, scores: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
+        """Which of the top scores [D',T,n] (of scores [D',T,E]) reach min_prob (bench/prediction.py's view)."""
+        if self.predictor.name != "learned":
+            top = top - torch.logsumexp(scores, dim=-1, keepdim=True)
+        return top >= self._threshold
 
     def _ranked_union(self, idx: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
         """idx [T,n] predicted ids (keep [T,n] which count) -> the distinct ids, wanted by most tokens first."""
-        if idx.shape[0] == 1:  # one token (batch-1 decode): already distinct and best first
-            return idx[0] if keep is None else idx[0][keep[0]]
         flat = idx.flatten() if keep is None else idx[keep]
         counts = torch.bincount(flat, minlength=self.num_experts)
         order = torch.argsort(counts, descending=True, stable=True)
-        return order[: int((counts > 0).sum())]
+        n = int((counts > 0).sum())
+        return order[: n if self.max_per_layer is None else min(n, self.max_per_layer)]

@@ -1,0 +1,140 @@
+"""The Prefetcher against providers that record prefetch(): right layers, right ids, chained observers, uninstall."""
+
+from __future__ import annotations
+
+import torch
+
+from marserve.attention import AttentionMetadata
+from marserve.experts.prefetcher import Prefetcher
+from marserve.experts.preferences import ExpertPreferences, LayerPreferences, LinearPredictor
+from marserve.loader import load_model
+
+
+def _model(baby_checkpoint, num_layers=3, **kw):
+    model, _ = load_model(baby_checkpoint("qwen3_moe", num_layers=num_layers, **kw))
+    calls = []
+    for j, b in enumerate(model.moe_blocks()):
+        # A fake provider's prefetch: record (MoE position, ids); the weights stay resident for the forward.
+        b.experts.prefetch = lambda ids, j=j: calls.append((j, ids.tolist()))
+    return model, calls
+
+
+def _forward(model, ids):
+    ids = torch.tensor(ids)
+    with torch.no_grad():
+        return model(ids, torch.arange(len(ids)), AttentionMetadata.dense([len(ids)]))
+
+
+def test_router_prefetch_asks_the_next_layers_for_their_predicted_top_k(baby_checkpoint):
+    model, calls = _model(baby_checkpoint, mar=True)
+    blocks = model.moe_blocks()
+    pf = Prefetcher(model, None, lookahead=2, min_prob=0.0).install()
+    x = torch.randn(1, 32)
+    blocks[0].routing_observer(blocks[0].layer_idx, x, None, None, None)
+    want = [blocks[j].router_logits(x).float().topk(2, dim=-1).indices[0].tolist() for j in (1, 2)]
+    assert calls == [(1, want[0]), (2, want[1])]  # nearest first, best first
+    calls.clear()
+    blocks[2].routing_observer(blocks[2].layer_idx, x, None, None, None)
+    assert calls == []  # the last layer has nothing ahead
+    pf.uninstall()
+
+
+def test_a_batch_asks_once_per_layer_most_wanted_first(baby_checkpoint):
+    model, calls = _model(baby_checkpoint)
+    blocks = model.moe_blocks()
+    Prefetcher(model, None, lookahead=1, per_layer=1, min_prob=0.0).install()
+    x = torch.randn(40, 32)
+    blocks[0].routing_observer(blocks[0].layer_idx, x, None, None, None)
+    top1 = blocks[1].router_logits(x).float().argmax(-1)
+    counts = torch.bincount(top1, minlength=4)
+    assert len(calls) == 1 and calls[0][0] == 1
+    assert sorted(calls[0][1]) == sorted(set(top1.tolist()))
+    assert [int(counts[e]) for e in calls[0][1]] == sorted(counts[counts > 0].tolist(), reverse=True)
+
+
+def test_a_forward_pass_prefetches_every_later_layer_and_the_old_observer_still_sees_all(baby_checkpoint):
+    model, calls = _model(baby_checkpoint, num_layers=4)
+    seen = []
+    for b in model.moe_blocks():
+        b.routing_observer = lambda l, x, z, ids, w: seen.append(l)
+    pf = Prefetcher(model, None, lookahead=2, min_prob=0.0).install()
+    before = _forward(model, [5, 9, 11, 40])
+    assert seen == [0, 1, 2, 3]
+    assert sorted({j for j, _ in calls}) == [1, 2, 3]
+    assert [j for j, _ in calls] == [1, 2, 2, 3, 3]  # layer l asks l+1 then l+2
+    pf.uninstall()
+    assert all(b.routing_observer is not None and b.routing_observer.__name__ == "<lambda>"
+               for b in model.moe_blocks())  # the recorder is back, alone
+    calls.clear()
+    assert torch.equal(_forward(model, [5, 9, 11, 40]), before)  # outputs never change
+    assert calls == []
+
+
+def test_uninstall_under_a_later_observer_leaves_a_pass_through(baby_checkpoint):
+    model, calls = _model(baby_checkpoint)
+    pf = Prefetcher(model, None, lookahead=1, min_prob=0.0).install()
+    later = []
+    for b in model.moe_blocks():
+        inner = b.routing_observer
+        b.routing_observer = lambda l, x, z, i, w, inner=inner: (later.append(l), inner(l, x, z, i, w))
+    pf.uninstall()
+    _forward(model, [1, 2, 3])
+    assert later == [0, 1, 2] and calls == []
+
+
+def _learned(model, sure: int):
+    """Preferences whose predictors are certain of expert `sure` (and of nothing else) for every target."""
+    E, H = 4, 32
+    bias = torch.full((E,), -6.0)
+    bias[sure] = 6.0
+    lin = LinearPredictor(torch.zeros(E, H), bias)
+    layers = {b.layer_idx: LayerPreferences(torch.full((E,), 0.25), None, {1: lin, 2: lin}) for b in model.moe_blocks()}
+    return ExpertPreferences(layers, {1: lin, 2: lin})
+
+
+def test_learned_predictor_keeps_only_confident_experts(baby_checkpoint):
+    model, calls = _model(baby_checkpoint)
+    blocks = model.moe_blocks()
+    Prefetcher(model, _learned(model, sure=3), lookahead=1).install()  # default min_prob 0.5
+    blocks[1].routing_observer(blocks[1].layer_idx, torch.randn(2, 32), None, None, None)
+    assert calls == [(2, [3])]  # top-2 asked, the second below 0.5 dropped
+
+
+def test_before_step_predicts_the_first_layers_from_the_steps_tokens(baby_checkpoint):
+    model, calls = _model(baby_checkpoint)
+    pf = Prefetcher(model, _learned(model, sure=2), lookahead=2, min_prob=0.0)
+    seen = []
+    pf.predictor.scores = lambda i, x, real=pf.predictor.scores: (seen.append(x.shape[0]), real(i, x))[1]
+    pf.before_step([[4, 5, 6], [7, 8, 9, 10]], [True, False])  # 3 prompt tokens + the decoding one's last token
+    assert seen == [4]
+    assert [j for j, _ in calls] == [0, 1] and all(ids[0] == 2 for _, ids in calls)
+    calls.clear()
+    Prefetcher(model, None, lookahead=2).before_step([[4]], [False])  # the router cannot see before layer 0
+    assert calls == []
+
+
+def test_prefetching_during_engine_decode_leaves_greedy_output_unchanged(baby_checkpoint):
+    from marserve.llm import LLM
+    from marserve.sampling_params import SamplingParams
+    llm = LLM(str(baby_checkpoint("qwen3_moe", num_layers=3, mar=True)), dtype="float32")
+    params = SamplingParams(temperature=0.0, max_tokens=8)
+    plain = llm.generate(["the fox jumps"], params)[0].outputs[0].token_ids
+    calls = []
+    for j, b in enumerate(llm.model.moe_blocks()):
+        b.experts.prefetch = lambda ids, j=j: calls.append(j)
+    pf = Prefetcher(llm.model, None, lookahead=1, min_prob=0.0).install()
+    again = llm.generate(["the fox jumps"], params)[0].outputs[0].token_ids
+    pf.uninstall()
+    assert again == plain
+    # One pass per generated token (prefill, then decode steps on the per-layer CPU path), each asking layers 1, 2.
+    assert calls.count(1) == len(again) and calls.count(2) == len(again) and 0 not in calls
+
+
+def test_max_per_layer_keeps_the_experts_most_tokens_want(baby_checkpoint):
+    model, calls = _model(baby_checkpoint)
+    blocks = model.moe_blocks()
+    Prefetcher(model, None, lookahead=1, per_layer=2, min_prob=0.0, max_per_layer=1).install()
+    x = torch.randn(40, 32)
+    blocks[0].routing_observer(blocks[0].layer_idx, x, None, None, None)
+    counts = torch.bincount(blocks[1].router_logits(x).float().topk(2, dim=-1).indices.flatten(), minlength=4)
+    assert calls == [(1, [int(counts.argmax())])]
