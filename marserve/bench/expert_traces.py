@@ -59,7 +59,10 @@ def record(model_dir: str, name: str, work_dir: Path, max_tokens: int, lookahead
     """Trace, predictions and usage prior of one trace model; cached in work_dir (keyed by model and size)."""
     served = SERVED_MODELS[name]
     cache = work_dir / f"{name}-{Path(model_dir).resolve().name}-{max_tokens}.npz"
-    pred_cache = cache.with_suffix(f".predictions-ahead{lookahead}-p{'default' if min_prob is None else min_prob}.npy")
+    # the Prefetcher's default predictor is the learned one when the model has been calibrated
+    kind = "learned" if (Path(model_dir) / "mar_preferences.safetensors").exists() else "router"
+    pred_cache = cache.with_suffix(f".predictions-{kind}-ahead{lookahead}-p"
+                                   f"{'default' if min_prob is None else min_prob}.npy")
     if cache.exists() and pred_cache.exists():
         trace = RoutingTrace.load(cache)
         return {"trace": trace, "predictions": np.load(pred_cache), "usage": trace.usage}
