@@ -1,4 +1,4 @@
-"""`marserve bench {throughput,moe,linear,serve,ep}`: each benchmark's flags, and the dispatch to its module in marserve/bench/.
+"""`marserve bench {throughput,moe,linear,serve,ep,experts}`: each benchmark's flags, and the dispatch to its module in marserve/bench/.
 
 The flags live here, not in the benchmark modules, because those import torch at the top and building the
 parser must not: `marserve --help` and usage errors answer without loading torch (~4 s).
@@ -88,6 +88,34 @@ def _ep_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--skip-measure", action="store_true", help="the trace replay only")
 
 
+def _experts_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--models", default="default,twin,bench", help="live runs, comma-separated: 'default', 'twin' "
+                   "(needs --twin), 'bench' (the Mixtral-style ~1.4 GB model of `bench throughput`) or directories")
+    p.add_argument("--twin", default=None, help="the default model's --no-mar twin (not shipped; made with "
+                   "`marserve train --out DIR --steps 1300 --threads 1 --no-mar --tokenizer marserve/default_model`)")
+    p.add_argument("--budgets", default="1,0.5,0.25,0.125", help="expert cache shares (below the minimum: raised)")
+    p.add_argument("--policies", default="lru,lfu,mar")
+    p.add_argument("--tokens", type=int, default=64, help="tokens generated per prompt (live)")
+    p.add_argument("--prompts", type=int, default=4, help="fixed prompts, run one after another (batch 1)")
+    p.add_argument("--threads", type=int, default=1, help="compute threads (the store's reads run beside them)")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--drop-caches", default="global", choices=["global", "files"],
+                   help="before each live run: 'global' = drop_caches when root (else as 'files'), 'files' = "
+                   "posix_fadvise(DONTNEED) on the model's files only")
+    p.add_argument("--replay", default="", help="trace models for the replay, NAME=DIR,... with NAME in "
+                   "mixtral-8x7b, qwen3-30b-a3b, deepseek-v2-lite (made by python -m marserve.bench.trace_models)")
+    p.add_argument("--trace-tokens", type=int, default=2048, help="tokens of held-out text recorded per trace")
+    p.add_argument("--lookahead", type=int, default=2, help="replay: MoE layers ahead a prefetch predicts")
+    p.add_argument("--tiers", default="host,disk", help="replay: where missing experts come from (PCIe / NVMe)")
+    p.add_argument("--prefetch-min-prob", type=float, default=None,
+                   help="replay: the Prefetcher's probability threshold (default: the Prefetcher's own)")
+    p.add_argument("--work-dir", default="/tmp/marserve-bench-experts", help="cache of recorded traces")
+    p.add_argument("--skip-live", action="store_true")
+    p.add_argument("--skip-replay", action="store_true")
+    p.add_argument("--json", default=None, help="write the report here")
+    p.add_argument("--quick", action="store_true", help="smoke run: 1 prompt x 8 tokens, traces of 256 tokens")
+
+
 # name -> (module with run(args) -> int, one-line help, flags)
 BENCHMARKS = {
     "throughput": ("marserve.bench.throughput", "offline generation throughput, marserve vs transformers",
@@ -100,6 +128,8 @@ BENCHMARKS = {
               "goodput", _serve_flags),
     "ep": ("marserve.bench.ep", "expert parallelism: tokens/s and bytes at 1/2/4 ranks; 8-GPU trace replay",
            _ep_flags),
+    "experts": ("marserve.bench.experts", "expert offloading: live budgets/policies/prefetch, and a GPU trace replay",
+                _experts_flags),
 }
 
 

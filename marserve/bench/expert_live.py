@@ -1,0 +1,127 @@
+"""Live expert-offloading runs: one configuration (model, budget, policy, prefetch) per fresh process.
+
+The parent (`marserve bench experts`) calls `run_config()`, which drops the page cache, starts
+`python -m marserve.bench.expert_live '<json spec>'` and reads back one JSON line. The child builds
+`LLM(model, expert_cache=, expert_policy=, prefetch=)`, generates greedily from fixed prompts at batch 1 (one
+prompt after another), and reports tokens/s, the expert stores' counters summed over the MoE layers, peak RSS (VmHWM)
+and a digest of the generated tokens (equal digests = identical greedy outputs).
+
+A fresh process per configuration, because peak RSS is a process-lifetime figure and the store's resident set,
+policy state and the page cache must start cold for each.
+
+Definitions (from ExpertCacheStats summed over layers): precision = prefetch_hits / prefetches (share of
+prefetched experts used before eviction); recall = prefetch_hits / (prefetch_hits + misses) (share of the
+experts that were not resident when first wanted this time which a prefetch had brought in); a miss is a
+routing decision whose expert had to be read synchronously.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+DROP_CACHES = "/proc/sys/vm/drop_caches"
+
+
+def drop_page_cache(model_dir: Path, global_drop: bool) -> str:
+    """Evict the model's files from the page cache -> how it was done (for the report).
+
+    posix_fadvise(DONTNEED) on every file of the checkpoint always (enough for the store's reads, and harmless
+    to other processes); with global_drop also `echo 1 > /proc/sys/vm/drop_caches` when writable (root)."""
+    for path in Path(model_dir).iterdir():
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+    how = "posix_fadvise(DONTNEED) on the model's files"
+    if global_drop and os.access(DROP_CACHES, os.W_OK):
+        os.sync()
+        try:
+            with open(DROP_CACHES, "w") as f:
+                f.write("1")
+            how = "sync; echo 1 > /proc/sys/vm/drop_caches (and posix_fadvise on the model's files)"
+        except OSError:
+            pass
+    return how
+
+
+def run_config(spec: dict, global_drop: bool, timeout_s: float = 3600.0) -> dict:
+    """One configuration in a fresh process -> its report (or {"error": ...} with the child's last words)."""
+    dropped = drop_page_cache(Path(spec["model"]), global_drop)
+    env = dict(os.environ)
+    env.setdefault("GOMP_SPINCOUNT", "10000")  # as the CLI sets it (marserve/cli.py)
+    proc = subprocess.run([sys.executable, "-m", "marserve.bench.expert_live", json.dumps(spec)], env=env,
+                          capture_output=True, text=True, timeout=timeout_s)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+        return {**spec, "error": tail, "page_cache": dropped}
+    return {**json.loads(lines[-1]), "page_cache": dropped}
+
+
+def expert_bytes_of(config, dtype) -> tuple[int, int]:
+    """(bytes of one expert in `dtype`, number of routed experts in all MoE layers)."""
+    import torch
+    L = sum(config.is_moe_layer(i) for i in range(config.num_hidden_layers))
+    one = 3 * config.hidden_size * config.moe_intermediate_size * torch.empty((), dtype=dtype).element_size()
+    return one, L * config.num_experts
+
+
+def _child(spec: dict) -> dict:
+    import torch
+    torch.set_num_threads(spec["threads"])
+    from marserve import LLM
+    from marserve.sampling_params import SamplingParams
+    t0 = time.perf_counter()
+    llm = LLM(spec["model"], dtype=spec["dtype"], expert_cache=spec["expert_cache"], expert_policy=spec["policy"],
+              prefetch=spec["prefetch"], kv_cache_gb=0.25, enable_prefix_caching=False)
+    load_s = time.perf_counter() - t0
+    params = SamplingParams(max_tokens=spec["tokens"], temperature=0.0, ignore_eos=True)
+    prompts = [llm.tokenizer(p, add_special_tokens=False)["input_ids"] for p in spec["prompts"]]
+    llm.generate({"prompt_token_ids": prompts[0][:4]}, SamplingParams(max_tokens=2, temperature=0.0), use_tqdm=False)
+    blocks = llm.model.moe_blocks()
+    before = [_counters(b.experts.stats) for b in blocks]  # the warm-up's counters are left out
+    digest, generated, t0 = hashlib.sha256(), 0, time.perf_counter()
+    for ids in prompts:  # batch 1: one request at a time
+        out = llm.generate({"prompt_token_ids": ids}, params, use_tqdm=False)[0]
+        toks = out.outputs[0].token_ids
+        digest.update(json.dumps(toks).encode())
+        generated += len(toks)
+    elapsed = time.perf_counter() - t0
+    totals = {k: sum(_counters(b.experts.stats)[k] - prev[k] for b, prev in zip(blocks, before))
+              for k in before[0]}
+    one, total = expert_bytes_of(llm.config, next(blocks[0].parameters(), torch.empty(0)).dtype
+                                 if spec["dtype"] == "auto" else getattr(torch, spec["dtype"]))
+    return {**spec, **totals, "generated_tokens": generated, "seconds": elapsed, "tokens_per_s": generated / elapsed,
+            "load_s": load_s, "peak_rss_bytes": peak_rss_bytes(),
+            "expert_bytes": one, "num_experts_total": total, "output_digest": digest.hexdigest()[:16],
+            "offloading": type(blocks[0].experts).__name__,
+            "prefetcher": type(llm.engine.prefetcher).__name__ if llm.engine.prefetcher is not None else None}
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set (VmHWM). Not getrusage's ru_maxrss: Linux carries that over exec() from
+    the process that forked us (the parent's 1 GB bandwidth probe showed up as every run's peak)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _counters(stats) -> dict:
+    return {"lookups": stats.lookups, "hits": stats.hits, "misses": stats.misses, "prefetches": stats.prefetches,
+            "prefetch_hits": stats.prefetch_hits, "bytes_read": stats.bytes_moved,
+            "stall_s": stats.stall_seconds}
+
+
+if __name__ == "__main__":
+    print(json.dumps(_child(json.loads(sys.argv[1]))))
