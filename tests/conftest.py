@@ -21,3 +21,14 @@ def baby_checkpoint(tmp_path_factory):
 
     return build
 
+
+
+@pytest.fixture
+def one_torch_thread():
+    """torch on one thread for the test (restored after): baby-sized ops gain nothing from threads, and the
+    test machine is shared. Folders of such tests make it autouse in their own conftest.py."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
