@@ -39,6 +39,11 @@ class EngineStats:
     prompt_tokens_total: int
     generation_tokens_total: int
     expert_cache: list[ExpertCacheStats] = dataclasses.field(default_factory=list)  # one per MoE layer
+    # The offloaded expert store's state (0 without one): reads in flight and slots a forward pass pins are 0
+    # when the engine is idle; rereads counts reads whose checksum failed and were read again.
+    expert_reads_in_flight: int = 0
+    expert_pinned_slots: int = 0
+    expert_rereads: int = 0
 
 
 class EngineDeadError(MarserveError):
@@ -154,13 +159,17 @@ class AsyncEngine:
     def stats(self) -> EngineStats:
         s = self.engine.scheduler
         bm = s.block_manager
+        store = self.engine.expert_store
+        in_flight, pinned = store.in_use() if store is not None else (0, 0)
         return EngineStats(num_running=len(s.running), num_waiting=len(s.waiting), kv_cache_usage=bm.usage,
                            prefix_cache_queries=bm.prefix_queries, prefix_cache_hits=bm.prefix_hits,
                            num_preemptions=s.num_preemptions,
                            prompt_tokens_total=self.engine.prompt_tokens_total,
                            generation_tokens_total=self.engine.generation_tokens_total,
                            expert_cache=[dataclasses.replace(m.stats) for m in self.engine.model.modules()
-                                         if isinstance(m, ExpertProvider)])
+                                         if isinstance(m, ExpertProvider)],
+                           expert_reads_in_flight=in_flight, expert_pinned_slots=pinned,
+                           expert_rereads=store.slow.rereads if store is not None else 0)
 
     # ---- the engine thread ----------------------------------------------------------------------
 

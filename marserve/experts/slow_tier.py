@@ -45,6 +45,7 @@ class SlowTier:
     def __init__(self, index: CheckpointIndex):
         self.index = index
         self.fault_hook: Callable[[Piece, memoryview], None] | None = None
+        self.rereads = 0  # runs read again after a checksum mismatch (the server exports it)
         self._crc: dict[Piece, int] = {}
         self._fds: dict = {}
         self._lock = threading.Lock()
@@ -88,6 +89,9 @@ class SlowTier:
                 break
             logger.warning("%s: expert tensor %s read back with a wrong checksum (attempt %d)", bad[0].path,
                            bad[0].tensor, attempt)
+            if attempt == 1:
+                with self._lock:
+                    self.rereads += 1
         else:
             p = bad[0]
             raise CheckpointError(f"{p.path}: expert tensor {p.tensor} (bytes {p.offset}..{p.offset + p.nbytes}) "

@@ -240,6 +240,12 @@ class ExpertStore:
                 self._pins[s] -= 1
             self._cond.notify_all()
 
+    def in_use(self) -> tuple[int, int]:
+        """(reads in flight, slots pinned by a forward pass) -> both 0 once nothing runs and no prefetch is
+        pending; the hottest experts kept for good are not counted (they are never released)."""
+        with self._cond:
+            return len(self._loading), sum(1 for n in self._pins if n)
+
     def resident_keys(self) -> set[Key]:
         with self._cond:
             return {k for s, k in enumerate(self._slot_key) if k is not None and s not in self._loading}

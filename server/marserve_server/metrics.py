@@ -64,6 +64,12 @@ class _EngineCollector:
         prefetches = sum(c.prefetches for c in s.expert_cache)
         yield gauge("expert_cache_hit_rate", "Expert lookups served from fast memory, all layers (1 = all).",
                     sum(c.hits for c in s.expert_cache) / lookups if lookups else 1.0)
+        yield gauge("expert_cache_reads_in_flight", "Expert reads from the slow tier not yet landed (0 when idle).",
+                    s.expert_reads_in_flight)
+        yield gauge("expert_cache_pinned_slots", "Expert slots pinned by a forward pass in progress (0 when idle; "
+                    "the hottest experts kept for good are not counted).", s.expert_pinned_slots)
+        yield counter("expert_cache_rereads", "Expert reads whose checksum failed and that were read again.",
+                      s.expert_rereads)
         yield gauge("expert_prefetch_precision", "Prefetched experts that were used, all layers.",
                     sum(c.prefetch_hits for c in s.expert_cache) / prefetches if prefetches else 0.0)
 

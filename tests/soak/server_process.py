@@ -33,7 +33,7 @@ class ServerProcess:
         self.base = f"http://127.0.0.1:{self.port}"
         self.args = ["--port", str(self.port), "--dtype", "float32", "--api-key", api_key,
                      "--shutdown-grace", str(shutdown_grace), "--log-level", "warning", "--quiet"]
-        if expert_cache is not None:  # the offloaded expert cache (branch offload-store: --expert-cache 0.25)
+        if expert_cache is not None:  # the offloaded expert cache (e.g. 0.25; faulty_serve.py then corrupts reads)
             self.args += ["--expert-cache", expert_cache]
         self.proc: subprocess.Popen | None = None
         self.rss_samples: list[tuple[float, float]] = []  # (time.monotonic(), MB)

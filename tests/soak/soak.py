@@ -50,7 +50,9 @@ async def wait_idle(server: ServerProcess) -> tuple[bool, dict[str, float]]:
         ended = sum(m.get(f"marserve:requests_ended_total{{{o}}}", 0) for o in ("finished", "aborted", "rejected",
                                                                                  "failed"))
         idle = (m.get("marserve:num_requests_running") == 0 and m.get("marserve:num_requests_waiting") == 0
-                and m.get("marserve:kv_cache_usage_perc") == 0 and ended == m.get("marserve:requests_received_total"))
+                and m.get("marserve:kv_cache_usage_perc") == 0 and ended == m.get("marserve:requests_received_total")
+                and m.get("marserve:expert_cache_reads_in_flight", 0) == 0  # (0 without an offloaded store)
+                and m.get("marserve:expert_cache_pinned_slots", 0) == 0)
         if idle or time.monotonic() > deadline:
             return idle, m
         await asyncio.sleep(0.5)
