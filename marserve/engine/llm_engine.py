@@ -98,14 +98,9 @@ class LLMEngine:
         self.generation_tokens_total = 0
 
     def _make_prefetcher(self):
-        """marserve.experts.prefetcher.Prefetcher over the checkpoint's preferences, installed; None when this
-        build has no prefetcher module (then experts are read on demand only)."""
-        try:
-            from marserve.experts.prefetcher import Prefetcher
-            from marserve.experts.preferences import load_preferences
-        except ImportError:
-            logger.info("no expert prefetcher in this build: experts are read when first used")
-            return None
+        """The expert Prefetcher over the checkpoint's preferences (MAR buffers or a calibration file), installed."""
+        from marserve.experts.preferences import load_preferences
+        from marserve.experts.prefetcher import Prefetcher
         prefetcher = Prefetcher(self.model, load_preferences(self.config.model, self.model))
         prefetcher.install()
         return prefetcher

@@ -98,8 +98,7 @@ def test_the_full_budget_keeps_the_resident_path(reference):
 
 @pytest.mark.parametrize("name", ["mixtral-mar-sharded", "qwen2_moe"])
 def test_the_engine_prefetcher_changes_nothing(reference, name):
-    """prefetch=True builds marserve.experts.prefetcher.Prefetcher (branch expert-prefetch) when this build has it."""
-    pytest.importorskip("marserve.experts.prefetcher")
+    """prefetch=True installs marserve.experts.prefetcher.Prefetcher, and outputs stay the same."""
     path, want = reference(name)
     llm = LLM(path, dtype="float32", expert_cache=0.25, expert_policy="mar", prefetch=True)
     assert llm.engine.prefetcher is not None
