@@ -192,3 +192,14 @@ def kernels() -> dict[str, Kernel]:
     """Every native kernel, by the name of its module: what `marserve doctor` reports and the build tests compile."""
     return {name: importlib.import_module(f"marserve_kernels.{name}")._KERNEL for name in KERNEL_MODULES}
 
+
+
+def build_all(dtype) -> dict[str, str | None]:
+    """Every kernel's variant for `dtype` built (or found in the cache) and loaded now, the compilers running side
+    by side: {kernel module: why it is unavailable, or None}. The engine calls it at start, so that no request
+    waits seconds for a compiler (the first one did, after any change to a kernel's source)."""
+    from concurrent.futures import ThreadPoolExecutor
+    wanted = {name: k for name, k in kernels().items() if dtype in k.variants}
+    with ThreadPoolExecutor(max_workers=max(1, len(wanted))) as pool:  # each Kernel on one thread: no shared state
+        reasons = pool.map(lambda k: k.reason(dtype), wanted.values())
+        return dict(zip(wanted, reasons))

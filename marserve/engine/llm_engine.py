@@ -28,6 +28,7 @@ from marserve.engine.sampler import Sampler, SamplerOutput
 from marserve.sampling_params import SamplingParams
 from marserve.engine.scheduler import Scheduler, SchedulerOutput
 from marserve.engine.sequence import Sequence
+from marserve_kernels import native_build
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +65,8 @@ class LLMEngine:
         self.expert_store = getattr(self.model, "expert_store", None)  # set when experts are offloaded
         self.prefetcher = self._make_prefetcher() if config.prefetch and self.expert_store is not None else None
         if torch.device(config.device).type == "cpu":
+            with progress.stage("building the native CPU kernels"):  # cached: seconds only after a source change
+                native_build.build_all(next(self.model.parameters()).dtype)
             with progress.stage("packing the weights for the CPU"):
                 self.model.pack_for_cpu()  # inference only from here: q/k/v fused; oneDNN-packed if no native kernel
         with progress.stage("loading the tokenizer"):  # the first transformers import alone takes seconds

@@ -1,6 +1,7 @@
 """Continuous batching gives each request exactly what it gets alone (greedy, fp32)."""
 
 import pytest
+import torch
 
 from marserve import LLM, SamplingParams
 from marserve.errors import RequestError
@@ -182,3 +183,11 @@ def test_an_unusable_seed_is_refused_whole_and_the_engine_goes_on(path, alone):
     assert e.value.param == "seed"
     assert "bad" not in llm.engine.requests and not llm.engine.scheduler.has_unfinished  # nothing half-added
     assert llm.generate([PROMPTS[1]], GREEDY)[0].outputs[0].token_ids == alone[1]
+
+
+def test_the_engine_builds_the_native_kernels_before_the_first_request(path, monkeypatch):
+    from marserve_kernels import native_build
+    asked = []
+    monkeypatch.setattr(native_build, "build_all", lambda dtype: asked.append(dtype) or {})
+    LLM(path, dtype="float32", max_num_seqs=1)
+    assert asked == [torch.float32]  # at start, for the weights' dtype: no request waits for cc

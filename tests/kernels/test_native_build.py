@@ -221,3 +221,17 @@ def test_reason_when_marserve_native_isa_cannot_apply_says_so_once(tmp_path, cou
     assert reason.startswith(f"tiny.c (float32) not built: {says}")
     assert reason.count("MARSERVE_NATIVE_ISA") == 1 and "\n" not in reason
     assert counted_compiles == []
+
+
+@needs_cc
+@pytest.mark.skipif(os.environ.get("MARSERVE_NATIVE") == "0", reason="native kernels switched off (MARSERVE_NATIVE=0)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_build_all_loads_every_kernel_of_a_dtype_at_once(monkeypatch, dtype):
+    for kernel in KERNELS.values():  # as in a fresh process: nothing loaded yet
+        monkeypatch.setattr(kernel, "_libs", {})
+    reasons = native_build.build_all(dtype)
+    assert set(reasons) == {name for name, k in KERNELS.items() if dtype in k.variants}
+    for name in reasons:
+        assert dtype in KERNELS[name]._libs, f"{name} was not loaded"
+        if reasons[name] is None:
+            assert KERNELS[name]._libs[dtype] is not None
