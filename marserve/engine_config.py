@@ -62,6 +62,7 @@ class EngineConfig:
         from marserve.experts.policies import POLICIES
         if self.expert_policy not in POLICIES:
             raise ConfigError(f"expert_policy {self.expert_policy!r} is not one of {', '.join(POLICIES)}")
-        if self.expert_parallel_size > 1 and (self.expert_cache < 1.0 or self.expert_cache_gb is not None):
+        from marserve.experts.offloaded import asks_for_offload
+        if self.expert_parallel_size > 1 and asks_for_offload(self.expert_cache, self.expert_cache_gb):
             raise ConfigError("expert offloading (expert_cache, expert_cache_gb) and expert parallelism "
                               "(expert_parallel_size > 1) cannot be combined yet: choose one")

@@ -16,6 +16,7 @@ import torch
 from marserve import hugepages, progress
 from marserve.config import ModelConfig
 from marserve.errors import CheckpointError, ConfigError
+from marserve.experts import offloaded
 from marserve.experts.provider import ExpertProvider
 from marserve.models import get_model_class
 
@@ -111,8 +112,7 @@ def load_model(model_dir, dtype: str | torch.dtype = "auto", device: str = "cpu"
             prepare(model)
     files = checkpoint_files(model_dir)
     offload = None
-    if expert_cache < 1.0 or expert_cache_gb is not None:
-        from marserve.experts import offloaded
+    if offloaded.asks_for_offload(expert_cache, expert_cache_gb):
         offload = offloaded.plan(model, config, model_dir, files, torch_dtype, expert_cache, expert_cache_gb,
                                  expert_policy, device)
     skipped = offload.tensor_names if offload is not None else set()

@@ -42,6 +42,12 @@ class Budget:
         return self.num_slots < self.total
 
 
+def asks_for_offload(expert_cache: float = 1.0, expert_cache_gb: float | None = None) -> bool:
+    """Whether the knobs ask for a budget below all experts (the one spelling of it; whether a budget really
+    offloads is `Budget.offloads`: a size in GB may still buy every slot)."""
+    return expert_cache < 1.0 or expert_cache_gb is not None
+
+
 def budget_for(config, dtype: torch.dtype, expert_cache: float = 1.0, expert_cache_gb: float | None = None) -> Budget:
     """The slots a budget buys (a share of all experts, or GB of fast memory in the compute dtype); ConfigError,
     naming the minimum, when it is below one decode step's active experts (K x L) or one layer's experts (E): a
