@@ -123,8 +123,9 @@ class ParallelExperts(ExpertProvider):
         partial[batch_order] = self._run_local(x_recv[batch_order], r_recv[batch_order, K:2 * K].to(x.dtype),
                                                r_recv[batch_order, :K].long(), T)
         back = self._all_to_all(partial, send_counts, recv_counts)  # [S,H] float32 partial sums for my tokens
-        ep.bytes_sent += (sum(send_counts) - send_counts[me]) * (x.shape[1] * x.element_size() + routing.shape[1] * 4) \
-            + (sum(recv_counts) - recv_counts[me]) * x.shape[1] * back.element_size()
+        row_out, row_back = x.shape[1] * x.element_size() + routing.shape[1] * 4, x.shape[1] * back.element_size()
+        ep.bytes_sent += ((sum(send_counts) - send_counts[me]) * row_out
+                          + (sum(recv_counts) - recv_counts[me]) * row_back)
         out = torch.zeros(x.shape, dtype=torch.float32, device=x.device).index_add_(0, order, back)
         return self._replicate(out).to(x.dtype)  # the one rounding to the model's dtype
 
