@@ -5,6 +5,7 @@
 - fused_moe: the fused Triton kernels (GPU; on CPU only under TRITON_INTERPRET=1, for tests).
 - moe: the path the MoE layer calls; picks the fastest available for the tensors: fused_moe on
   CUDA, the grouped CPU path on CPU. MARSERVE_MOE_BACKEND=triton|cpu|reference overrides the choice.
+- moe_path: which of these moe() runs for a call (for callers that split one call's pairs across processes).
 """
 
 from __future__ import annotations
@@ -13,10 +14,11 @@ import os
 
 import torch
 
+from marserve_kernels import cpu_moe
 from marserve_kernels.cpu_moe import grouped_moe
 from marserve_kernels.reference import moe_reference
 
-__all__ = ["moe", "moe_reference", "grouped_moe", "fused_moe"]
+__all__ = ["moe", "moe_reference", "grouped_moe", "fused_moe", "moe_path"]
 BACKENDS = ("triton", "cpu", "reference")
 
 
@@ -35,9 +37,26 @@ def _backend(hidden: torch.Tensor) -> str:
     return "triton" if hidden.device.type == "cuda" else "cpu"
 
 
+def _training(*tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def moe_path(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, tokens: int, top_k: int,
+             experts: int) -> str:
+    """What moe() runs for a call of `tokens` tokens over `experts` experts shaped like w13/w2: "native" or
+    "gemm" (grouped_moe's two CPU paths: fp32 sums rounded once, or per-expert GEMMs rounded per expert),
+    "triton" or "reference". For a caller that splits one call's pairs and must take the whole call's path."""
+    if _training(hidden, w13, w2):
+        return "reference"
+    backend = _backend(hidden)
+    if backend != "cpu":
+        return backend
+    return "native" if cpu_moe.takes_native(hidden, w13, w2, tokens, top_k, experts) else "gemm"
+
+
 def moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
         topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (hidden, w13, w2, topk_weights)):
+    if _training(hidden, w13, w2, topk_weights):
         # Training: the grouped path writes into buffers in place; the reference is differentiable.
         return moe_reference(hidden, w13, w2, topk_weights, topk_ids)
     backend = _backend(hidden)

@@ -46,15 +46,22 @@ def native_is_faster(tokens: int, top_k: int, experts: int, hidden: int, inter: 
     return tokens * top_k <= NATIVE_MAX_PAIRS_PER_EXPERT.get(dtype, 0) * experts or flops <= NATIVE_MAX_FLOPS
 
 
+def takes_native(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, tokens: int, top_k: int,
+                 experts: int) -> bool:
+    """Whether grouped_moe runs a call of `tokens` tokens routed over `experts` experts (shaped like w13/w2) in
+    the native kernel. A caller that splits one call's pairs across processes (marserve/experts/parallel.py)
+    asks it for the whole call, so that every part takes the arithmetic the whole call would."""
+    return (native_is_faster(tokens, top_k, experts, hidden.shape[1], w13.shape[1] // 2, w13.dtype)
+            and _can_use_native(hidden, w13, w2))
+
+
 def grouped_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
                 topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
     """hidden [T, H], w13 [E, 2I, H], w2 [E, H, I], topk_* [T, K] -> [T, H]."""
     T, K = topk_ids.shape
-    E = w13.shape[0]
     if T == 0:
         return torch.zeros_like(hidden)
-    few_pairs = native_is_faster(T, K, E, hidden.shape[1], w13.shape[1] // 2, w13.dtype)
-    if few_pairs and _can_use_native(hidden, w13, w2):
+    if takes_native(hidden, w13, w2, T, K, w13.shape[0]):
         return cpu_moe_native.small_moe(hidden, w13, w2, topk_weights, topk_ids)
     return gemm_moe(hidden, w13, w2, topk_weights, topk_ids)
 
@@ -111,15 +118,20 @@ def gemm_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     """Pairs sorted by expert, one gate/up GEMM and one down GEMM per active expert; any dtype/device.
 
     On CPU with several threads, experts run side by side on single-threaded workers (cpu_threads.py).
+    A negative id leaves its slot out (another process runs that expert) and adds zero: every expert gets
+    the rows, in the order, it gets in a call without such slots.
     """
     T, K = topk_ids.shape
-    inter = w13.shape[1] // 2
+    E, inter = w13.shape[0], w13.shape[1] // 2
     flat_ids = topk_ids.reshape(-1)  # [P]
+    left_out = bool((flat_ids < 0).any())
+    if left_out:
+        flat_ids = flat_ids.masked_fill(flat_ids < 0, E)  # sorted after every expert, run by none
     order = torch.argsort(flat_ids, stable=True)  # pairs grouped by expert
-    counts = torch.bincount(flat_ids, minlength=w13.shape[0]).tolist()
+    counts = torch.bincount(flat_ids, minlength=E).tolist()[:E]
     token_of = order // K  # [P] source token of each sorted pair
     pair_weight = topk_weights.reshape(-1).to(hidden.dtype)  # [P] in (token, slot) order
-    y = hidden.new_empty(T * K, hidden.shape[1])  # [P, H] in (token, slot) order
+    y = (hidden.new_zeros if left_out else hidden.new_empty)(T * K, hidden.shape[1])  # [P, H] (token, slot) order
     jobs, start = [], 0  # (expert, first sorted pair, pairs)
     for e, n in enumerate(counts):
         if n:

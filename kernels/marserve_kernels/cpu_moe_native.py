@@ -55,7 +55,10 @@ def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def small_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
               topk_ids: torch.Tensor, threads: int | None = None) -> torch.Tensor:
-    """hidden [T, H], w13 [E, 2I, H], w2 [E, H, I] contiguous fp32 or bf16, topk_* [T, K] -> [T, H] (hidden's dtype)."""
+    """hidden [T, H], w13 [E, 2I, H], w2 [E, H, I] contiguous fp32 or bf16, topk_* [T, K] -> [T, H] (hidden's dtype).
+
+    A negative id leaves its slot out (no expert here); the sums are fp32 throughout, rounded to hidden's dtype
+    once at the end (pass fp32 hidden to keep them)."""
     assert w13.dtype == w2.dtype and available(w13.dtype), "call available(weight dtype) first"
     T, K = topk_ids.shape
     E, two_i, H = w13.shape
@@ -71,7 +74,7 @@ def small_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_we
     rc = _KERNEL.lib(w13.dtype).moe_routed(x.data_ptr(), w13.data_ptr(), w2.data_ptr(), out.data_ptr(), ids.data_ptr(),
                                      weights.data_ptr(), T, K, E, H, inter, threads)
     if rc == -1:
-        raise ValueError(f"topk_ids holds an expert id outside 0..{E - 1}")
+        raise ValueError(f"topk_ids holds an expert id above {E - 1}")
     if rc != 0:
         raise MemoryError("native MoE kernel: out of memory for its work buffers")
     return out if hidden.dtype is torch.float32 else out.to(hidden.dtype)

@@ -132,11 +132,14 @@ void moe_gate_up(const float *x, const wtype *w13, float *act, const int64_t *of
 /* out[t, h] += sum over pairs p of token t: pair_weight[p] * (act_p . w2[e, h]) for h in [h0, h1).
  * act [P, I], w2 [E, H, I], out [T, H] (zeroed by the caller). Routing weight applied after the activation.
  * I is long (act rows of several pairs would not fit L1), so it is cut in K_CHUNK pieces whose partial
- * dots are added to out directly. */
+ * dots are summed per (pair, row) first. Each pair then adds one product, rounded on its own (never fused
+ * into an FMA with the running sum), to out: a token's sum is then the same fold of the same per-expert
+ * values however its experts are split between calls, so with two experts per token, partial sums made
+ * in separate processes add up to this call's bits (marserve/experts/parallel.py). */
 void moe_down(const float *act, const wtype *w2, float *out, const int64_t *offsets, const int64_t *pair_token,
               const float *pair_weight, int64_t num_experts, int64_t H, int64_t I, int64_t h0, int64_t h1) {
     const float *as[MAX_GROUP];
-    float d0[MAX_GROUP], d1[MAX_GROUP];
+    float d0[MAX_GROUP], d1[MAX_GROUP], dot[MAX_GROUP][ROW_BLOCK];
     for (int64_t e = 0; e < num_experts; e++) {
         const wtype *w = w2 + e * H * I;
         int64_t begin = offsets[e], end = offsets[e + 1];
@@ -155,10 +158,17 @@ void moe_down(const float *act, const wtype *w2, float *out, const int64_t *offs
                         int64_t h_b = h + 1 < blk_end ? h + 1 : h;
                         DOT2[nb](w + h * I + c, w + h_b * I + c, as, len, 2 * I, d0, d1);
                         for (int64_t p = 0; p < nb; p++) {
-                            float *o = out + pair_token[p0 + p] * H;
-                            o[h] += pair_weight[p0 + p] * d0[p];
-                            if (h_b != h) o[h_b] += pair_weight[p0 + p] * d1[p];
+                            dot[p][h - blk] = c ? dot[p][h - blk] + d0[p] : d0[p];
+                            if (h_b != h) dot[p][h_b - blk] = c ? dot[p][h_b - blk] + d1[p] : d1[p];
                         }
+                    }
+                }
+                for (int64_t p = 0; p < nb; p++) {
+                    float *o = out + pair_token[p0 + p] * H;
+                    for (int64_t h = blk; h < blk_end; h++) {
+                        float term = pair_weight[p0 + p] * dot[p][h - blk];
+                        PIN(term); /* rounded here: not contracted into an FMA with o[h] */
+                        o[h] += term;
                     }
                 }
             }
@@ -186,21 +196,23 @@ void moe_small(const float *x, const wtype *w13, const wtype *w2, float *act, fl
 
 /* Counting sort of the (token, slot) pairs by expert (stable: each expert's pairs stay in token order):
  * index [2E + 1 + P] int64 receives offsets [E + 1] (pairs of expert e are offsets[e] .. offsets[e+1]-1), a fill
- * counter per expert, and pair_token [P]; pair_weight [P] the pairs' routing weights. Returns -1 for an
- * expert id out of range, else 0. */
+ * counter per expert, and pair_token [P]; pair_weight [P] the pairs' routing weights. A negative id is a slot
+ * without an expert here (another process runs it: marserve/experts/parallel.py): the pair is left out, so the
+ * others are grouped exactly as in a call without it. Returns -1 for an expert id >= num_experts, else 0. */
 static int group_pairs(const int64_t *topk_ids, const float *topk_weights, int64_t P, int64_t K, int64_t num_experts,
                        int64_t *index, float *pair_weight) {
     int64_t *offsets = index, *fill = index + num_experts + 1, *pair_token = fill + num_experts;
     memset(offsets, 0, (num_experts + 1) * sizeof(int64_t));
     for (int64_t p = 0; p < P; p++) {
-        if (topk_ids[p] < 0 || topk_ids[p] >= num_experts) return -1;
-        offsets[topk_ids[p] + 1]++;
+        if (topk_ids[p] >= num_experts) return -1;
+        if (topk_ids[p] >= 0) offsets[topk_ids[p] + 1]++;
     }
     for (int64_t e = 0; e < num_experts; e++) {
         offsets[e + 1] += offsets[e];
         fill[e] = offsets[e];
     }
     for (int64_t p = 0; p < P; p++) {
+        if (topk_ids[p] < 0) continue;
         int64_t q = fill[topk_ids[p]]++;
         pair_token[q] = p / K;
         pair_weight[q] = topk_weights[p];
@@ -210,7 +222,7 @@ static int group_pairs(const int64_t *topk_ids, const float *topk_weights, int64
 
 /* The whole call from the router's output: a counting sort groups the (token, slot) pairs by expert
  * (stable: each expert's pairs stay in token order), then moe_small. topk_ids [T, K] int64, topk_weights
- * [T, K] fp32. Returns 0, -1 for an expert id out of range, -2 if out of memory. Doing the grouping here
+ * [T, K] fp32 (ids < 0: no expert, skipped). Returns 0, -1 for an expert id >= num_experts, -2 if out of memory. Doing the grouping here
  * saves the ~10 small torch ops it takes in Python, which is most of a call at decode sizes. */
 int moe_routed(const float *x, const wtype *w13, const wtype *w2, float *out, const int64_t *topk_ids,
                const float *topk_weights, int64_t T, int64_t K, int64_t num_experts, int64_t H, int64_t I,

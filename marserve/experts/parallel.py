@@ -14,6 +14,14 @@ every rank (all_reduce of disjoint rows, exact); a runtime with data-parallel at
 `transport="gather"` is the fallback measured against it: the owners' rows are gathered to every rank,
 each rank runs its experts on every token routed to them, and one all_reduce sums the partials.
 The same code runs on NCCL (tensors on the GPU); only gloo on CPU is tested here.
+
+Exactness against one process: a rank runs its experts on the rows it got in the batch's token order (each
+expert sees the same pairs in the same order as in one process, so the native kernel groups and computes
+them alike) and with the kernel path one process would pick for the whole batch; its partial sums leave it
+in float32 (what the native kernel accumulates in) and are rounded to the model's dtype once, after they
+are added. With two experts per token the result is then one process's bits (fp32 addition of two terms is
+commutative); with more, the partials are added in rank order where one process adds expert after expert
+(fp32 reassociation before the one rounding). docs/expert_parallel.md has the details and the limits.
 """
 
 from __future__ import annotations
@@ -105,17 +113,21 @@ class ParallelExperts(ExpertProvider):
         send_counts = [int(i.numel()) for i in send_idx]
         order = torch.cat(send_idx)  # [S] token of each sent row, grouped by destination
         recv_counts = self._exchange_counts(send_counts, x.device)
-        routing = torch.cat([topk_ids[order].float(), topk_weights[order].float()], 1)  # [S, 2K] (ids exact in f32)
+        # [S, 2K+1]: ids, weights and the token's batch position (all exact in f32)
+        routing = torch.cat([topk_ids[order].float(), topk_weights[order].float(), order[:, None].float()], 1)
         x_recv = self._all_to_all(x[order], recv_counts, send_counts)  # [R,H]
-        r_recv = self._all_to_all(routing, recv_counts, send_counts)  # [R,2K]
+        r_recv = self._all_to_all(routing, recv_counts, send_counts)  # [R,2K+1]
         K = topk_ids.shape[1]
-        partial = self._run_local(x_recv, r_recv[:, K:].to(x.dtype), r_recv[:, :K].long())  # [R,H]
-        back = self._all_to_all(partial, send_counts, recv_counts)  # [S,H] partial sums for my tokens
-        elem = x.element_size()
-        ep.bytes_sent += (sum(send_counts) - send_counts[me]) * (x.shape[1] * elem + 2 * K * 4) \
-            + (sum(recv_counts) - recv_counts[me]) * x.shape[1] * elem
-        out = torch.zeros_like(x).index_add_(0, order, back)
-        return self._replicate(out)
+        batch_order = r_recv[:, 2 * K].argsort()  # [R] received rows in the batch's token order
+        partial = torch.empty(x_recv.shape, dtype=torch.float32, device=x.device)  # [R,H]
+        partial[batch_order] = self._run_local(x_recv[batch_order], r_recv[batch_order, K:2 * K].to(x.dtype),
+                                               r_recv[batch_order, :K].long(), T)
+        back = self._all_to_all(partial, send_counts, recv_counts)  # [S,H] float32 partial sums for my tokens
+        row_out, row_back = x.shape[1] * x.element_size() + routing.shape[1] * 4, x.shape[1] * back.element_size()
+        ep.bytes_sent += ((sum(send_counts) - send_counts[me]) * row_out
+                          + (sum(recv_counts) - recv_counts[me]) * row_back)
+        out = torch.zeros(x.shape, dtype=torch.float32, device=x.device).index_add_(0, order, back)
+        return self._replicate(out).to(x.dtype)  # the one rounding to the model's dtype
 
     def _count(self, x: torch.Tensor, topk_ids: torch.Tensor, owners: torch.Tensor) -> None:
         ep, K = self.ep, topk_ids.shape[1]
@@ -125,27 +137,40 @@ class ParallelExperts(ExpertProvider):
         other = torch.zeros(x.shape[0], ep.world_size, dtype=torch.bool, device=x.device)
         other.scatter_(1, expert_ranks, True).scatter_(1, owners[:, None], False)
         if ep.transport == "all_to_all":  # (the gather fallback moves whole batches instead: bytes_replicated)
-            messages = int(other.sum())  # (token, other rank) pairs: one row out, one partial back
-            ep.group_bytes_sent += messages * (2 * x.shape[1] * x.element_size() + 2 * K * 4)
+            messages = int(other.sum())  # (token, other rank) pairs: one row out, one float32 partial back
+            ep.group_bytes_sent += messages * (x.shape[1] * (x.element_size() + 4) + (2 * K + 1) * 4)
 
     def _gathered(self, x, topk_weights, topk_ids, owners) -> torch.Tensor:
         """Fallback: every rank gets every token (the owners' rows summed), runs its experts, all_reduce."""
         mine = (owners == self.ep.rank)[:, None]
         x_all = self._replicate(torch.where(mine, x, torch.zeros_like(x)))
-        rows = (self.slot[topk_ids] >= 0).any(1).nonzero().flatten()  # tokens with an expert here
-        partial = torch.zeros_like(x)
+        rows = (self.slot[topk_ids] >= 0).any(1).nonzero().flatten()  # tokens with an expert here, in order
+        partial = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
         if rows.numel():
-            partial[rows] = self._run_local(x_all[rows], topk_weights[rows], topk_ids[rows])
-        return self._replicate(partial)
+            partial[rows] = self._run_local(x_all[rows], topk_weights[rows], topk_ids[rows], x.shape[0])
+        return self._replicate(partial).to(x.dtype)  # the one rounding to the model's dtype
 
-    def _run_local(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """Weighted sum over the experts of each row held here (other ranks' slots weigh zero): [R,H]."""
-        if x.shape[0] == 0:
-            return x
-        ew = self.fetch(ids)
-        weights = torch.where(self.slot[ids] >= 0, weights, torch.zeros_like(weights))
+    def _run_local(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, batch: int) -> torch.Tensor:
+        """Float32 weighted sum over the experts of each row held here: x [R,H] (rows in the batch's token
+        order), weights/ids [R,K] -> [R,H]. The kernel path is the one one process takes for the whole batch of
+        `batch` tokens over all E experts, and other ranks' slots are left out (id -1), so each expert here
+        runs the pairs one process gives it, in its order. The native kernel's fp32 sums come back unrounded;
+        the GEMM path rounds per expert and per slot added, as in one process."""
         import marserve_kernels
-        return marserve_kernels.moe(x, ew.w13, ew.w2, weights, ew.topk_ids)
+        from marserve_kernels import cpu_moe, cpu_moe_native
+        if x.shape[0] == 0:
+            return x.new_zeros(x.shape, dtype=torch.float32)
+        slots = self.slot[ids]  # [R,K] row here, -1 on other ranks
+        path = marserve_kernels.moe_path(x, self.w13, self.w2, batch, ids.shape[1], self.num_experts)
+        if path == "native":
+            self.record_lookups(int((slots >= 0).sum()))
+            return cpu_moe_native.small_moe(x.float(), self.w13, self.w2, weights, slots)
+        if path == "gemm":
+            self.record_lookups(int((slots >= 0).sum()))
+            return cpu_moe.gemm_moe(x, self.w13, self.w2, weights, slots).float()
+        ew = self.fetch(ids)  # other devices: other ranks' slots point at row 0 and weigh zero
+        weights = torch.where(slots >= 0, weights, torch.zeros_like(weights))
+        return marserve_kernels.moe(x, ew.w13, ew.w2, weights, ew.topk_ids).float()
 
     def _exchange_counts(self, send_counts: list[int], device) -> list[int]:
         recv = torch.empty(self.ep.world_size, dtype=torch.int64, device=device)

@@ -8,10 +8,11 @@ import os
 import sys
 
 
-def main(model_dir: str, size: int, out_path: str, transport: str, placement: str, max_tokens: int) -> int:
+def main(model_dir: str, size: int, out_path: str, transport: str, placement: str, max_tokens: int,
+         dtype: str = "float32") -> int:
     from marserve.llm import LLM
     from marserve.sampling_params import SamplingParams
-    llm = LLM(model_dir, dtype="float32", kv_cache_gb=0.01, expert_parallel_size=size,
+    llm = LLM(model_dir, dtype=dtype, kv_cache_gb=0.01, expert_parallel_size=size,
               expert_transport=transport, expert_placement=placement, expert_parallel_timeout=10.0)
     prompts = ["The quick brown fox", "Experts that see", "Hello world! How"]
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
@@ -36,4 +37,4 @@ def main(model_dir: str, size: int, out_path: str, transport: str, placement: st
 
 if __name__ == "__main__":
     a = sys.argv[1:]
-    sys.exit(main(a[0], int(a[1]), a[2], a[3], a[4], int(a[5])))
+    sys.exit(main(a[0], int(a[1]), a[2], a[3], a[4], int(a[5]), *a[6:]))

@@ -1,5 +1,6 @@
 """Expert parallelism on CPU with gloo: 2 and 4 ranks spawned here (torchrun's environment variables) give the
-same greedy outputs as one process; a killed rank is reported in one line within the timeout."""
+same greedy outputs as one process, in float32 and in bf16; a killed rank is reported in one line within the
+timeout."""
 
 from __future__ import annotations
 
@@ -19,8 +20,9 @@ WORKER = Path(__file__).with_name("ep_worker.py")
 MAX_TOKENS = 6
 
 
-def _launch(model_dir, size: int, out: Path, transport="all_to_all", placement="mar", extra_env=None):
-    return spawn_ranks([str(WORKER), str(model_dir), str(size), str(out), transport, placement, str(MAX_TOKENS)],
+def _launch(model_dir, size: int, out: Path, transport="all_to_all", placement="mar", extra_env=None,
+            dtype="float32"):
+    return spawn_ranks([str(WORKER), str(model_dir), str(size), str(out), transport, placement, str(MAX_TOKENS), dtype],
                        size, dict(OMP_NUM_THREADS="1", **(extra_env or {})), stdout=subprocess.PIPE,
                        stderr=subprocess.PIPE, text=True)
 
@@ -34,8 +36,8 @@ def _run(model_dir, size, tmp_path, **kw) -> list[list[int]]:
     return json.loads(out.read_text())
 
 
-def _single(model_dir) -> list[list[int]]:
-    llm = LLM(model_dir, dtype="float32", kv_cache_gb=0.01)
+def _single(model_dir, dtype="float32") -> list[list[int]]:
+    llm = LLM(model_dir, dtype=dtype, kv_cache_gb=0.01)
     outs = llm.generate(["The quick brown fox", "Experts that see", "Hello world! How"],
                         SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True))
     return [o.outputs[0].token_ids for o in outs]
@@ -51,6 +53,16 @@ def test_two_ranks_match_one_process(baby_checkpoint, model_type, tmp_path):
 def test_four_ranks_match_one_process(baby_checkpoint, transport, tmp_path):
     model = baby_checkpoint("qwen3_moe", mar=True)
     assert _run(model, 4, tmp_path, transport=transport) == _single(model)
+
+
+@pytest.mark.parametrize("transport", ["all_to_all", "gather"])
+def test_bf16_two_ranks_match_one_process(baby_checkpoint, transport, tmp_path):
+    # Each rank used to round its partial sum to bf16 before the partials were added (one process rounds the
+    # sum once): this model's greedy outputs then left one process's at the first token of one prompt and the
+    # sixth of another. Now the partials travel in float32 and the kernel adds one rounded product per expert,
+    # so with two experts per token (these models) the sums are one process's bits; docs/expert_parallel.md.
+    model = baby_checkpoint("olmoe")
+    assert _run(model, 2, tmp_path, transport=transport, dtype="bfloat16") == _single(model, "bfloat16")
 
 
 def test_round_robin_placement_matches_too(baby_checkpoint, tmp_path):

@@ -97,8 +97,28 @@ def test_large_activations_saturate_silu_exactly(dtype):
 def test_native_kernel_rejects_expert_ids_out_of_range():
     hidden, w13, w2, topk_weights, topk_ids = _case(3, 4, 2, 24, 40, torch.float32, seed=8)
     topk_ids[1, 0] = 4
-    with pytest.raises(ValueError, match="outside 0..3"):
+    with pytest.raises(ValueError, match="above 3"):
         small_moe(hidden, w13, w2, topk_weights, topk_ids)
+
+
+@pytest.mark.parametrize("inter", [24, 1100])  # 1100: groups of 6 pairs cut I in chunks (nb * I > L1_FLOATS)
+def test_native_kernel_skips_negative_ids_and_keeps_the_other_pairs_exact(inter):
+    # Expert parallelism splits a call's pairs between ranks by giving the other rank's slots id -1: each part
+    # must compute its pairs bit for bit as the whole call does (same groups of pairs per expert, one rounded
+    # product per pair added to the sum), so two fp32 partials add up exactly to the whole call's fp32 sum
+    # (K=2: one expert per part, or both in one).
+    hidden, w13, w2, topk_weights, topk_ids = _case(20, 4, 2, 40, inter, torch.bfloat16, seed=11)
+    topk_ids = torch.stack([torch.randperm(4, generator=torch.Generator().manual_seed(t))[:2] for t in range(20)])
+    x = hidden.float()  # fp32 hidden: the kernel's fp32 sums come back unrounded
+    whole = small_moe(x, w13, w2, topk_weights, topk_ids)
+    held = topk_ids % 2 == 0  # one part holds experts 0 and 2, the other 1 and 3
+    parts = [small_moe(x, w13, w2, topk_weights, torch.where(mine, topk_ids, -1)) for mine in (held, ~held)]
+    assert torch.equal(parts[0] + parts[1], whole)
+    # The GEMM path (bf16 per expert, slots added in bf16): each part's experts see the rows of the whole call,
+    # so the parts' bf16 terms added once in fp32 and rounded give the whole call's bf16 sum.
+    whole = gemm_moe(hidden, w13, w2, topk_weights, topk_ids)
+    parts = [gemm_moe(hidden, w13, w2, topk_weights, torch.where(mine, topk_ids, -1)) for mine in (held, ~held)]
+    assert torch.equal((parts[0].float() + parts[1].float()).to(torch.bfloat16), whole)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
