@@ -53,7 +53,9 @@ def _live_models(args) -> dict[str, Path]:
                 raise ConfigError(f"--twin {args.twin}: no checkpoint there; {TWIN_HOWTO}")
             models["twin (--no-mar)"] = Path(args.twin)
         elif name == "bench":
+            from marserve.bench.expert_calibration import ensure_calibrated
             models["bench (Mixtral-style)"] = _model_dir("bench")
+            ensure_calibrated(models["bench (Mixtral-style)"])  # else the prefetcher has nothing it is sure of
         else:
             models[name] = Path(name)
     return models
@@ -233,6 +235,7 @@ def run(args) -> int:
         print_live(rows)
         print("(* = below the store's minimum, run at the minimum; prefetch 'none' = no prefetcher in this build; "
               "precision = prefetch_hits / prefetches; recall = prefetch_hits / (prefetch_hits + misses); "
+              f"prefetch predictor: {', '.join(sorted({str(r.get('predictor')) for r in rows if r.get('prefetch')})) or '-'}; "
               f"page cache before each run: {rows[0].get('page_cache') if rows else '-'})")
         report["live"], report["live_targets"] = rows, live_targets(rows)
     if not args.skip_replay:
