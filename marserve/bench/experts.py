@@ -181,7 +181,10 @@ def live_targets(rows: list[dict]) -> list[str]:
                      f"on-demand (target >= 1.5x): {'met' if speed >= 1.5 else 'NOT met'}; "
                      f"stall {best['stall_s']:.2f} s "
                      f"= {best['stall_s'] / read_s if read_s else 0:.2f} x its disk-read time {read_s:.2f} s "
-                     f"(target <= 0.5): {'met' if best['stall_s'] <= 0.5 * read_s else 'NOT met'}")
+                     f"(target <= 0.5): {'met' if best['stall_s'] <= 0.5 * read_s else 'NOT met'} "
+                     # a run that reads more meets the ratio more easily: the on-demand run's own stall beside it
+                     f"(it read {best['bytes_read'] / 1e6:.0f} MB; on-demand lru read {lru['bytes_read'] / 1e6:.0f} MB "
+                     f"and stalled {lru['stall_s']:.2f} s)")
     return lines
 
 

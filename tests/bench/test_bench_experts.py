@@ -100,3 +100,17 @@ def test_bench_experts_calibrates_the_bench_model_before_its_live_runs(monkeypat
     monkeypatch.setattr(expert_calibration, "ensure_calibrated", lambda path: called.append(path))
     models = experts._live_models(argparse.Namespace(models="bench", twin=None))
     assert list(models.values()) == [tmp_path / "bench"] and called == [tmp_path / "bench"]
+
+
+def test_bench_stall_target_shows_the_on_demand_runs_reads_and_stall_beside_it():
+    from marserve.bench.experts import live_targets
+    base = {"label": "bench (Mixtral-style)", "output_digest": "d", "expert_bytes": 10, "num_experts_total": 128,
+            "peak_rss_bytes": 1, "prefetches": 0, "prefetch_hits": 0, "misses": 0}
+    lru = {**base, "budget": 0.25, "policy": "lru", "prefetch": False, "tokens_per_s": 10.0, "bytes_read": 900e6,
+           "stall_s": 2.0}
+    on = {**base, "budget": 0.25, "policy": "mar", "prefetch": True, "tokens_per_s": 6.0, "bytes_read": 2700e6,
+          "stall_s": 2.9, "prefetches": 100, "prefetch_hits": 30}
+    (line,) = [ln for ln in live_targets([lru, on]) if "tok/s" in ln]
+    # 2700 MB at the on-demand read rate (450 MB/s) is 6 s: 2.9 s meets "<= half", yet it stalled more than lru
+    assert "= 0.48 x its disk-read time 6.00 s (target <= 0.5): met" in line
+    assert "(it read 2700 MB; on-demand lru read 900 MB and stalled 2.00 s)" in line
