@@ -104,7 +104,8 @@ def _child(spec: dict) -> dict:
             "load_s": load_s, "peak_rss_bytes": peak_rss_bytes(),
             "expert_bytes": one, "num_experts_total": total, "output_digest": digest.hexdigest()[:16],
             "offloading": type(blocks[0].experts).__name__,
-            "prefetcher": type(llm.engine.prefetcher).__name__ if llm.engine.prefetcher is not None else None}
+            "prefetcher": type(llm.engine.prefetcher).__name__ if llm.engine.prefetcher is not None else None,
+            "predictor": llm.engine.prefetcher.predictor.name if llm.engine.prefetcher is not None else None}
 
 
 def peak_rss_bytes() -> int:

@@ -69,3 +69,48 @@ def test_live_runs_every_configuration_in_its_own_process(baby_checkpoint, tmp_p
     assert all(r["offloading"] == "OffloadedExperts" for r in rows[1:])
     assert len({r["output_digest"] for r in rows}) == 1  # greedy outputs do not depend on the budget
     assert "greedy outputs identical across 3 runs: yes" in out
+
+
+def test_bench_model_is_calibrated_once_and_the_file_stays_beside_it(baby_checkpoint, tmp_path, capfd):
+    import shutil
+
+    from marserve.bench.expert_calibration import ensure_calibrated
+    from marserve.experts.preferences import FILE_NAME, ExpertPreferences
+    model = tmp_path / "plain"  # a copy: the cached baby is shared with other tests
+    shutil.copytree(baby_checkpoint("mixtral", num_layers=2, num_experts=4, top_k=2), model)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(f"line {i}: the river runs past {i * 7} stones" for i in range(40)))
+    assert not (model / FILE_NAME).exists()
+    assert ensure_calibrated(model, tokens=256, prompts=str(prompts))
+    out = capfd.readouterr().out
+    assert f"no {FILE_NAME}" in out and f"marserve calibrate {model} --tokens 256" in out and "wrote " in out
+    prefs = ExpertPreferences.load(model / FILE_NAME)
+    assert prefs.has_predictors and prefs.source == "calibration"  # the prefetcher's learned predictor
+    written = (model / FILE_NAME).stat().st_mtime_ns
+    assert not ensure_calibrated(model, tokens=256, prompts=str(prompts))  # cached: not again
+    assert (model / FILE_NAME).stat().st_mtime_ns == written and "calibrating" not in capfd.readouterr().out
+
+
+def test_bench_experts_calibrates_the_bench_model_before_its_live_runs(monkeypatch, tmp_path):
+    import argparse
+
+    from marserve.bench import expert_calibration, experts, throughput
+    called = []
+    monkeypatch.setattr(throughput, "_model_dir", lambda name: tmp_path / name)
+    monkeypatch.setattr(expert_calibration, "ensure_calibrated", lambda path: called.append(path))
+    models = experts._live_models(argparse.Namespace(models="bench", twin=None))
+    assert list(models.values()) == [tmp_path / "bench"] and called == [tmp_path / "bench"]
+
+
+def test_bench_stall_target_shows_the_on_demand_runs_reads_and_stall_beside_it():
+    from marserve.bench.experts import live_targets
+    base = {"label": "bench (Mixtral-style)", "output_digest": "d", "expert_bytes": 10, "num_experts_total": 128,
+            "peak_rss_bytes": 1, "prefetches": 0, "prefetch_hits": 0, "misses": 0}
+    lru = {**base, "budget": 0.25, "policy": "lru", "prefetch": False, "tokens_per_s": 10.0, "bytes_read": 900e6,
+           "stall_s": 2.0}
+    on = {**base, "budget": 0.25, "policy": "mar", "prefetch": True, "tokens_per_s": 6.0, "bytes_read": 2700e6,
+          "stall_s": 2.9, "prefetches": 100, "prefetch_hits": 30}
+    (line,) = [ln for ln in live_targets([lru, on]) if "tok/s" in ln]
+    # 2700 MB at the on-demand read rate (450 MB/s) is 6 s: 2.9 s meets "<= half", yet it stalled more than lru
+    assert "= 0.48 x its disk-read time 6.00 s (target <= 0.5): met" in line
+    assert "(it read 2700 MB; on-demand lru read 900 MB and stalled 2.00 s)" in line
