@@ -88,8 +88,9 @@ def evaluate_prefetcher(model, preferences, trace, lookahead: int, per_layer: in
         if not targets:
             continue
         scores = pf.predictor.scores(i, trace.embed if i == EMBED else trace.x[i].to(_dtype(blocks)))
-        top, idx = scores.topk(pf.per_layer, dim=-1)  # [D',N,n]
-        keep = pf._confident(scores, top) if min_prob > 0 else torch.ones_like(idx, dtype=torch.bool)
+        idx, keep = pf.choose(scores)  # [D',N,n] each
+        if keep is None:
+            keep = torch.ones_like(idx, dtype=torch.bool)
         for d, j in enumerate(targets):
             wanted[j].scatter_(1, idx[d], keep[d] | wanted[j].gather(1, idx[d]))  # OR into what was asked
     predicted = hits = 0

@@ -122,19 +122,16 @@ class Prefetcher:
 
     def _prefetch(self, targets: list[int], scores: torch.Tensor) -> None:
         """scores [D',T,E] of MoE positions `targets` -> one prefetch() per position, nearest first."""
-        if self.min_prob > 0.0 and self.predictor.name != "learned":  # router: threshold the softmax, in log space
-            scores = scores - torch.logsumexp(scores, dim=-1, keepdim=True)
+        idx, keep = self.choose(scores)
         if scores.shape[1] == 1:  # one token (batch-1 decode): a few numbers, cheaper as Python lists than as ops
-            top, idx = scores[:, 0].topk(self.per_layer, dim=-1)  # [D',n], best first
-            wanted = idx.tolist() if self._threshold is None else \
-                [[e for v, e in zip(vs, es) if v >= self._threshold] for vs, es in zip(top.tolist(), idx.tolist())]
+            ids_of = idx[:, 0].tolist()  # [D'][n], best first
+            wanted = ids_of if keep is None else \
+                [[e for k, e in zip(ks, es) if k] for ks, es in zip(keep[:, 0].tolist(), ids_of)]
             for j, ids in zip(targets, wanted):
                 if ids:
                     self.num_prefetched += len(ids)
                     self.blocks[j].experts.prefetch(torch.tensor(ids))
             return
-        top, idx = scores.topk(self.per_layer, dim=-1)  # [D',T,n]
-        keep = None if self._threshold is None else top >= self._threshold
         for d, j in enumerate(targets):
             ids = self._ranked_union(idx[d], None if keep is None else keep[d])
             n = ids.numel()
@@ -142,11 +139,14 @@ class Prefetcher:
                 self.num_prefetched += n
                 self.blocks[j].experts.prefetch(ids)
 
-    def _confident(self, scores: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
-        """Which of the top scores [D',T,n] (of scores [D',T,E]) reach min_prob (bench/prediction.py's view)."""
-        if self.predictor.name != "learned":
-            top = top - torch.logsumexp(scores, dim=-1, keepdim=True)
-        return top >= self._threshold
+    def choose(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The prefetcher's rule, in one place (bench/prediction.py measures it): scores [D',T,E] -> each token's
+        top `per_layer` ids [D',T,n], best first, and which of them reach min_prob [D',T,n] (None: all count).
+        A learned score is a logit, compared as it is; a router's is a softmax, compared in log space."""
+        if self._threshold is not None and self.predictor.name != "learned":
+            scores = scores - torch.logsumexp(scores, dim=-1, keepdim=True)
+        top, idx = scores.topk(self.per_layer, dim=-1)
+        return idx, None if self._threshold is None else top >= self._threshold
 
     def _ranked_union(self, idx: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
         """idx [T,n] predicted ids (keep [T,n] which count) -> the distinct ids, wanted by most tokens first."""
