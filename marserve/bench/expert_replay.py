@@ -264,7 +264,7 @@ def replay(ids: np.ndarray, served: ServedModel, cfg: ReplayConfig, hw: Hardware
             pos = t * L + layer
             now += attn_s  # attention, then the router decides
             start_queued(pos - 1, now)
-            policy.advance()
+            policy.advance(layer)
             needed = [(layer, e) for e in routed[t][layer]]
             keep = set(needed)
             ready = now

@@ -103,3 +103,52 @@ def test_make_policy(name):
 def test_unknown_policy():
     with pytest.raises(ValueError, match="lru, lfu, mar"):
         make_policy("fifo")
+
+
+def _fetch(policy, layer, *experts):
+    """One fetch of `layer` that uses `experts`, as the store and the replay report it."""
+    policy.advance(layer)
+    for e in experts:
+        policy.on_access((layer, e))
+
+
+def test_mar_told_the_layer_order_keeps_the_layer_fetched_next():
+    # 3 layers fetched in a cycle. Token 0 uses expert 0 of every layer; token 1's fetch of layer 0 needs a slot.
+    # (1, 0) was used longer ago than (2, 0), and both once: by history alone (lru, or mar without layer order)
+    # (1, 0) would go, yet layer 1 is fetched next (1 tick away) and layer 2 only after it: (2, 0) goes.
+    p = make_policy("mar", 3)
+    for layer in range(3):
+        _fetch(p, layer, 0)
+    _fetch(p, 0, 1)
+    assert p.victim([(1, 0), (2, 0)]) == (2, 0)
+    assert p.expected_distance((1, 0)) < p.expected_distance((2, 0))
+    assert LRUPolicy.victim(p, [(1, 0), (2, 0)]) == (1, 0)  # what history alone picks
+
+
+def test_mar_distance_weighs_the_chance_of_use():
+    # Layer 2's expert 1 is used at every fetch, layer 1's expert 2 never after its first: although layer 1 comes
+    # first, its rarely used expert is expected later and goes.
+    p = make_policy("mar", 3)
+    for t in range(6):
+        _fetch(p, 0, 0)
+        _fetch(p, 1, 0, 2) if t == 0 else _fetch(p, 1, 0)
+        _fetch(p, 2, 1)
+    _fetch(p, 0, 0)
+    assert p.use_probability((2, 1)) > 0.5 > p.use_probability((1, 2))
+    assert p.victim([(1, 2), (2, 1)]) == (1, 2)
+
+
+def test_mar_prediction_lasts_until_its_layers_fetch():
+    # At layer 0's fetch the prefetcher predicts (1, 1), an expert with no prior. Until layer 1 is fetched the
+    # prediction keeps it; layer 1's fetch does not use it, so it is a wrong guess and goes first from then on
+    # (a ttl of 6 ticks would have kept it across two more fetches).
+    p = MARPolicy(half_life=24.0, prediction_ttl=6, num_layers=3)
+    for layer in range(3):
+        p.set_scores(layer, [1.0, 0.0, 1.0, 1.0])
+    for layer in range(3):
+        _fetch(p, layer, 0)
+    _fetch(p, 0, 0)
+    p.on_predict((1, 1))
+    assert p.victim([(1, 1), (2, 2)]) == (2, 2)  # pending: expected at layer 1's fetch, 1 tick away
+    _fetch(p, 1, 0)
+    assert p.victim([(1, 1), (2, 2)]) == (1, 1)
