@@ -194,14 +194,16 @@ def run_replays(recorded: dict, name: str, budgets: list[float], policies: list[
 
 
 def print_table(rows: list[dict]) -> None:
-    head = (f"{'model':<17} {'tier':<4} {'budget':>6} {'configuration':<31} {'hit rate':>8} {'miss/tok':>8} "
-            f"{'prec':>5} {'recall':>6} {'stall ms/tok':>12} {'ms/token':>9} {'vs lru':>7}")
+    """One line per row; xfer/tok = experts moved over the link per token (misses + prefetches)."""
+    head = (f"{'model':<17} {'tier':<4} {'budget':>6} {'configuration':<33} {'hit rate':>8} {'miss/tok':>8} "
+            f"{'xfer/tok':>8} {'prec':>5} {'recall':>6} {'stall ms/tok':>12} {'ms/token':>9} {'vs lru':>7}")
     print(head)
     print("-" * len(head))
     for r in rows:
         budget = f"{r['budget']:.3g}" + ("*" if r["clamped"] else "")
-        print(f"{SERVED_MODELS[r['served']].name:<17} {r['tier']:<4} {budget:>6} {r['config']:<31} "
-              f"{r['hit_rate']:8.3f} {r['misses'] / r['tokens']:8.2f} {r['precision']:5.2f} {r['recall']:6.2f} "
+        print(f"{SERVED_MODELS[r['served']].name:<17} {r['tier']:<4} {budget:>6} {r['config']:<33} "
+              f"{r['hit_rate']:8.3f} {r['misses'] / r['tokens']:8.2f} "
+              f"{(r['misses'] + r['prefetches']) / r['tokens']:8.2f} {r['precision']:5.2f} {r['recall']:6.2f} "
               f"{1e3 * r['stall_s'] / r['tokens']:12.2f} {r['ms_per_token']:9.2f} {r['time_vs_lru']:6.2f}x")
 
 
