@@ -14,9 +14,9 @@ Every policy also orders the initial resident set by the usage prior (`set_score
   p blends the key's decayed use count (half-life `half_life` ticks, one tick = one fetch of one layer, so
   ~`half_life / layers` decode steps) per decayed fetch of its layer with the prior: the layer's usage
   normalised to mean 1 (MAR's `usage`, or calibration) x the experts used per fetch / E. A key with a pending
-  prefetch prediction is expected at d (kept ahead of any unpredicted one) until its layer's next fetch. Told no
-  layer order (advance() without a layer), distance drops out: the lowest prior + decayed frequency goes, and a
-  prediction is pending for `prediction_ttl` ticks. `mar` also pins the hottest experts by prior (`num_pinned`).
+  prefetch prediction (until used, or `prediction_ttl` ticks) is kept ahead of any unpredicted one. Told no
+  layer order (advance() without a layer), distance drops out: the lowest prior + decayed frequency goes.
+  `mar` also pins the hottest experts by prior (`num_pinned`).
 """
 
 from __future__ import annotations
@@ -110,7 +110,7 @@ class MARPolicy(EvictionPolicy):
         self.pin_share = pin_share
         self.num_layers = num_layers
         self.freq: dict[Key, float] = {}  # decayed use count as of last_used
-        self.predicted: dict[Key, tuple[int, int]] = {}  # key -> (tick of its pending prediction, ticks it lasts)
+        self.predicted: dict[Key, int] = {}  # key -> tick of its pending prediction
         self.fetches: dict[int, tuple[float, int]] = {}  # layer -> (decayed count of its fetches, as of tick)
         self.keys_per_fetch = 0.0  # decayed mean of the keys one fetch uses
         self._accessed = 0  # keys accessed in the current fetch
@@ -156,13 +156,11 @@ class MARPolicy(EvictionPolicy):
         self.predicted.pop(key, None)
 
     def on_predict(self, key: Key) -> None:
-        # with the layer order known, pending until the key's layer is fetched next (a miss there may take it)
-        lasts = self._distance(key[0]) if self.layer is not None else self.prediction_ttl + 1
-        self.predicted[key] = (self.tick, lasts)
+        self.predicted[key] = self.tick
 
     def _pending(self, key: Key) -> bool:
         when = self.predicted.get(key)
-        return when is not None and self.tick - when[0] < when[1]
+        return when is not None and self.tick - when <= self.prediction_ttl
 
     def score(self, key: Key) -> float:
         """Keep-worthiness without layer order: prior + decayed frequency (+ a bonus while predicted)."""
@@ -193,7 +191,9 @@ class MARPolicy(EvictionPolicy):
         if self.layer is None:
             return min(candidates, key=lambda k: (self.score(k), self.last_used.get(k, -1)))
         terms = {layer: self._layer_terms(layer) for layer in {k[0] for k in candidates}}  # once per layer
-        return max(candidates, key=lambda k: (self.expected_distance(k, terms[k[0]]), -self.last_used.get(k, -1)))
+        # a pending prediction outranks any estimate: the prefetcher's guess is about this very token
+        return max(candidates, key=lambda k: (not self._pending(k), self.expected_distance(k, terms[k[0]]),
+                                              -self.last_used.get(k, -1)))
 
     def num_pinned(self, num_slots: int, min_slots: int) -> int:
         """A quarter (pin_share) of the slots beyond the minimum, and only with a prior to choose by: the minimum

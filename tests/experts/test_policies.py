@@ -138,17 +138,14 @@ def test_mar_distance_weighs_the_chance_of_use():
     assert p.victim([(1, 2), (2, 1)]) == (1, 2)
 
 
-def test_mar_prediction_lasts_until_its_layers_fetch():
-    # At layer 0's fetch the prefetcher predicts (1, 1), an expert with no prior. Until layer 1 is fetched the
-    # prediction keeps it; layer 1's fetch does not use it, so it is a wrong guess and goes first from then on
-    # (a ttl of 6 ticks would have kept it across two more fetches).
-    p = MARPolicy(half_life=24.0, prediction_ttl=6, num_layers=3)
-    for layer in range(3):
-        p.set_scores(layer, [1.0, 0.0, 1.0, 1.0])
-    for layer in range(3):
-        _fetch(p, layer, 0)
+def test_mar_told_the_layer_order_still_keeps_a_pending_prediction_first():
+    # (2, 1) is predicted (the prefetcher's guess about this very token) but its layer comes after layer 1, whose
+    # expert 0 is used at every fetch: the prediction still outranks the estimate, as without layer order.
+    p = make_policy("mar", 3)
+    for _ in range(4):
+        for layer in range(3):
+            _fetch(p, layer, 0)
     _fetch(p, 0, 0)
-    p.on_predict((1, 1))
-    assert p.victim([(1, 1), (2, 2)]) == (2, 2)  # pending: expected at layer 1's fetch, 1 tick away
-    _fetch(p, 1, 0)
-    assert p.victim([(1, 1), (2, 2)]) == (1, 1)
+    assert p.victim([(1, 0), (2, 1)]) == (2, 1)  # by expected distance alone
+    p.on_predict((2, 1))
+    assert p.victim([(1, 0), (2, 1)]) == (1, 0)
