@@ -37,6 +37,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from marserve.bench.expert_bound import BeladyPolicy
 from marserve.errors import ConfigError
 from marserve.experts.policies import POLICIES, make_policy
 
@@ -117,8 +118,10 @@ class ReplayConfig:
     def __post_init__(self):
         if not 0 < self.budget <= 1:
             raise ConfigError(f"budget must be a share in (0, 1], got {self.budget}")
-        if self.policy not in POLICIES:
-            raise ConfigError(f"policy must be one of {POLICIES}, got {self.policy!r}")
+        if self.policy not in POLICIES + ("belady",):
+            raise ConfigError(f"policy must be one of {POLICIES} or 'belady' (the offline bound), got {self.policy!r}")
+        if self.policy == "belady" and self.prefetch:
+            raise ConfigError("'belady' is the on-demand bound: it takes no prefetch")
         if self.lookahead < 1:
             raise ConfigError("lookahead must be >= 1 layer")
 
@@ -200,7 +203,8 @@ def replay(ids: np.ndarray, served: ServedModel, cfg: ReplayConfig, hw: Hardware
     attn_s = served.attention_params * served.bytes_per_param / (hw.hbm_gbs * gbs) + hw.launch_overhead_s
     moe_s = (K + served.num_shared_experts) * served.expert_bytes / (hw.hbm_gbs * gbs) + hw.launch_overhead_s
     head_s = served.lm_head_params * served.bytes_per_param / (hw.hbm_gbs * gbs)
-    policy = make_policy(cfg.policy, L)
+    # belady: the offline bound (expert_bound.py), told the whole trace
+    policy = BeladyPolicy(ids) if cfg.policy == "belady" else make_policy(cfg.policy, L)
     if usage is not None:
         for layer in range(L):
             policy.set_scores(layer, [float(u) for u in usage[layer]])
@@ -260,7 +264,7 @@ def replay(ids: np.ndarray, served: ServedModel, cfg: ReplayConfig, hw: Hardware
             pos = t * L + layer
             now += attn_s  # attention, then the router decides
             start_queued(pos - 1, now)
-            policy.advance()
+            policy.advance(layer)
             needed = [(layer, e) for e in routed[t][layer]]
             keep = set(needed)
             ready = now

@@ -90,7 +90,7 @@ class ExpertStore:
         with self._cond:
             for s in self._active.pop(me, ()):
                 self._pins[s] -= 1
-            self.policy.advance()
+            self.policy.advance(layer)
             pinned = self._active[me] = []
             for e, n in counts.items():
                 key = (layer, e)

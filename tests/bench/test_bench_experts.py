@@ -26,7 +26,7 @@ def test_replay_rows_add_up_and_reproduce_from_the_saved_trace(baby_checkpoint, 
     report = json.loads(report_path.read_text())
     rows = report["replay"]
     served = SERVED_MODELS["mixtral-8x7b"]
-    assert {r["budget"] for r in rows} == {0.5, 0.25} and len(rows) == 2 * 4
+    assert {r["budget"] for r in rows} == {0.5, 0.25} and len(rows) == 2 * 6
     (trace_file,) = (tmp_path / "work").glob("*.npz")
     trace = RoutingTrace.load(trace_file)
     assert trace.num_tokens == 40 and trace.meta["usage_from"] == "mar_usage"
@@ -39,6 +39,13 @@ def test_replay_rows_add_up_and_reproduce_from_the_saved_trace(baby_checkpoint, 
         assert r["time_s"] == pytest.approx(r["compute_s"] + r["stall_s"], rel=1e-9)  # a layer waits, or computes
         if "prefetch" not in r["config"]:
             assert r["prefetches"] == 0
+    # the offline bound: no row moves fewer experts than Belady on demand, none is faster than its time floor
+    assert "offline optimal (Belady), a bound" in out and "; the offline bound: " in out
+    for budget in (0.5, 0.25):
+        here = [r for r in rows if r["budget"] == budget]
+        (bound,) = [r for r in here if r["config"] == "offline optimal (Belady), a bound"]
+        assert all(bound["misses"] <= r["misses"] + r["prefetches"] for r in here)
+        assert all(bound["time_s"] <= r["time_s"] * (1 + 1e-9) for r in here)
     base = next(r for r in rows if r["budget"] == 0.25 and r["config"] == "lru on-demand")
     again = replay(trace.topk_ids, served, ReplayConfig(0.25, "lru"), usage=trace.usage)
     assert (again.hits, again.misses, again.time_s) == (base["hits"], base["misses"], pytest.approx(base["time_s"]))

@@ -103,3 +103,49 @@ def test_make_policy(name):
 def test_unknown_policy():
     with pytest.raises(ValueError, match="lru, lfu, mar"):
         make_policy("fifo")
+
+
+def _fetch(policy, layer, *experts):
+    """One fetch of `layer` that uses `experts`, as the store and the replay report it."""
+    policy.advance(layer)
+    for e in experts:
+        policy.on_access((layer, e))
+
+
+def test_mar_told_the_layer_order_keeps_the_layer_fetched_next():
+    # 3 layers fetched in a cycle. Token 0 uses expert 0 of every layer; token 1's fetch of layer 0 needs a slot.
+    # (1, 0) was used longer ago than (2, 0), and both once: by history alone (lru, or mar without layer order)
+    # (1, 0) would go, yet layer 1 is fetched next (1 tick away) and layer 2 only after it: (2, 0) goes.
+    p = make_policy("mar", 3)
+    for layer in range(3):
+        _fetch(p, layer, 0)
+    _fetch(p, 0, 1)
+    assert p.victim([(1, 0), (2, 0)]) == (2, 0)
+    assert p.expected_distance((1, 0)) < p.expected_distance((2, 0))
+    assert LRUPolicy.victim(p, [(1, 0), (2, 0)]) == (1, 0)  # what history alone picks
+
+
+def test_mar_distance_weighs_the_chance_of_use():
+    # Layer 2's expert 1 is used at every fetch, layer 1's expert 2 never after its first: although layer 1 comes
+    # first, its rarely used expert is expected later and goes.
+    p = make_policy("mar", 3)
+    for t in range(6):
+        _fetch(p, 0, 0)
+        _fetch(p, 1, 0, 2) if t == 0 else _fetch(p, 1, 0)
+        _fetch(p, 2, 1)
+    _fetch(p, 0, 0)
+    assert p.use_probability((2, 1)) > 0.5 > p.use_probability((1, 2))
+    assert p.victim([(1, 2), (2, 1)]) == (1, 2)
+
+
+def test_mar_told_the_layer_order_still_keeps_a_pending_prediction_first():
+    # (2, 1) is predicted (the prefetcher's guess about this very token) but its layer comes after layer 1, whose
+    # expert 0 is used at every fetch: the prediction still outranks the estimate, as without layer order.
+    p = make_policy("mar", 3)
+    for _ in range(4):
+        for layer in range(3):
+            _fetch(p, layer, 0)
+    _fetch(p, 0, 0)
+    assert p.victim([(1, 0), (2, 1)]) == (2, 1)  # by expected distance alone
+    p.on_predict((2, 1))
+    assert p.victim([(1, 0), (2, 1)]) == (1, 0)

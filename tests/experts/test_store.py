@@ -202,3 +202,11 @@ def test_an_experts_adjacent_tensors_are_one_read(offloaded, monkeypatch):
     ids = torch.tensor([[e]])
     _assert_weights(block.experts.fetch(ids), ids, resident.moe_blocks()[2])
     assert calls == [3]  # one request, three destinations
+
+
+def test_the_store_tells_the_policy_which_layer_it_fetches(offloaded):
+    # the policy's layer order (mar's distance to a layer's next fetch) comes from here
+    model, _ = offloaded
+    for block in model.moe_blocks()[::-1]:
+        block.experts.fetch(torch.tensor([[0]]))
+        assert model.expert_store.policy.layer == block.layer_idx
