@@ -53,6 +53,7 @@ class ExpertStore:
         self._prefetched: set[Key] = set()  # read ahead and not yet used
         self._fetches_waiting = 0  # prefetches stand back while a fetch waits for a slot
         self._pool = ThreadPoolExecutor(max_workers=read_threads, thread_name_prefix="expert-read")
+        self._miss_pool = ThreadPoolExecutor(max_workers=read_threads, thread_name_prefix="expert-miss")
 
     # ---- start: checksums and the initial resident set ------------------------------------------------
 
@@ -112,18 +113,32 @@ class ExpertStore:
                 pinned.append(slot)
                 out[e] = slot
                 self.policy.on_access(key, n)
-        for i, (key, slot) in enumerate(reads):
-            try:
-                self._load(key, slot, prefetched=False)
-            except BaseException:
-                for later in reads[i + 1:]:  # never read: their slots go back, or waiters would wait forever
-                    self._give_back(*later)
-                raise
+        self._read_misses(reads)
         for key, slot in waits:
             out[key[1]] = self._wait_for(key, slot, pinned)
         if reads or waits:
             stats.stall_seconds += time.perf_counter() - start
         return out
+
+    def _read_misses(self, reads: list[tuple[Key, int]]) -> None:
+        """A fetch's misses, read side by side: the first on this thread, the others on the miss readers (a disk
+        serves several reads at once faster than one after another, and they must not queue behind prefetches).
+        Every read has landed or given its slot back when this returns; the first error is raised."""
+        if not reads:
+            return
+        others = [self._miss_pool.submit(self._load, key, slot, False) for key, slot in reads[1:]]
+        error = None
+        try:
+            self._load(*reads[0], prefetched=False)
+        except BaseException as e:
+            error = e
+        for done in others:
+            try:
+                done.result()
+            except BaseException as e:
+                error = error or e
+        if error is not None:
+            raise error
 
     def prefetch(self, layer: int, experts: list[int]) -> None:
         """Start reading these experts on the background threads; resident or in-flight ones are skipped, and so
@@ -261,6 +276,7 @@ class ExpertStore:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
+        self._miss_pool.shutdown(wait=True)
         self.slow.close()
 
     def __del__(self):

@@ -210,3 +210,34 @@ def test_the_store_tells_the_policy_which_layer_it_fetches(offloaded):
     for block in model.moe_blocks()[::-1]:
         block.experts.fetch(torch.tensor([[0]]))
         assert model.expert_store.policy.layer == block.layer_idx
+
+
+def test_a_fetchs_misses_are_read_side_by_side(offloaded):
+    model, resident = offloaded
+    store, block = model.expert_store, model.moe_blocks()[2]
+    a, b = _absent(store, 2)[:2]
+    both = threading.Barrier(2, timeout=10)  # broken (and the fetch fails) if the reads come one after another
+    first_piece = {(2, a): store.index.pieces[2][a][0], (2, b): store.index.pieces[2][b][0]}
+
+    def meet(piece, view):
+        if piece in first_piece.values():
+            both.wait()
+
+    store.fault_hook = meet
+    ids = torch.tensor([[a, b]])
+    _assert_weights(block.experts.fetch(ids), ids, resident.moe_blocks()[2])
+    assert block.experts.stats.misses == 2 and not both.broken
+
+
+def test_a_failed_miss_among_several_gives_every_slot_back_and_raises(offloaded):
+    model, resident = offloaded
+    store, block = model.expert_store, model.moe_blocks()[3]
+    a, b = _absent(store, 3)[:2]
+    store.fault_hook = _flip_first(2, f".experts.{b}.w1.")  # b's read and its retry: b fails, a lands
+    with pytest.raises(CheckpointError, match=rf"experts\.{b}\.w1\.weight .* read back twice"):
+        block.experts.fetch(torch.tensor([[a, b]]))
+    assert store.in_use()[0] == 0  # no read left in flight
+    assert (3, b) not in store.resident_keys()
+    store.end_pass()
+    ids = torch.tensor([[a, b]])
+    _assert_weights(block.experts.fetch(ids), ids, resident.moe_blocks()[3])
