@@ -21,17 +21,16 @@ import torch
 
 from marserve.experts.predictors import LearnedLookahead, RouterLookahead
 from marserve.experts.preferences import EMBED
+from marserve.experts.prefetcher import top_predictions
 
 
 def hits_at(scores: torch.Tensor, actual: torch.Tensor, n: int, min_prob: float = 0.0,
             learned: bool = True) -> tuple[int, int]:
     """scores [N,E], actual [N,K] -> (predicted, hits): each token's top-n scored experts (only those with
-    probability >= min_prob, as the prefetcher's `min_prob`), and how many of them are among its actual K."""
-    top, pred = scores.topk(n, dim=-1)  # [N,n]
+    probability >= min_prob, by the prefetcher's own rule), and how many of them are among its actual K."""
+    pred, keep = top_predictions(scores, n, min_prob, learned)  # [N,n] each
     hit = (pred[:, :, None] == actual[:, None, :]).any(-1)
-    if min_prob > 0.0:
-        prob = torch.sigmoid(top) if learned else torch.exp(top - torch.logsumexp(scores, -1, keepdim=True))
-        keep = prob >= min_prob
+    if keep is not None:
         return int(keep.sum()), int((hit & keep).sum())
     return pred.numel(), int(hit.sum())
 

@@ -64,16 +64,16 @@ class LLMEngine:
                                                    expert_policy=config.expert_policy, prepare=shard)
         self.expert_store = getattr(self.model, "expert_store", None)  # set when experts are offloaded
         self.prefetcher = self._make_prefetcher() if config.prefetch and self.expert_store is not None else None
+        dtype = next(self.model.parameters()).dtype
         if torch.device(config.device).type == "cpu":
             with progress.stage("building the native CPU kernels"):  # cached: seconds only after a source change
-                native_build.build_all(next(self.model.parameters()).dtype)
+                native_build.build_all(dtype)
             with progress.stage("packing the weights for the CPU"):
                 self.model.pack_for_cpu()  # inference only from here: q/k/v fused; oneDNN-packed if no native kernel
         with progress.stage("loading the tokenizer"):  # the first transformers import alone takes seconds
             self.tokenizer = load_tokenizer(config.model)
         self.generation_defaults = generation_defaults(config.model, self.model_config)
         self.eos_token_ids = list(self.generation_defaults.get("eos_token_ids") or self.model_config.eos_token_id)
-        dtype = next(self.model.parameters()).dtype
         num_blocks = ModelRunner.num_blocks_for_budget(self.model_config, config.block_size,
                                                         int(config.kv_cache_gb * 2**30), dtype)
         if num_blocks < 1:

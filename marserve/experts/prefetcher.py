@@ -29,6 +29,23 @@ from marserve.experts.predictors import make_predictor
 from marserve.experts.preferences import EMBED, ExpertPreferences
 
 
+def top_predictions(scores: torch.Tensor, n: int, min_prob: float, learned: bool
+                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The prefetcher's rule, in one place (bench/prediction.py measures it): scores [...,E] -> each row's top `n`
+    ids [...,n], best first, and which of them reach min_prob [...,n] (None when min_prob is 0: all count).
+    min_prob is compared in score space: a learned score is a logistic regression's logit, compared with
+    logit(min_prob); a router's is compared after log-softmax with log(min_prob)."""
+    if min_prob <= 0.0:
+        return scores.topk(n, dim=-1)[1], None
+    if learned:
+        threshold = math.log(min_prob / (1.0 - min_prob))
+    else:
+        scores = scores - torch.logsumexp(scores, dim=-1, keepdim=True)
+        threshold = math.log(min_prob)
+    top, idx = scores.topk(n, dim=-1)
+    return idx, top >= threshold
+
+
 class Prefetcher:
     def __init__(self, model, preferences: ExpertPreferences | None, lookahead: int = 1, per_layer: int | None = None,
                  min_prob: float = 0.5, predictor: str = "auto", max_per_layer: int | None = None):
@@ -52,10 +69,6 @@ class Prefetcher:
         self.per_layer = min(num_experts, per_layer or self.blocks[0].top_k)
         self.min_prob = min_prob
         self.max_per_layer = max_per_layer
-        # min_prob in score space: a learned score is a logistic regression's logit, a router's is compared after
-        # log-softmax; one comparison per layer instead of computing probabilities.
-        self._threshold = None if min_prob <= 0.0 else (
-            math.log(min_prob / (1.0 - min_prob)) if self.predictor.name == "learned" else math.log(min_prob))
         self.num_experts = num_experts
         self._position = {b.layer_idx: i for i, b in enumerate(self.blocks)}
         self._chained: list = []  # per MoE position: the observer that was there before install()
@@ -140,13 +153,8 @@ class Prefetcher:
                 self.blocks[j].experts.prefetch(ids)
 
     def choose(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The prefetcher's rule, in one place (bench/prediction.py measures it): scores [D',T,E] -> each token's
-        top `per_layer` ids [D',T,n], best first, and which of them reach min_prob [D',T,n] (None: all count).
-        A learned score is a logit, compared as it is; a router's is a softmax, compared in log space."""
-        if self._threshold is not None and self.predictor.name != "learned":
-            scores = scores - torch.logsumexp(scores, dim=-1, keepdim=True)
-        top, idx = scores.topk(self.per_layer, dim=-1)
-        return idx, None if self._threshold is None else top >= self._threshold
+        """This prefetcher's settings applied to scores [D',T,E] (see top_predictions)."""
+        return top_predictions(scores, self.per_layer, self.min_prob, self.predictor.name == "learned")
 
     def _ranked_union(self, idx: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
         """idx [T,n] predicted ids (keep [T,n] which count) -> the distinct ids, wanted by most tokens first."""
