@@ -18,11 +18,11 @@ from marserve import hugepages
 from marserve.errors import ConfigError
 from marserve.experts.checkpoint_index import CheckpointIndex
 from marserve.experts.policies import make_policy
+from marserve.experts.preferences import load_preferences
 from marserve.experts.provider import ExpertProvider, ExpertWeights
 from marserve.experts.store import ExpertStore
 
 logger = logging.getLogger(__name__)
-CALIBRATION_FILE = "mar_preferences.safetensors"
 
 
 @dataclass(frozen=True)
@@ -109,12 +109,11 @@ class Offload:
         """After the loader: set each layer's usage prior (MAR usage, else the calibration file), then stream
         the experts once (checksums, initial resident set)."""
         _unmap_small_weights(self.model)
-        usage = _calibration_usage(self.model_dir)
+        preferences = load_preferences(self.model_dir, self.model)  # None: a plain model never calibrated
         for block in self.model.moe_blocks():
-            if block.has_mar:
-                block.experts.set_scores(block.mar_usage)
-            elif block.layer_idx in usage:
-                block.experts.set_scores(usage[block.layer_idx])
+            found = preferences.layers.get(block.layer_idx) if preferences is not None else None
+            if found is not None:
+                block.experts.set_scores(found.usage)
         self.store.start()
         b = self.budget
         logger.info("experts offloaded: %d of %d resident (%.2f GB of %.2f GB), policy %s", b.num_slots, b.total,
@@ -160,17 +159,3 @@ def _unmap_small_weights(model) -> None:
                         if isinstance(t, torch.nn.Parameter) else data
                 table[name] = copies[id(t)]
 
-
-def _calibration_usage(model_dir: Path) -> dict[int, torch.Tensor]:
-    """layer -> usage [E] from `marserve calibrate`'s file (keys layers.{l}.usage), when there is one."""
-    path = Path(model_dir) / CALIBRATION_FILE
-    if not path.is_file():
-        return {}
-    from safetensors import safe_open
-    out = {}
-    with safe_open(str(path), framework="pt") as f:
-        for name in f.keys():
-            parts = name.split(".")
-            if len(parts) == 3 and parts[0] == "layers" and parts[2] == "usage":
-                out[int(parts[1])] = f.get_tensor(name)
-    return out
