@@ -1,5 +1,5 @@
 """The soak as a test: skipped unless MARSERVE_SOAK_MINUTES is set (scripts/soak.sh sets 30; scripts/test.sh
-runs the 2-minute form). Every check of tests/soak/soak.py must pass; the table is printed either way."""
+runs the 3-minute form). Every check of tests/soak/soak.py must pass; the table is printed either way."""
 
 from __future__ import annotations
 
