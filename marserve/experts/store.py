@@ -1,12 +1,14 @@
 """The tiered expert store: a bounded pool of expert slots in fast memory (shared by every MoE layer) over the
 checkpoint's own safetensors files (the slow tier), read by byte offset on demand or ahead of time.
 
-Honest budget: only the pool holds expert weights. The slow tier (slow_tier.py) reads with os.preadv into the
-slot (or a staging buffer when the file's dtype differs from the compute dtype), then drops the range from the
-page cache; nothing maps the expert bytes. Checksums are taken at start, while streaming every expert once to
-fill the initial resident set, and checked on every later read.
+Honest budget: only the pool holds expert weights. The slow tier (slow_tier.py) reads past the page cache
+(O_DIRECT into one expert-sized staging buffer per reader thread, checked there, then copied into the slot; where
+a filesystem refuses O_DIRECT, a cached read dropped from the cache right after); nothing maps the expert bytes.
+Checksums are taken at start, while streaming every expert once to fill the initial resident set, and checked on
+every later read.
 
-Concurrency: one lock guards the slot tables; reads run outside it (preadv and zlib.crc32 release the GIL).
+Concurrency: one lock guards the slot tables; reads run outside it (the read, the checksum and the copy into the
+slot release the GIL).
 A fetch pins the slots it returns until the same thread's next fetch (the block computes with them in between),
 so at most one layer's experts per computing thread are pinned. Prefetches run on a small thread pool; a fetch of
 an expert still being read waits for that read instead of reading twice.

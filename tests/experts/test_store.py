@@ -1,6 +1,7 @@
 """The expert store under a real (baby) checkpoint: misses read the right bytes into a slot, prefetches land and count
 as hits, a fetch waits for a read in flight instead of reading twice, reads leave no page cache behind, a corrupt read
-is read again and a persistent one is an error naming the file and tensor; bf16 files convert to fp32 slots."""
+is read again and a persistent one is an error naming the file and tensor; bf16 files convert to fp32 slots. Each
+runs with both read paths: O_DIRECT (the default) and the page-cache one (for filesystems that refuse O_DIRECT)."""
 
 import ctypes
 import gc
@@ -17,8 +18,16 @@ from marserve.loader import load_model
 from tests.experts.checkpoints import SIZES
 
 
+@pytest.fixture(params=["direct", "page-cache"])
+def io_path(request, monkeypatch):
+    """The slow tier's read path: O_DIRECT, or the page cache dropped after each read."""
+    from marserve.experts import slow_tier
+    monkeypatch.setattr(slow_tier, "USE_DIRECT_IO", request.param == "direct")
+    return request.param
+
+
 @pytest.fixture
-def offloaded(baby_checkpoint):
+def offloaded(baby_checkpoint, io_path):
     """(model at the minimum budget with lru, the resident model) of a mixtral baby."""
     path = baby_checkpoint("mixtral", **SIZES)
     model, _ = load_model(path, dtype="float32", expert_cache=0.25, expert_policy="lru")
@@ -155,7 +164,7 @@ def _cached_pages(path, offset, nbytes):
     return sum(b & 1 for b in vec.raw)
 
 
-def test_reads_leave_no_page_cache_behind(baby_checkpoint):
+def test_reads_leave_no_page_cache_behind(baby_checkpoint, io_path):
     # Alone in its model (no resident twin): pages a live mmap of the file maps stay cached whatever one advises.
     path = baby_checkpoint("mixtral", **SIZES)
     fd = os.open(path / "model.safetensors", os.O_RDONLY)
@@ -165,19 +174,22 @@ def test_reads_leave_no_page_cache_behind(baby_checkpoint):
     model, _ = load_model(path, dtype="float32", expert_cache=0.25)
     assert not [m for m in open("/proc/self/maps") if str(path) in m]  # nothing maps the file any more
     store, block = model.expert_store, model.moe_blocks()[1]
-    e, e2 = _absent(store, 1)[:2]
+    e, e2, e3 = _absent(store, 1)[:3]
     pieces = store.index.pieces[1][e]
-    with open(pieces[0].path, "rb") as f:  # a plain read of the same bytes does fill the cache: the probe works
-        f.seek(pieces[0].offset)
-        f.read(pieces[0].nbytes)
-    assert _cached_pages(pieces[0].path, pieces[0].offset, pieces[0].nbytes) > 0
+    probe = store.index.pieces[1][e3][0]
+    with open(probe.path, "rb") as f:  # a plain read of another expert does fill the cache: the probe works
+        f.seek(probe.offset)
+        f.read(probe.nbytes)
+        assert _cached_pages(probe.path, probe.offset, probe.nbytes) > 0
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)  # and readahead cached its neighbours: drop all
+    assert _cached_pages(pieces[0].path, pieces[0].offset, pieces[0].nbytes) == 0
     block.experts.fetch(torch.tensor([[e, e2]]))
     for p in pieces + store.index.pieces[1][e2]:
         assert _cached_pages(p.path, p.offset, p.nbytes) == 0
     store.close()
 
 
-def test_bf16_file_fills_fp32_slots(baby_checkpoint):
+def test_bf16_file_fills_fp32_slots(baby_checkpoint, io_path):
     path = baby_checkpoint("mixtral", dtype="bfloat16", **SIZES)
     model, _ = load_model(path, dtype="float32", expert_cache=0.5)
     resident, _ = load_model(path, dtype="float32")
@@ -201,7 +213,42 @@ def test_an_experts_adjacent_tensors_are_one_read(offloaded, monkeypatch):
     monkeypatch.setattr(slow_tier.os, "preadv", lambda fd, bufs, off: calls.append(len(bufs)) or real(fd, bufs, off))
     ids = torch.tensor([[e]])
     _assert_weights(block.experts.fetch(ids), ids, resident.moe_blocks()[2])
-    assert calls == [3]  # one request, three destinations
+    assert len(calls) == 1  # one request (three destinations, or one staging buffer under O_DIRECT)
+
+
+def test_the_read_path_is_the_one_asked_for(offloaded, io_path):
+    import fcntl
+    model, resident = offloaded
+    store, block = model.expert_store, model.moe_blocks()[0]
+    e = _absent(store, 0)[0]
+    ids = torch.tensor([[e]])
+    _assert_weights(block.experts.fetch(ids), ids, resident.moe_blocks()[0])
+    (fd, direct), = store.slow._files.values()
+    assert direct == (io_path == "direct") and bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT) == direct
+
+
+def test_a_filesystem_refusing_o_direct_falls_back_to_the_page_cache(offloaded, monkeypatch, caplog):
+    # tmpfs and some network filesystems answer O_DIRECT with EINVAL, at open or at the first read
+    from marserve.experts import slow_tier
+    model, resident = offloaded
+    store, block = model.expert_store, model.moe_blocks()[2]
+    real = os.preadv
+
+    def refuse(fd, bufs, off):
+        if fcntl_flags(fd) & os.O_DIRECT:
+            raise OSError(22, "Invalid argument")
+        return real(fd, bufs, off)
+    monkeypatch.setattr(slow_tier.os, "preadv", refuse)
+    e = _absent(store, 2)[0]
+    ids = torch.tensor([[e]])
+    _assert_weights(block.experts.fetch(ids), ids, resident.moe_blocks()[2])
+    (fd, direct), = store.slow._files.values()
+    assert not direct and not fcntl_flags(fd) & os.O_DIRECT
+
+
+def fcntl_flags(fd):
+    import fcntl
+    return fcntl.fcntl(fd, fcntl.F_GETFL)
 
 
 def test_the_store_tells_the_policy_which_layer_it_fetches(offloaded):
