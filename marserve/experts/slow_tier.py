@@ -2,19 +2,22 @@
 and never left in the page cache.
 
 An expert's pieces that sit back to back in one file (per-expert w1/w2/w3 tensors usually do) are one run, read
-with one request. Reads bypass the page cache (O_DIRECT): the bytes go from the disk into a reader's staging
-buffer, are checked there, and only then copied (or converted, e.g. bf16 file -> fp32 slots) into the slot. A
-cached read costs a core far more (page allocation, the kernel's copy, dropping the pages again): on the 2-core
-host of docs/benchmarks.md, reads with a decode running beside them went from ~1.0 to ~1.6 GB/s and the decode from
-0.4x to 0.6x of its speed alone. O_DIRECT wants offsets, lengths and memory aligned to the device's blocks, and
-safetensors offsets are not, so a run is read from the aligned block below it to the one above (at most 8 KiB
-more). Where a filesystem refuses O_DIRECT, that file is read through the page cache instead (POSIX_FADV_RANDOM,
-then POSIX_FADV_DONTNEED on each run's range after the read), straight into the slot.
+with one request (several for runs larger than a staging buffer). Reads bypass the page cache (O_DIRECT): the
+disk writes into the reading thread's staging buffer (STAGING_BYTES, block-aligned), from where each piece's bytes
+go into its running CRC-32C and are copied into the slot (or into a buffer in the file's dtype, converted into the
+slot once checked: a bf16 file, fp32 slots). A cached read costs a core far more (page allocation, the kernel's
+copy, dropping the pages again): on the 2-core host of docs/benchmarks.md, reads with a decode running beside
+them went from ~1.0 to ~1.6 GB/s and the decode from 0.4x to 0.6x of its speed alone. O_DIRECT wants offsets,
+lengths and memory aligned to the device's blocks, and safetensors offsets are not, so a read runs from the
+block below the expert to the block above it (at most 8 KiB more). Where a filesystem refuses O_DIRECT (at open
+or at the first read), that file is read through the page cache instead (POSIX_FADV_RANDOM, and
+POSIX_FADV_DONTNEED on each read's range after it), through the same staging buffer.
 
 Each piece's CRC-32C (the `crc32c` package: ~24 GB/s with the CPU's CRC instruction, against ~3.8 for zlib's
-CRC-32 on one core here) is recorded on the first (streaming) read and checked on every later one: a mismatch is
-read again, then is an error naming the file and tensor. `fault_hook` (tests only, never reachable over HTTP) sees
-each piece's bytes after a checked read, to damage them.
+CRC-32 on one core here) is recorded on the first (streaming) read and checked on every later one, before the
+store lets anyone compute with the slot: a mismatch is read again, then is an error naming the file and tensor.
+`fault_hook` (tests only, never reachable over HTTP) sees each piece's bytes as they are read (per staging
+buffer's worth), to damage them.
 """
 
 from __future__ import annotations
@@ -40,6 +43,10 @@ _DROP_ALIGN = 2 << 20
 # O_DIRECT alignment of offsets, lengths and buffers: a 4 KiB block suits 512-byte and 4 KiB sector devices alike.
 _BLOCK = 4096
 USE_DIRECT_IO = hasattr(os, "O_DIRECT")  # tests turn it off to cover the page-cache path
+# Each reading thread's staging buffer: reads larger than this (a 352 MB Mixtral-8x7B expert) go through it in
+# chunks, so the memory outside the budget stays a few MiB per thread whatever the expert size; one 9.4 MB
+# expert of the bench-shaped model is one read.
+STAGING_BYTES = 16 << 20
 
 
 def _runs(pieces: list[Piece]) -> list[list[Piece]]:
@@ -80,17 +87,12 @@ class SlowTier:
         return moved
 
     def _read_run(self, run: list[Piece], dests: list[torch.Tensor | None], record: bool) -> int:
-        start, total = run[0].offset, sum(p.nbytes for p in run)
         for attempt in (1, 2):
-            views, in_place = self._read(run, dests, start, total)
+            crcs, staged = self._stream(run, dests, hook=None if record else self.fault_hook)
             if record:
-                for p, v in zip(run, views):
-                    self._crc[p] = crc32c.crc32c(v)
+                self._crc.update(zip(run, crcs))
                 break
-            if self.fault_hook is not None:
-                for p, v in zip(run, views):
-                    self.fault_hook(p, v)
-            bad = [p for p, v in zip(run, views) if crc32c.crc32c(v) != self._crc[p]]
+            bad = [p for p, c in zip(run, crcs) if c != self._crc[p]]
             if not bad:
                 break
             logger.warning("%s: expert tensor %s read back with a wrong checksum (attempt %d)", bad[0].path,
@@ -103,75 +105,79 @@ class SlowTier:
             raise CheckpointError(f"{p.path}: expert tensor {p.tensor} (bytes {p.offset}..{p.offset + p.nbytes}) "
                                   "read back twice with a checksum different from the one taken at load: the file "
                                   "changed or the disk returns bad data")
-        for p, dest, v, landed in zip(run, dests, views, in_place):
-            if dest is None or landed:
-                continue  # checksum only, or the page-cache path read straight into the slot
-            if dest.dtype == p.dtype and dest.is_contiguous():
-                np.copyto(_bytes_of(dest), np.frombuffer(v, dtype=np.uint8))  # numpy copies without the GIL
-            else:  # dtype conversion after the read (e.g. bf16 file, fp32 compute)
-                dest.copy_(torch.frombuffer(v, dtype=p.dtype).view(dest.shape))
-        return total
+        for dest, buf in zip(dests, staged):
+            if buf is not None:  # dtype conversion after the check (e.g. bf16 file, fp32 compute)
+                dest.copy_(buf.view(dest.shape))
+        return sum(p.nbytes for p in run)
 
-    def _read(self, run: list[Piece], dests: list[torch.Tensor | None], start: int, total: int
-              ) -> tuple[list[memoryview], list[bool]]:
-        """Read one run -> (each piece's bytes, whether they already are in the piece's destination)."""
-        fd, direct = self._file(run[0].path)
+    def _stream(self, run: list[Piece], dests: list[torch.Tensor | None], hook) -> tuple[list[int], list]:
+        """Read a run chunk by chunk through this thread's staging buffer; each piece's bytes go into its running
+        CRC-32C and to its destination (a buffer in the file's dtype where the dtype differs) -> (each piece's
+        CRC-32C, those buffers or None)."""
+        targets, staged = [], []
+        for p, dest in zip(run, dests):
+            buf = None
+            if dest is not None and not (dest.dtype == p.dtype and dest.is_contiguous()):
+                buf = torch.empty(p.nbytes // p.dtype.itemsize, dtype=p.dtype)
+            staged.append(buf)
+            targets.append(None if dest is None else _bytes_of(dest if buf is None else buf))
+        crcs = [0] * len(run)
+        pos, end = run[0].offset, run[-1].offset + run[-1].nbytes
+        while pos < end:
+            data, upto = self._read_chunk(run, pos, end)  # the bytes [pos, upto) of the file
+            for i, p in enumerate(run):
+                lo, hi = max(pos, p.offset), min(upto, p.offset + p.nbytes)
+                if lo >= hi:
+                    continue
+                part = data[lo - pos:hi - pos]
+                if hook is not None:
+                    hook(p, part)
+                crcs[i] = crc32c.crc32c(part, crcs[i])
+                if targets[i] is not None:  # numpy copies without the GIL
+                    np.copyto(targets[i][lo - p.offset:hi - p.offset], np.frombuffer(part, dtype=np.uint8))
+            pos = upto
+        return crcs, staged
+
+    def _read_chunk(self, run: list[Piece], pos: int, end: int) -> tuple[memoryview, int]:
+        """Read from `pos` towards `end`, at most one staging buffer's worth -> (the bytes, where they stop)."""
+        path = run[0].path
+        fd, direct = self._file(path)
+        staging = self._staging()
         if direct:
+            first = pos // _BLOCK * _BLOCK  # O_DIRECT: from the block below pos to the one above the end
+            length = min(len(staging), -(-(end - first) // _BLOCK) * _BLOCK)
             try:
-                return self._read_direct(fd, run, start, total), [False] * len(run)
+                got = os.preadv(fd, [staging[:length]], first)
             except OSError as e:  # the filesystem took O_DIRECT at open but not these alignments
                 if e.errno != errno.EINVAL:
                     raise
-                fd = self._fall_back(run[0].path, e)
-        return self._read_cached(fd, run, dests, start, total)
-
-    def _read_direct(self, fd: int, run: list[Piece], start: int, total: int) -> list[memoryview]:
-        """One O_DIRECT read of the blocks covering [start, start + total) -> each piece's bytes (in staging)."""
-        first = start // _BLOCK * _BLOCK
-        length = -(-(start + total - first) // _BLOCK) * _BLOCK
-        staging = self._staging(length)
-        got = os.preadv(fd, [staging[:length]], first)
-        if got < start + total - first:
-            self._truncated(run, got - (start - first), total)
-        views, at = [], start - first
-        for p in run:
-            views.append(staging[at:at + p.nbytes])
-            at += p.nbytes
-        return views
-
-    def _read_cached(self, fd: int, run: list[Piece], dests: list[torch.Tensor | None], start: int,
-                     total: int) -> tuple[list[memoryview], list[bool]]:
-        """One buffered read into the slots themselves (into staging where a dtype differs), then the range is
-        dropped from the page cache -> (each piece's bytes, whether they are in its destination)."""
-        views, in_place, at = [], [], 0
-        staging = None
-        for p, dest in zip(run, dests):
-            in_place.append(dest is not None and dest.dtype == p.dtype and dest.is_contiguous())
-            if in_place[-1]:
-                views.append(memoryview(_bytes_of(dest)))
-            else:
-                staging = staging if staging is not None else self._staging(total)
-                views.append(staging[at:at + p.nbytes])
-            at += p.nbytes
-        got = os.preadv(fd, views, start)
-        first = start // _DROP_ALIGN * _DROP_ALIGN  # give the range back: the slow tier stays on disk
-        os.posix_fadvise(fd, first, -(-(start + total - first) // _DROP_ALIGN) * _DROP_ALIGN, os.POSIX_FADV_DONTNEED)
-        if got != total:
-            self._truncated(run, got, total)
-        return views, in_place
+                self._fall_back(path, e)
+                return self._read_chunk(run, pos, end)
+            upto = min(end, first + length)
+            if first + got < upto:
+                self._truncated(run, first + got, end)
+            return staging[pos - first:upto - first], upto
+        length = min(len(staging), end - pos)
+        got = os.preadv(fd, [staging[:length]], pos)
+        drop = pos // _DROP_ALIGN * _DROP_ALIGN  # give the range back: the slow tier stays on disk
+        os.posix_fadvise(fd, drop, -(-(pos + length - drop) // _DROP_ALIGN) * _DROP_ALIGN, os.POSIX_FADV_DONTNEED)
+        if got < length:
+            self._truncated(run, pos + max(got, 0), end)
+        return staging[:length], pos + length
 
     @staticmethod
-    def _truncated(run: list[Piece], got: int, total: int):
-        raise CheckpointError(f"{run[0].path}: truncated safetensors file (expert tensor {run[0].tensor} "
-                              f"is cut short: {max(got, 0)} of {total} bytes)")
+    def _truncated(run: list[Piece], reached: int, end: int):
+        p = next((p for p in run if p.offset + p.nbytes > reached), run[-1])
+        raise CheckpointError(f"{p.path}: truncated safetensors file (expert tensor {p.tensor} is cut short: the "
+                              f"file ends at byte {reached}, the tensor at {p.offset + p.nbytes})")
 
-    def _staging(self, nbytes: int) -> memoryview:
-        """This thread's block-aligned staging buffer, at least nbytes long (kept for its next reads)."""
+    def _staging(self) -> memoryview:
+        """This thread's block-aligned staging buffer (STAGING_BYTES, kept for its next reads)."""
         buf = getattr(self._local, "buf", None)
-        if buf is None or len(buf) < nbytes:
-            raw = np.empty(nbytes + _BLOCK, dtype=np.uint8)
+        if buf is None:
+            raw = np.empty(STAGING_BYTES + _BLOCK, dtype=np.uint8)
             skip = (-raw.ctypes.data) % _BLOCK
-            buf = self._local.buf = memoryview(raw[skip:skip + nbytes])
+            buf = self._local.buf = memoryview(raw[skip:skip + STAGING_BYTES])
         return buf
 
     def _file(self, path) -> tuple[int, bool]:

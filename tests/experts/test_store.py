@@ -7,6 +7,8 @@ import ctypes
 import gc
 import mmap
 import os
+import re
+import shutil
 import threading
 import time
 
@@ -199,6 +201,48 @@ def test_bf16_file_fills_fp32_slots(baby_checkpoint, io_path):
     ids = torch.tensor([[e]])
     _assert_weights(model.moe_blocks()[0].experts.fetch(ids), ids, resident.moe_blocks()[0])
     assert model.moe_blocks()[0].experts.stats.bytes_moved == store.index.file_bytes(0, e)  # bf16 bytes read
+    store.close()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_runs_larger_than_the_staging_buffer_are_read_in_chunks(baby_checkpoint, io_path, monkeypatch, dtype):
+    # a Mixtral-8x7B expert is 352 MB: it goes through a reader's staging buffer in pieces, checksummed across them
+    from marserve.experts import slow_tier
+    monkeypatch.setattr(slow_tier, "STAGING_BYTES", 3 * 4096)  # an expert's run here is 24 KiB (fp32)
+    path = baby_checkpoint("mixtral", dtype=dtype, **SIZES)
+    model, _ = load_model(path, dtype="float32", expert_cache=0.25)
+    resident, _ = load_model(path, dtype="float32")
+    store, block = model.expert_store, model.moe_blocks()[1]
+    calls = []
+    real = os.preadv
+    monkeypatch.setattr(slow_tier.os, "preadv", lambda fd, bufs, off: calls.append(off) or real(fd, bufs, off))
+    e, e2 = _absent(store, 1)[:2]
+    ids = torch.tensor([[e, e2]])
+    _assert_weights(block.experts.fetch(ids), ids, resident.moe_blocks()[1])
+    assert len(calls) >= 2 * (store.index.file_bytes(1, e) // (3 * 4096))  # several reads per expert
+    e3 = _absent(store, 1)[0]
+    store.fault_hook = _flip_first(1, f".experts.{e3}.w3.")  # a damaged chunk is still caught
+    ids = torch.tensor([[e3]])
+    _assert_weights(block.experts.fetch(ids), ids, resident.moe_blocks()[1])
+    assert store.slow.rereads == 1
+    store.close()
+
+
+def test_a_truncated_file_names_the_file_and_the_tensor(baby_checkpoint, io_path, tmp_path):
+    path = tmp_path / "model"
+    shutil.copytree(baby_checkpoint("mixtral", **SIZES), path)  # the session's shared baby stays whole
+    model, _ = load_model(path, dtype="float32", expert_cache=0.25)
+    store = model.expert_store
+    layer = max(store.index.pieces)
+    e = max(range(8), key=lambda e: store.index.pieces[layer][e][-1].offset)  # the expert nearest the file's end
+    if (layer, e) in store.resident_keys():
+        pytest.skip("the last expert in the file is resident")
+    last = max(store.index.pieces[layer][e], key=lambda p: p.offset)
+    os.truncate(last.path, last.offset + 100)
+    with pytest.raises(CheckpointError, match=rf"model\.safetensors: truncated safetensors file \(expert tensor "
+                                              rf"{re.escape(last.tensor)} is cut short"):
+        model.moe_blocks()[-1].experts.fetch(torch.tensor([[e]]))
+    assert (layer, e) not in store.resident_keys()  # the slot was given back
     store.close()
 
 
