@@ -26,6 +26,8 @@ def test_reads_table_has_both_paths_at_every_reader_count(baby_checkpoint, tmp_p
         assert r["alone_gbs"] > 0 and r["ms_per_read"] > 0
         if r["path"] != "raw preadv":  # the tier's paths also ran beside the decode stand-in
             assert r["beside_gbs"] > 0 and r["decode_share"] > 0 and r["decode_alone_per_s"] > 0
+            assert 0 < r["decode_share_vs_best"] == r["decode_beside_per_s"] / max(
+                x["decode_alone_per_s"] for x in rows if "decode_alone_per_s" in x)
     assert report["experts_per_run"] == 6 and report["raw_best_gbs"] > 0
     assert set(report["checksums_gbs"]) == {"zlib.crc32", "crc32c.crc32c"}
     assert all(v > 0 for v in report["checksums_gbs"].values())
