@@ -123,9 +123,9 @@ class RawReader:
         return moved
 
     def _buffer(self, nbytes: int) -> memoryview:
-        """This thread's block-aligned buffer. A numpy array like the tier's staging, not an anonymous mmap:
-        numpy asks for transparent huge pages on large arrays, and O_DIRECT pins the buffer's pages on every
-        request (fewer, larger pages cost less kernel time: an mmap buffer read slower than the tier here)."""
+        """This thread's block-aligned buffer: a numpy array like the tier's staging. Not an anonymous mmap: O_DIRECT
+        reads into one ran at half the rate here, slower than the tier itself; numpy's madvise(MADV_HUGEPAGE) on
+        large arrays made the difference (docs/benchmarks.md, "O_DIRECT reads")."""
         buf = getattr(self._local, "buf", None)
         if buf is None or len(buf) < nbytes:
             raw = np.empty(nbytes + _BLOCK, dtype=np.uint8)
