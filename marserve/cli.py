@@ -23,7 +23,7 @@ COMMANDS = {
     "inspect": ("marserve.commands.inspect", "describe a checkpoint; --routing analyses expert use"),
     "serve": ("marserve.commands.serve", "serve a model over an OpenAI-compatible HTTP API"),
     "train": ("marserve.commands.train", "train a small MoE with (or without) MAR on a local corpus"),
-    "bench": ("marserve.commands.bench", "benchmarks: throughput, moe, linear, serve, ep, experts"),
+    "bench": ("marserve.commands.bench", "benchmarks: throughput, moe, linear, serve, ep, experts, reads"),
     "calibrate": ("marserve.commands.calibrate", "record routing on sample text: expert preferences for offloading"),
     "doctor": ("marserve.commands.doctor", "what marserve makes of this machine: ISA, native kernels, dtype auto"),
 }

@@ -1,4 +1,4 @@
-"""`marserve bench {throughput,moe,linear,serve,ep,experts}`: each benchmark's flags, and the dispatch to its module in marserve/bench/.
+"""`marserve bench {throughput,moe,linear,serve,ep,experts,reads}`: each benchmark's flags, and the dispatch to its module in marserve/bench/.
 
 The flags live here, not in the benchmark modules, because those import torch at the top and building the
 parser must not: `marserve --help` and usage errors answer without loading torch (~4 s).
@@ -116,6 +116,19 @@ def _experts_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="smoke run: 1 prompt x 8 tokens, traces of 256 tokens")
 
 
+def _reads_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="default", help="'default' (the shipped model), 'bench' (the Mixtral-style "
+                   "model of `bench throughput`) or a model directory")
+    p.add_argument("--experts", type=int, default=None, help="random experts read per run, the same sequence for "
+                   "every run (default: enough for ~384 MB, at least 48)")
+    p.add_argument("--threads", default="1,2,4", help="reader thread counts, comma-separated")
+    p.add_argument("--repeats", type=int, default=2, help="runs per cell; the best of each figure is reported")
+    p.add_argument("--dtype", default="auto", help="the slots' dtype, as the store's (auto, float32, bfloat16)")
+    p.add_argument("--seed", type=int, default=0, help="of the random expert sequence")
+    p.add_argument("--quick", action="store_true", help="smoke run: small machine-limit measurements")
+    p.add_argument("--json", default=None, help="write the report here")
+
+
 # name -> (module with run(args) -> int, one-line help, flags)
 BENCHMARKS = {
     "throughput": ("marserve.bench.throughput", "offline generation throughput, marserve vs transformers",
@@ -130,6 +143,8 @@ BENCHMARKS = {
            _ep_flags),
     "experts": ("marserve.bench.experts", "expert offloading: live budgets/policies/prefetch, and a GPU trace replay",
                 _experts_flags),
+    "reads": ("marserve.bench.expert_reads", "the expert store's slow-tier reads: O_DIRECT vs page cache, alone "
+              "and beside a decode stand-in", _reads_flags),
 }
 
 
