@@ -38,7 +38,7 @@ from marserve import hugepages, progress
 from marserve.errors import ConfigError
 from marserve.experts import slow_tier
 from marserve.experts.checkpoint_index import CheckpointIndex
-from marserve.experts.slow_tier import SlowTier, _runs
+from marserve.experts.slow_tier import SlowTier, contiguous_runs
 
 RAW, DIRECT, CACHED = "raw preadv", "direct", "page cache"
 # Bytes of one run when --experts is not given (at least 48 experts): a run of a few MB (the shipped model's experts
@@ -114,7 +114,7 @@ class RawReader:
 
     def read_expert(self, layer: int, expert: int, rows_of=None, record: bool = False) -> int:
         moved = 0
-        for run in _runs(self.index.pieces[layer][expert]):
+        for run in contiguous_runs(self.index.pieces[layer][expert]):
             start, total = run[0].offset, sum(p.nbytes for p in run)
             first = start // _BLOCK * _BLOCK
             length = -(-(start + total - first) // _BLOCK) * _BLOCK

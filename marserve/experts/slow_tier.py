@@ -49,7 +49,7 @@ USE_DIRECT_IO = hasattr(os, "O_DIRECT")  # tests turn it off to cover the page-c
 STAGING_BYTES = 16 << 20
 
 
-def _runs(pieces: list[Piece]) -> list[list[Piece]]:
+def contiguous_runs(pieces: list[Piece]) -> list[list[Piece]]:
     """Pieces grouped into runs that are contiguous in one file, in file order."""
     runs: list[list[Piece]] = []
     for p in sorted(pieces, key=lambda p: (str(p.path), p.offset)):
@@ -82,7 +82,7 @@ class SlowTier:
         checksummed when that is None -> bytes read. record: take the checksums (the first read) instead of
         checking them."""
         moved = 0
-        for run in _runs(self.index.pieces[layer][expert]):
+        for run in contiguous_runs(self.index.pieces[layer][expert]):
             moved += self._read_run(run, [rows_of(p) for p in run], record)
         return moved
 

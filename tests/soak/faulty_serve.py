@@ -11,7 +11,7 @@ import sys
 import threading
 
 from marserve.engine.sampler import Sampler
-from marserve.experts.slow_tier import _runs
+from marserve.experts.slow_tier import contiguous_runs
 from marserve.experts.store import ExpertStore
 from marserve.sampling_params import SamplingParams
 
@@ -34,7 +34,7 @@ class CorruptReads:
 
     def __init__(self, index, every: int = 100):
         self.every = every
-        self._last = {run[-1] for per in index.pieces.values() for pieces in per for run in _runs(pieces)}
+        self._last = {run[-1] for per in index.pieces.values() for pieces in per for run in contiguous_runs(pieces)}
         self._retry: set = set()  # damaged pieces whose re-read is still to come
         self._lock = threading.Lock()  # reads run on the engine thread and the prefetch threads
         self.reads = self.damaged = 0
