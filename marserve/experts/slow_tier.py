@@ -73,6 +73,7 @@ class SlowTier:
         self.rereads = 0  # runs read again after a checksum mismatch (the server exports it)
         self._crc: dict[Piece, int] = {}
         self._files: dict = {}  # path -> (fd, direct)
+        self._retired: list[int] = []  # O_DIRECT fds given up for a fallback, closed with the rest
         self._lock = threading.Lock()
         self._local = threading.local()  # each reader thread's staging buffer
 
@@ -190,14 +191,17 @@ class SlowTier:
                     found = self._files[path] = self._open(path)
         return found
 
-    def _fall_back(self, path, error: OSError) -> int:
-        """Read `path` through the page cache from now on -> its new fd."""
-        logger.info("%s: O_DIRECT reads fail (%s); expert reads go through the page cache, dropped after each read",
-                    path, error)
+    def _fall_back(self, path, error: OSError) -> None:
+        """Read `path` through the page cache from now on. The O_DIRECT fd stays open until close(): another reader
+        may be in a read on it (and will fall back in turn)."""
         with self._lock:
-            os.close(self._files[path][0])
+            fd, direct = self._files[path]
+            if not direct:
+                return  # another reader fell back first
+            logger.info("%s: O_DIRECT reads fail (%s); expert reads go through the page cache, dropped after each "
+                        "read", path, error)
+            self._retired.append(fd)
             self._files[path] = self._open(path, direct=False)
-            return self._files[path][0]
 
     @staticmethod
     def _open(path, direct: bool = True) -> tuple[int, bool]:
@@ -215,7 +219,8 @@ class SlowTier:
 
     def close(self) -> None:
         with self._lock:
-            for fd, _ in self._files.values():
+            for fd in [fd for fd, _ in self._files.values()] + self._retired:
                 os.close(fd)
             self._files.clear()
+            self._retired.clear()
 
