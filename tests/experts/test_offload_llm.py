@@ -90,11 +90,14 @@ def test_corrupt_reads_are_read_again_and_text_is_unchanged(checkpoint, want):
     llm = LLM(checkpoint, dtype="float32", expert_cache=0.25)
     reads, damaged, lock = [], set(), threading.Lock()
 
-    def every_third_piece_once(piece, view):  # the retry of a damaged read comes back clean (reads may run on
-        with lock:                            # the prefetch threads too, hence per piece and locked)
-            reads.append(piece)
-            if piece not in damaged and len(reads) % 3 == 1:
-                damaged.add(piece)
+    index = llm.engine.expert_store.index
+    expert_of = {p: (layer, e) for layer, per in index.pieces.items() for e, pieces in enumerate(per) for p in pieces}
+
+    def every_third_piece_once(piece, view):  # an expert is damaged at most once, so its re-read (which sees all
+        with lock:                            # its pieces again) comes back clean; reads run on the prefetch threads
+            reads.append(piece)               # too, interleaving theirs: hence per expert, and locked
+            if expert_of[piece] not in damaged and len(reads) % 3 == 1:
+                damaged.add(expert_of[piece])
                 view[len(view) // 2] ^= 0x10
 
     llm.engine.expert_store.fault_hook = every_third_piece_once
