@@ -303,12 +303,14 @@ class MARPolicy(EvictionPolicy):
 
 def make_policy(name: str, num_moe_layers: int = 1) -> EvictionPolicy:
     """The policy called `name` (one of POLICIES); mar's clock constants scale with the layers (ticks per step):
-    its use counts fade over 8 decode steps, its calibration by age over 16."""
+    its use counts halve every 4 decode steps (chosen among 4, 8, 16 on the replay's first traces; 8 before the
+    calibration by age, which now sets the level of the estimate, so the half-life only ranks within an age
+    group), its calibration every 16."""
     if name == "lru":
         return LRUPolicy()
     if name == "lfu":
         return LFUPolicy()
     if name == "mar":
-        return MARPolicy(half_life=8.0 * num_moe_layers, prediction_ttl=2 * num_moe_layers, num_layers=num_moe_layers,
+        return MARPolicy(half_life=4.0 * num_moe_layers, prediction_ttl=2 * num_moe_layers, num_layers=num_moe_layers,
                          calibration_half_life=16.0 * num_moe_layers)
     raise ValueError(f"expert_policy {name!r} is not one of {', '.join(POLICIES)}")
