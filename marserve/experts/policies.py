@@ -198,7 +198,9 @@ class MARPolicy(EvictionPolicy):
             self.estimated[NEVER_USED] += self.PRIOR_WEIGHT * unseen * terms[2] / (terms[1] + self.PRIOR_WEIGHT)
 
     def on_access(self, key: Key, n: int = 1) -> None:
-        if self.calibrated and key[0] == self.layer and key[0] in self.layer_fetches:
+        # the use belongs to its layer's latest fetch even if another layer's began meanwhile (a fetch waiting for
+        # a slot lets other threads in)
+        if self.calibrated and key[0] in self.layer_fetches:
             count = self.layer_fetches[key[0]]
             if self.last_fetch.get(key) != count:  # the key's first access in this fetch
                 self.used[self._age_group(key)] += 1

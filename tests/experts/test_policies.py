@@ -195,3 +195,18 @@ def test_mar_calibration_counts_the_never_used_through_their_prior():
         _fetch(p, 0, 0, 1)
     assert p.calibration(NEVER_USED) < 0.5 < 1.5 < p.calibration(0)
     assert p.use_probability((0, 5)) < 0.05 < 0.5 < p.use_probability((0, 0))
+
+
+def test_mar_counts_a_use_for_its_layers_fetch_even_after_another_layer_began():
+    # a fetch that waits for a slot lets another thread's fetch of another layer begin: its uses still count
+    p = make_policy("mar", 2)
+    for layer in range(2):
+        p.set_scores(layer, [1.0] * 4)
+        _fetch(p, layer, 0)
+    p.advance(0)
+    p.advance(1)  # another thread, meanwhile
+    used_at_age_1 = p.used[0]
+    p.on_access((0, 0))  # used at layer 0's fetch, the one after its last use
+    assert p.used[0] > used_at_age_1
+    p.advance(0)
+    assert p.use_probability((0, 0)) > p.use_probability((0, 1))
