@@ -14,8 +14,8 @@ The time model (what `replay()` computes; stated again in docs/benchmarks.md, "E
   all experts, at least one decode step's K x L and one layer's E), filled at start by the policy's
   preference (usage prior: MAR usage or calibration; with none, expert index order), for every policy, the
   baseline included. Eviction uses the store's own policy objects (marserve/experts/policies.py), fed the
-  same events the store feeds them (advance per layer fetch, insert, access, evict, predict); `mar`'s
-  hottest experts stay pinned as in the store. `per_layer=True` instead splits the budget evenly into one
+  same events the store feeds them (advance per layer fetch, insert, access, evict, predict); experts the
+  policy pins (`num_pinned`: none by default) stay pinned as in the store. `per_layer=True` instead splits the budget evenly into one
   pool per layer (at least K each), the layout of mixtral-offloading's LRU cache: a second baseline.
 - The link: one transfer at a time, expert bytes / link bandwidth each. A miss (an expert not in the pool
   when its layer routes) is copied at once, ahead of queued prefetches; the layer waits for all its

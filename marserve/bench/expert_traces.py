@@ -35,9 +35,10 @@ def trace_model_command(name: str, out: str, mar: bool = True, steps: int = 300)
             + ("" if mar else " --no-mar"))
 
 
-def _windows(tokenizer, max_tokens: int, window: int) -> tuple[list[list[int]], list[list[int]]]:
+def _windows(tokenizer, max_tokens: int, window: int, part: int = 0) -> tuple[list[list[int]], list[list[int]]]:
     """(calibration windows, trace windows) from the held-out slices: per domain, a quarter of the windows
-    (at least one) for calibration, then up to max_tokens / domains tokens for the trace."""
+    (at least one) for calibration, then up to max_tokens / domains tokens for the trace. part k > 0 is a second
+    (third, ...) trace on other text: it starts at the window after those parts 0..k-1 took, in each domain."""
     domains = sorted(p for p in HELDOUT_DIR.iterdir() if p.name.endswith(".heldout.txt"))
     per_domain = max(1, max_tokens // len(domains))
     calib, trace = [], []
@@ -46,20 +47,27 @@ def _windows(tokenizer, max_tokens: int, window: int) -> tuple[list[list[int]], 
         windows = [ids[i:i + window] for i in range(0, len(ids) - 1, window) if len(ids[i:i + window]) > 1]
         n_cal = max(1, len(windows) // 4)
         calib += windows[:n_cal]
-        budget = per_domain
-        for w in windows[n_cal:]:
-            if budget <= 0:
-                break
-            trace.append(w[:budget])
-            budget -= len(trace[-1])
+        rest = iter(windows[n_cal:])
+        for k in range(part + 1):
+            taken, budget = [], per_domain
+            for w in rest:
+                taken.append(w[:budget])
+                budget -= len(taken[-1])
+                if budget <= 0:
+                    break
+        if part > 0 and budget > 0:  # a short held-out part would not be comparable with part 0
+            raise ConfigError(f"{path.name} has too few windows for trace part {part} of {max_tokens} tokens")
+        trace += taken
     return calib, trace
 
 
 def record(model_dir: str, name: str, work_dir: Path, max_tokens: int, lookahead: int,
-           min_prob: float | None = None) -> dict:
-    """Trace, predictions and usage prior of one trace model; cached in work_dir (keyed by model and size)."""
+           min_prob: float | None = None, part: int = 0) -> dict:
+    """Trace, predictions and usage prior of one trace model; cached in work_dir (keyed by model, size and part:
+    part 0 is the first slice of the held-out text, part k > 0 the k-th next one, see _windows)."""
     served = SERVED_MODELS[name]
-    cache = work_dir / f"{name}-{Path(model_dir).resolve().name}-{max_tokens}.npz"
+    cache = work_dir / (f"{name}-{Path(model_dir).resolve().name}-{max_tokens}" + (f"-part{part}" if part else "")
+                        + ".npz")
     # the Prefetcher's default predictor is the learned one when the model has been calibrated
     kind = "learned" if (Path(model_dir) / "mar_preferences.safetensors").exists() else "router"
     pred_cache = cache.with_suffix(f".predictions-{kind}-ahead{lookahead}-p"
@@ -83,7 +91,7 @@ def record(model_dir: str, name: str, work_dir: Path, max_tokens: int, lookahead
                           f"`{trace_model_command(name, 'DIR')}`")
     # a window is one prompt: it must leave the one output token room in the context
     window = min(WINDOW, llm.config.max_position_embeddings - 1)
-    calib_windows, trace_windows = _windows(llm.tokenizer, max_tokens, window)
+    calib_windows, trace_windows = _windows(llm.tokenizer, max_tokens, window, part)
     trace = record_text_trace(llm, trace_windows, model=str(model_dir), served=name, text="heldout")
     if trace.usage is None:  # a plain checkpoint: its prior comes from calibration text, as `calibrate` does
         calib = record_text_trace(llm, calib_windows, record_inputs=False)

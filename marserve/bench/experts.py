@@ -202,7 +202,7 @@ def run_replay_section(args) -> tuple[list[dict], list[str]]:
             raise ConfigError(f"--replay {name}: not one of {', '.join(et.SERVED_MODELS)}")
         with progress.stage(f"bench experts: recording the routing of {model_dir}"):
             recorded = et.record(model_dir, name, Path(args.work_dir), args.trace_tokens, args.lookahead,
-                                 args.prefetch_min_prob)
+                                 args.prefetch_min_prob, part=args.trace_part)
         t = recorded["trace"]
         print(f"replay {name}: trace of {t.num_tokens} tokens x {t.num_layers} layers, top-{t.top_k} of "
               f"{t.num_experts} from {model_dir}; prior from {t.meta.get('usage_from')}; prefetches: the engine's "

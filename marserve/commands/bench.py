@@ -105,6 +105,8 @@ def _experts_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--replay", default="", help="trace models for the replay, NAME=DIR,... with NAME in "
                    "mixtral-8x7b, qwen3-30b-a3b, deepseek-v2-lite (made by python -m marserve.bench.trace_models)")
     p.add_argument("--trace-tokens", type=int, default=2048, help="tokens of held-out text recorded per trace")
+    p.add_argument("--trace-part", type=int, default=0, help="replay: which slice of the held-out text to record "
+                   "(0: the first; k: the k-th after it, other text: a second trace to check what was tuned on part 0)")
     p.add_argument("--lookahead", type=int, default=2, help="replay: MoE layers ahead a prefetch predicts")
     p.add_argument("--tiers", default="host,disk", help="replay: where missing experts come from (PCIe / NVMe)")
     p.add_argument("--prefetch-min-prob", type=float, default=None,

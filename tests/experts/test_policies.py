@@ -2,7 +2,7 @@
 
 import pytest
 
-from marserve.experts.policies import POLICIES, LFUPolicy, LRUPolicy, MARPolicy, make_policy
+from marserve.experts.policies import NEVER_USED, POLICIES, LFUPolicy, LRUPolicy, MARPolicy, make_policy
 
 
 def _use(policy, key, n=1):
@@ -88,11 +88,19 @@ def test_initial_order_follows_each_layers_usage():
 
 def test_only_mar_pins_and_only_with_a_prior_and_beyond_the_minimum():
     assert LRUPolicy().num_pinned(100, 10) == 0
-    p = MARPolicy()
+    p = MARPolicy(pin_share=0.25)
     assert p.num_pinned(100, 10) == 0  # nothing to choose by
     p.set_scores(0, [1.0, 2.0])
     assert p.num_pinned(100, 10) == 22  # a quarter of the 90 slots beyond the minimum
     assert p.num_pinned(10, 10) == 0
+
+
+def test_mar_as_the_store_makes_it_pins_nothing():
+    # its calibrated estimate keeps the hot experts resident anyway; slots pinned by the prior were lost to the
+    # rest (Qwen3-30B-A3B's replay at 12.5%: docs/benchmarks.md, "Expert offloading")
+    p = make_policy("mar", 4)
+    p.set_scores(0, [1.0, 2.0])
+    assert p.num_pinned(100, 10) == 0
 
 
 @pytest.mark.parametrize("name", POLICIES)
@@ -149,3 +157,56 @@ def test_mar_told_the_layer_order_still_keeps_a_pending_prediction_first():
     assert p.victim([(1, 0), (2, 1)]) == (2, 1)  # by expected distance alone
     p.on_predict((2, 1))
     assert p.victim([(1, 0), (2, 1)]) == (1, 0)
+
+
+def _runs(calibration_half_life):
+    """One layer of 8 experts whose routing comes in runs: each expert is used at 4 fetches in a row, then not for
+    long (an expert of the last token is reused far more often than its average rate); then experts 6 and 7 start
+    their runs, one fetch each."""
+    p = MARPolicy(half_life=8.0, prediction_ttl=2, num_layers=1, calibration_half_life=calibration_half_life)
+    p.set_scores(0, [1.0] * 8)
+    for e in range(6):
+        for _ in range(4):
+            _fetch(p, 0, e)
+    _fetch(p, 0, 6)
+    _fetch(p, 0, 7)
+    return p
+
+
+def test_mar_calibrates_its_estimate_by_age():
+    # Expert 4 was used 4 times, its run ending 4 fetches ago; expert 7 once, at the last fetch. By the blend of
+    # decayed uses and prior alone, 4 is more likely and 7 goes; the calibration has seen that in this routing
+    # an expert used at the last fetch is used again far more often than the blend says, and one whose run
+    # ended a few fetches ago far less: 4 goes.
+    blend = _runs(calibration_half_life=None)
+    assert blend.use_probability((0, 4)) > blend.use_probability((0, 7))
+    assert blend.victim([(0, 4), (0, 7)]) == (0, 7)
+    p = _runs(calibration_half_life=64.0)
+    assert p.calibration(0) > 2 and p.calibration(3) < 0.5  # age 1 (used at the last fetch); ages 4-5
+    assert p.use_probability((0, 7)) > p.use_probability((0, 4))
+    assert p.victim([(0, 4), (0, 7)]) == (0, 4)
+
+
+def test_mar_calibration_counts_the_never_used_through_their_prior():
+    # experts 0 and 1 are used at every fetch; 2..7, never: their group's uses per estimated use fall below 1
+    p = make_policy("mar", 1)
+    p.set_scores(0, [1.0] * 8)
+    for _ in range(20):
+        _fetch(p, 0, 0, 1)
+    assert p.calibration(NEVER_USED) < 0.5 < 1.5 < p.calibration(0)
+    assert p.use_probability((0, 5)) < 0.05 < 0.5 < p.use_probability((0, 0))
+
+
+def test_mar_counts_a_use_for_its_layers_fetch_even_after_another_layer_began():
+    # a fetch that waits for a slot lets another thread's fetch of another layer begin: its uses still count
+    p = make_policy("mar", 2)
+    for layer in range(2):
+        p.set_scores(layer, [1.0] * 4)
+        _fetch(p, layer, 0)
+    p.advance(0)
+    p.advance(1)  # another thread, meanwhile
+    used_at_age_1 = p.used[0]
+    p.on_access((0, 0))  # used at layer 0's fetch, the one after its last use
+    assert p.used[0] > used_at_age_1
+    p.advance(0)
+    assert p.use_probability((0, 0)) > p.use_probability((0, 1))
