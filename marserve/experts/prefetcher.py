@@ -3,7 +3,8 @@
 It sits on each SparseMoeBlock's `routing_observer` (called before the block fetches its experts, also on the
 per-layer CPU decode path), chaining any observer already there. On MoE position i it scores positions
 i+1..i+lookahead with the predictor (predictors.py: learned maps when calibrated, else the router lookahead), keeps
-each token's top `per_layer` experts (and, with `min_prob`, only those the predictor is that sure of), and calls
+each token's top `per_layer` experts (only those the predictor is sure enough of: at least `min_prob`, and more
+where reads are slow against the compute a prefetch can hide behind, see `min_prob_for`), and calls
 `model.moe_blocks()[j].experts.prefetch(ids)`, nearest layer first, the experts most tokens want first. The
 provider reads them on background threads; a wrong guess costs a read, never an output (fetch() still reads
 what is missing).
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import time
 
 import torch
 
@@ -71,6 +73,8 @@ class Prefetcher:
         self.max_per_layer = max_per_layer
         self.num_experts = num_experts
         self._position = {b.layer_idx: i for i, b in enumerate(self.blocks)}
+        self.layer_seconds = 0.0  # moving average of one MoE layer's compute: routing i to routing i+1, less stall
+        self._last_routing: tuple[int, float, float] | None = None  # (MoE position, when, its stall seconds then)
         self._chained: list = []  # per MoE position: the observer that was there before install()
         self._observers: list = []
         self.num_prefetched = 0  # expert ids handed to providers (before they drop resident ones)
@@ -114,9 +118,10 @@ class Prefetcher:
     def on_routing(self, layer_idx: int, router_input: torch.Tensor) -> None:
         """Layer layer_idx routed x [T,H]: prefetch the predicted experts of the next `lookahead` MoE layers."""
         i = self._position[layer_idx]
+        self._time_layer(i)
         targets = self.predictor.targets(i)
         if targets:
-            self._prefetch(targets, self.predictor.scores(i, router_input))
+            self._prefetch(i, targets, self.predictor.scores(i, router_input))
 
     @torch.no_grad()
     def before_step(self, input_ids_per_sequence: list[list[int]], is_prefill: list[bool]) -> None:
@@ -131,25 +136,46 @@ class Prefetcher:
             return
         embed = self.model.model.embed_tokens
         x = embed(torch.tensor(ids, device=embed.weight.device))  # [T,H]
-        self._prefetch(targets, self.predictor.scores(EMBED, x))
+        self._prefetch(EMBED, targets, self.predictor.scores(EMBED, x))
 
-    def _prefetch(self, targets: list[int], scores: torch.Tensor) -> None:
-        """scores [D',T,E] of MoE positions `targets` -> one prefetch() per position, nearest first."""
-        idx, keep = self.choose(scores)
-        if scores.shape[1] == 1:  # one token (batch-1 decode): a few numbers, cheaper as Python lists than as ops
-            ids_of = idx[:, 0].tolist()  # [D'][n], best first
-            wanted = ids_of if keep is None else \
-                [[e for k, e in zip(ks, es) if k] for ks, es in zip(keep[:, 0].tolist(), ids_of)]
-            for j, ids in zip(targets, wanted):
-                if ids:
-                    self.num_prefetched += len(ids)
-                    self.blocks[j].experts.prefetch(torch.tensor(ids))
-            return
+    def _time_layer(self, i: int) -> None:
+        """Routing of MoE position i: the time since position i-1 routed in the same pass, less what i-1 waited for
+        its reads (counting stalls in would make slow reads look like long layers, and ask for more reads)."""
+        now, stall = time.perf_counter(), self.blocks[i].experts.stats.stall_seconds
+        last = self._last_routing
+        if last is not None and last[0] == i - 1:
+            took = now - last[1] - (self.blocks[i - 1].experts.stats.stall_seconds - last[2])
+            if took > 0.0:
+                self.layer_seconds += (took - self.layer_seconds) / 16 if self.layer_seconds else took
+        self._last_routing = (i, now, stall)
+
+    def min_prob_for(self, source: int, target: int) -> float:
+        """The probability a prediction of MoE position `target`, made at position `source`, needs to be worth a
+        read: min_prob, or more where reads are slow against the compute they can hide behind. A right guess
+        hides at most the compute until the target layer runs (lead: one MoE layer's time per layer ahead) of
+        a read that would happen anyway; a wrong one costs a whole read that later reads queue behind. So a
+        guess with probability p pays when p x lead > (1 - p) x read: p > read / (read + lead). Reads as fast
+        as a layer's compute (the default model) leave min_prob; 9.4 MB reads from disk against ~2 ms layers
+        ask for ~0.8 one layer ahead (docs/offload.md, "Prediction")."""
+        read = self.blocks[target].experts.read_seconds()
+        lead = (target - source) * self.layer_seconds
+        if read <= 0.0 or lead <= 0.0:
+            return self.min_prob
+        return max(self.min_prob, read / (read + lead))
+
+    def _prefetch(self, source: int, targets: list[int], scores: torch.Tensor) -> None:
+        """scores [D',T,E] of MoE positions `targets`, predicted at position `source` -> one prefetch() per
+        position, nearest first."""
+        learned = self.predictor.name == "learned"
         for d, j in enumerate(targets):
-            ids = self._ranked_union(idx[d], None if keep is None else keep[d])
-            n = ids.numel()
-            if n:
-                self.num_prefetched += n
+            idx, keep = top_predictions(scores[d], self.per_layer, self.min_prob_for(source, j), learned)  # [T,n]
+            if scores.shape[1] == 1:  # one token (batch-1 decode): a few numbers, cheaper as Python lists
+                ids = idx[0].tolist() if keep is None else [e for k, e in zip(keep[0].tolist(), idx[0].tolist()) if k]
+                ids = torch.tensor(ids, dtype=torch.long)
+            else:
+                ids = self._ranked_union(idx, keep)
+            if ids.numel():
+                self.num_prefetched += ids.numel()
                 self.blocks[j].experts.prefetch(ids)
 
     def choose(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -82,6 +82,11 @@ class ExpertProvider(nn.Module):
     def prefetch(self, expert_ids: torch.Tensor) -> None:
         """Hint that these experts will be wanted soon. Resident experts need nothing."""
 
+    def read_seconds(self) -> float:
+        """Typical seconds to bring one missing expert into fast memory (0: nothing is ever read; the prefetcher
+        weighs a guess's gain against this)."""
+        return 0.0
+
     def set_scores(self, usage: torch.Tensor) -> None:
         """The placement / eviction prior of this layer's experts, usage [E] (higher = keep). Resident experts
         need none."""

@@ -54,6 +54,7 @@ class ExpertStore:
         self._active: dict[int, list[int]] = {}  # thread id -> slots pinned by its last fetch
         self._prefetched: set[Key] = set()  # read ahead and not yet used
         self._fetches_waiting = 0  # prefetches stand back while a fetch waits for a slot
+        self.read_seconds = 0.0  # moving average of one expert's read (the prefetcher's cost of a wrong guess)
         self._pool = ThreadPoolExecutor(max_workers=read_threads, thread_name_prefix="expert-read")
         self._miss_pool = ThreadPoolExecutor(max_workers=read_threads, thread_name_prefix="expert-miss")
 
@@ -218,6 +219,7 @@ class ExpertStore:
     def _load(self, key: Key, slot: int, prefetched: bool) -> None:
         """Read one expert into its (claimed, loading) slot; on failure give the slot back and raise (a prefetch
         only logs: the fetch that needs the expert reads it again)."""
+        start = time.perf_counter()
         try:
             moved = self.slow.read_expert(*key, self._rows(slot))
         except BaseException as e:
@@ -226,9 +228,11 @@ class ExpertStore:
                 logger.warning("prefetching expert %d of layer %d failed: %s", key[1], key[0], e)
                 return
             raise
+        took = time.perf_counter() - start
         with self._cond:
             self._loading.discard(slot)
             self.stats[key[0]].bytes_moved += moved
+            self.read_seconds += (took - self.read_seconds) / 16 if self.read_seconds else took
             self._cond.notify_all()
 
     def _give_back(self, key: Key, slot: int) -> None:

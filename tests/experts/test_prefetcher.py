@@ -138,3 +138,44 @@ def test_max_per_layer_keeps_the_experts_most_tokens_want(baby_checkpoint):
     blocks[0].routing_observer(blocks[0].layer_idx, x, None, None, None)
     counts = torch.bincount(blocks[1].router_logits(x).float().topk(2, dim=-1).indices.flatten(), minlength=4)
     assert calls == [(1, [int(counts.argmax())])]
+
+
+def test_slow_reads_raise_the_probability_a_guess_needs(baby_checkpoint):
+    # a wrong guess costs a whole read, a right one hides at most the compute until its layer: p > read/(read+lead)
+    model, calls = _model(baby_checkpoint)
+    blocks = model.moe_blocks()
+    pf = Prefetcher(model, None, lookahead=2, min_prob=0.5).install()
+    assert pf.min_prob_for(0, 1) == 0.5  # nothing read yet, no layer timed: the floor
+    for b in blocks:
+        b.experts.read_seconds = lambda: 0.008  # 8 ms a read
+    pf.layer_seconds = 0.002  # 2 ms a layer
+    assert abs(pf.min_prob_for(0, 1) - 0.8) < 1e-9  # one layer ahead: 8 / (8 + 2)
+    assert abs(pf.min_prob_for(0, 2) - 8 / 12) < 1e-9  # two ahead: more time to hide the read
+    assert abs(pf.min_prob_for(-1, 0) - 0.8) < 1e-9  # from the embeddings, layer 0 is one ahead
+    pf.layer_seconds = 0.020  # reads shorter than the compute: the floor rules
+    assert pf.min_prob_for(0, 1) == 0.5
+    # and the guesses kept follow: a router guess below 0.8 one layer ahead is dropped when reads are slow
+    x = torch.randn(1, 32)
+    probs = blocks[1].router_logits(x).float().softmax(-1)[0]
+    for layer_seconds, floor in ((0.020, 0.5), (0.002, 0.8)):
+        calls.clear()
+        pf.layer_seconds = layer_seconds
+        pf.on_routing(blocks[0].layer_idx, x)
+        want = [e for e in probs.topk(2).indices.tolist() if probs[e] >= floor]
+        assert [ids for j, ids in calls if j == 1] == ([want] if want else [])
+
+
+def test_a_layers_time_leaves_out_its_stall(baby_checkpoint, monkeypatch):
+    # timing stalls as compute would make slow reads look like long layers, which would ask for more reads
+    from marserve.experts import prefetcher as module
+    model, _ = _model(baby_checkpoint)
+    blocks = model.moe_blocks()
+    pf = Prefetcher(model, None, lookahead=1).install()
+    clock = iter([10.0, 10.5, 11.0])
+    monkeypatch.setattr(module.time, "perf_counter", lambda: next(clock))
+    pf._time_layer(0)
+    blocks[0].experts.stats.stall_seconds += 0.4  # layer 0 waited 0.4 s of its 0.5 s for reads
+    pf._time_layer(1)
+    assert abs(pf.layer_seconds - 0.1) < 1e-9
+    pf._time_layer(0)  # a new pass: no interval across passes
+    assert abs(pf.layer_seconds - 0.1) < 1e-9
