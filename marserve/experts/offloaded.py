@@ -90,8 +90,8 @@ class OffloadedExperts(ExpertProvider):
     def prefetch(self, expert_ids: torch.Tensor) -> None:
         self.store.prefetch(self.layer_idx, [int(e) for e in expert_ids.reshape(-1).tolist()])
 
-    def read_seconds(self) -> float:
-        return self.store.read_seconds
+    def wrong_guess_seconds(self) -> float:
+        return self.store.wrong_guess_seconds()
 
     def set_scores(self, usage: torch.Tensor) -> None:
         self.store.policy.set_scores(self.layer_idx, [float(u) for u in usage.reshape(-1).tolist()])

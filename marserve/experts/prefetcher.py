@@ -153,11 +153,12 @@ class Prefetcher:
         """The probability a prediction of MoE position `target`, made at position `source`, needs to be worth a
         read: min_prob, or more where reads are slow against the compute they can hide behind. A right guess
         hides at most the compute until the target layer runs (lead: one MoE layer's time per layer ahead) of
-        a read that would happen anyway; a wrong one costs a whole read that later reads queue behind. So a
-        guess with probability p pays when p x lead > (1 - p) x read: p > read / (read + lead). Reads as fast
-        as a layer's compute (the default model) leave min_prob; 9.4 MB reads from disk against ~2 ms layers
-        ask for ~0.8 one layer ahead (docs/offload.md, "Prediction")."""
-        read = self.blocks[target].experts.read_seconds()
+        a read that would happen anyway; a wrong one costs a read that later reads queue behind, as often as
+        reads are in flight (the provider's wrong_guess_seconds). So a guess with probability p pays when
+        p x lead > (1 - p) x cost: p > cost / (cost + lead). Reads as fast as a layer's compute (the default
+        model) leave min_prob; a disk busy with 9.4 MB reads against ~2 ms layers asks for ~0.75-0.8 one layer
+        ahead (docs/offload.md, "Slow reads ask for surer guesses")."""
+        read = self.blocks[target].experts.wrong_guess_seconds()
         lead = (target - source) * self.layer_seconds
         if read <= 0.0 or lead <= 0.0:
             return self.min_prob

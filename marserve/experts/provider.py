@@ -82,9 +82,9 @@ class ExpertProvider(nn.Module):
     def prefetch(self, expert_ids: torch.Tensor) -> None:
         """Hint that these experts will be wanted soon. Resident experts need nothing."""
 
-    def read_seconds(self) -> float:
-        """Typical seconds to bring one missing expert into fast memory (0: nothing is ever read; the prefetcher
-        weighs a guess's gain against this)."""
+    def wrong_guess_seconds(self) -> float:
+        """What one wrong prefetch costs the reads after it, in seconds (0: nothing is ever read). The prefetcher
+        weighs a guess's gain against it."""
         return 0.0
 
     def set_scores(self, usage: torch.Tensor) -> None:

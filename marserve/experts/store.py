@@ -54,7 +54,10 @@ class ExpertStore:
         self._active: dict[int, list[int]] = {}  # thread id -> slots pinned by its last fetch
         self._prefetched: set[Key] = set()  # read ahead and not yet used
         self._fetches_waiting = 0  # prefetches stand back while a fetch waits for a slot
-        self.read_seconds = 0.0  # moving average of one expert's read (the prefetcher's cost of a wrong guess)
+        self.read_seconds = 0.0  # moving average of one expert's read
+        self.busy_share = 0.0  # moving average of the share of time some read is in flight (sampled per fetch)
+        self._busy_total, self._busy_since = 0.0, 0.0  # seconds with reads in flight; when the current spell began
+        self._sampled = (0.0, 0.0)  # (busy seconds, time) at the last fetch
         self._pool = ThreadPoolExecutor(max_workers=read_threads, thread_name_prefix="expert-read")
         self._miss_pool = ThreadPoolExecutor(max_workers=read_threads, thread_name_prefix="expert-miss")
 
@@ -92,6 +95,7 @@ class ExpertStore:
         out: dict[int, int] = {}
         me = threading.get_ident()
         with self._cond:
+            self._sample_busy(start)
             for s in self._active.pop(me, ()):
                 self._pins[s] -= 1
             self.policy.advance(layer)
@@ -194,6 +198,8 @@ class ExpertStore:
 
     def _occupy(self, slot: int, key: Key) -> None:
         self._slot_key[slot], self._slot_of[key] = key, slot
+        if not self._loading:
+            self._busy_since = time.perf_counter()
         self._loading.add(slot)
         self.policy.on_insert(key)
 
@@ -230,15 +236,35 @@ class ExpertStore:
             raise
         took = time.perf_counter() - start
         with self._cond:
-            self._loading.discard(slot)
+            self._settle(slot)
             self.stats[key[0]].bytes_moved += moved
             self.read_seconds += (took - self.read_seconds) / 16 if self.read_seconds else took
             self._cond.notify_all()
 
+    def _settle(self, slot: int) -> None:
+        """slot's read is over, landed or not (lock held)."""
+        self._loading.discard(slot)
+        if not self._loading:
+            self._busy_total += time.perf_counter() - self._busy_since
+
+    def _sample_busy(self, now: float) -> None:
+        """Fold the share of time reads were in flight since the last fetch into busy_share (lock held)."""
+        busy = self._busy_total + (now - self._busy_since if self._loading else 0.0)
+        last_busy, last = self._sampled
+        self._sampled = (busy, now)
+        if last and now > last:
+            share = min(1.0, (busy - last_busy) / (now - last))
+            self.busy_share += (share - self.busy_share) / 64
+
+    def wrong_guess_seconds(self) -> float:
+        """What a wrong prefetch costs the reads that follow: one read, as often as reads are in flight to queue
+        behind it (a disk idle most of the time serves a wasted read for free)."""
+        return self.read_seconds * self.busy_share
+
     def _give_back(self, key: Key, slot: int) -> None:
         """A read that will not land: the slot is free again (pins stay counted with their holders)."""
         with self._cond:
-            self._loading.discard(slot)
+            self._settle(slot)
             if self._slot_of.get(key) == slot:
                 del self._slot_of[key]
                 self._slot_key[slot] = None

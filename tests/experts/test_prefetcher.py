@@ -147,7 +147,7 @@ def test_slow_reads_raise_the_probability_a_guess_needs(baby_checkpoint):
     pf = Prefetcher(model, None, lookahead=2, min_prob=0.5).install()
     assert pf.min_prob_for(0, 1) == 0.5  # nothing read yet, no layer timed: the floor
     for b in blocks:
-        b.experts.read_seconds = lambda: 0.008  # 8 ms a read
+        b.experts.wrong_guess_seconds = lambda: 0.008  # 8 ms a wasted read costs
     pf.layer_seconds = 0.002  # 2 ms a layer
     assert abs(pf.min_prob_for(0, 1) - 0.8) < 1e-9  # one layer ahead: 8 / (8 + 2)
     assert abs(pf.min_prob_for(0, 2) - 8 / 12) < 1e-9  # two ahead: more time to hide the read

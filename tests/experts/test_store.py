@@ -332,3 +332,21 @@ def test_a_failed_miss_among_several_gives_every_slot_back_and_raises(offloaded)
     store.end_pass()
     ids = torch.tensor([[a, b]])
     _assert_weights(block.experts.fetch(ids), ids, resident.moe_blocks()[3])
+
+
+def test_the_store_measures_its_reads_and_how_busy_they_keep_the_disk(offloaded):
+    # the prefetcher's price of a wrong guess: one read, as often as reads are in flight to queue behind it
+    model, _ = offloaded
+    store, block = model.expert_store, model.moe_blocks()[0]
+    assert store.wrong_guess_seconds() == 0.0  # nothing read since start
+    e = _absent(store, 0)[0]
+    block.experts.fetch(torch.tensor([[e]]))  # a miss: a read in flight through this fetch
+    block.experts.fetch(torch.tensor([[e]]))  # a hit, which samples the time since the last fetch
+    assert store.read_seconds > 0 and 0 < store.busy_share <= 1
+    assert block.experts.wrong_guess_seconds() == store.read_seconds * store.busy_share > 0
+    before = store.busy_share
+    for _ in range(3):  # hits only: the disk idles and a wrong guess gets cheaper
+        time.sleep(0.01)
+        block.experts.fetch(torch.tensor([[e]]))
+    assert store.busy_share < before
+    assert store.in_use()[0] == 0
