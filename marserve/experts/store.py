@@ -2,10 +2,13 @@
 checkpoint's own safetensors files (the slow tier), read by byte offset on demand or ahead of time.
 
 Honest budget: only the pool holds expert weights. The slow tier (slow_tier.py) reads past the page cache
-(O_DIRECT into one expert-sized staging buffer per reader thread, checked there, then copied into the slot; where
-a filesystem refuses O_DIRECT, a cached read dropped from the cache right after); nothing maps the expert bytes.
-Checksums are taken at start, while streaming every expert once to fill the initial resident set, and checked on
-every later read.
+(O_DIRECT through a 16 MiB staging buffer per reading thread into the slot; where a filesystem refuses O_DIRECT, a
+cached read dropped from the cache right after); nothing maps the expert bytes. Checksums are taken at start,
+while streaming every expert once to fill the initial resident set, and checked on every later read before the
+slot is handed to anyone.
+
+The store also measures what the prefetcher weighs a guess against: a moving average of one expert's read and of
+the share of time reads are in flight (sampled at each fetch); their product is what a wrong guess costs.
 
 Concurrency: one lock guards the slot tables; reads run outside it (the read, the checksum and the copy into the
 slot release the GIL).
