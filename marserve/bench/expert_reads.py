@@ -38,13 +38,12 @@ from marserve import hugepages, progress
 from marserve.errors import ConfigError
 from marserve.experts import slow_tier
 from marserve.experts.checkpoint_index import CheckpointIndex
-from marserve.experts.slow_tier import SlowTier, contiguous_runs
+from marserve.experts.slow_tier import SlowTier, aligned_buffer, block_span, contiguous_runs, open_expert_file
 
 RAW, DIRECT, CACHED = "raw preadv", "direct", "page cache"
 # Bytes of one run when --experts is not given (at least 48 experts): a run of a few MB (the shipped model's experts
 # are 0.4 MB) lasts a few ms, too short for a rate beside a compute loop; ~0.4 s at the ~1 GB/s seen here.
 AUTO_RUN_BYTES = 384e6
-_BLOCK = 4096  # O_DIRECT alignment, as the slow tier uses it
 
 
 def expert_index(model_dir: Path):
@@ -71,20 +70,17 @@ def expert_sequence(index: CheckpointIndex, n: int, seed: int) -> list[tuple[int
 
 def direct_io_works(paths) -> bool:
     """Whether every file opens with O_DIRECT (else the slow tier falls back to the page cache for it)."""
-    if not hasattr(os, "O_DIRECT"):
-        return False
     for path in paths:
-        try:
-            os.close(os.open(path, os.O_RDONLY | os.O_DIRECT))
-        except OSError:
+        fd, direct = open_expert_file(path)
+        os.close(fd)
+        if not direct:
             return False
     return True
 
 
 class Slots:
     """Destination slots like the store's pool: w13 [S, 2I, H] and w2 [S, H, I] in the compute dtype. Each reader
-    thread writes only its own slot (bind()), as the store never gives one slot to two reads at once: the page-cache
-    path reads straight into the slot and checksums it there."""
+    thread writes only its own slot (bind()), as the store never gives one slot to two reads at once."""
 
     def __init__(self, num_slots: int, hidden_size: int, intermediate_size: int, dtype: torch.dtype):
         H, I = hidden_size, intermediate_size
@@ -116,29 +112,24 @@ class RawReader:
         moved = 0
         for run in contiguous_runs(self.index.pieces[layer][expert]):
             start, total = run[0].offset, sum(p.nbytes for p in run)
-            first = start // _BLOCK * _BLOCK
-            length = -(-(start + total - first) // _BLOCK) * _BLOCK
+            first, length = block_span(start, start + total)
             os.preadv(self._fd(run[0].path), [self._buffer(length)[:length]], first)
             moved += total
         return moved
 
     def _buffer(self, nbytes: int) -> memoryview:
-        """This thread's block-aligned buffer: a numpy array like the tier's staging. Not an anonymous mmap: O_DIRECT
-        reads into one ran at half the rate here, slower than the tier itself; numpy's madvise(MADV_HUGEPAGE) on
-        large arrays made the difference (docs/benchmarks.md, "O_DIRECT reads")."""
+        """This thread's block-aligned buffer, as large as the largest run so far (one request per run)."""
         buf = getattr(self._local, "buf", None)
         if buf is None or len(buf) < nbytes:
-            raw = np.empty(nbytes + _BLOCK, dtype=np.uint8)
-            buf = self._local.buf = memoryview(raw[(-raw.ctypes.data) % _BLOCK:][:nbytes])
+            buf = self._local.buf = aligned_buffer(nbytes)
         return buf
 
     def _fd(self, path) -> int:
+        """The file opened as the tier opens it (O_DIRECT where the filesystem takes it; else a cold cached read:
+        the drop ran before)."""
         with self._lock:
             if path not in self._fds:
-                try:
-                    self._fds[path] = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECT", 0))
-                except OSError:  # the filesystem refuses O_DIRECT: a cold cached read (the drop ran before)
-                    self._fds[path] = os.open(path, os.O_RDONLY)
+                self._fds[path] = open_expert_file(path)[0]
             return self._fds[path]
 
     def close(self) -> None:

@@ -41,7 +41,7 @@ logger = logging.getLogger(__name__)
 # weights the model has already copied.
 _DROP_ALIGN = 2 << 20
 # O_DIRECT alignment of offsets, lengths and buffers: a 4 KiB block suits 512-byte and 4 KiB sector devices alike.
-_BLOCK = 4096
+BLOCK = 4096
 USE_DIRECT_IO = hasattr(os, "O_DIRECT")  # tests turn it off to cover the page-cache path
 # Each reading thread's staging buffer: reads larger than this (a 352 MB Mixtral-8x7B expert) go through it in
 # chunks, so the memory outside the budget stays a few MiB per thread whatever the expert size; one 9.4 MB
@@ -59,6 +59,38 @@ def contiguous_runs(pieces: list[Piece]) -> list[list[Piece]]:
         else:
             runs.append([p])
     return runs
+
+
+def block_span(start: int, end: int) -> tuple[int, int]:
+    """The O_DIRECT request covering file bytes [start, end) -> (offset of the block below start, length to the
+    block boundary at or above end)."""
+    first = start // BLOCK * BLOCK
+    return first, -(-(end - first) // BLOCK) * BLOCK
+
+
+def aligned_buffer(nbytes: int) -> memoryview:
+    """nbytes of memory starting on a block boundary, as O_DIRECT wants. A numpy array: numpy asks for huge pages
+    on large arrays, and O_DIRECT reads into it ran 1.2-2.3x faster here than into an anonymous mmap
+    (docs/benchmarks.md, "O_DIRECT reads")."""
+    raw = np.empty(nbytes + BLOCK, dtype=np.uint8)
+    skip = (-raw.ctypes.data) % BLOCK
+    return memoryview(raw[skip:skip + nbytes])
+
+
+def open_expert_file(path, direct: bool = True) -> tuple[int, bool]:
+    """Open a checkpoint file for expert reads -> (fd, whether it reads with O_DIRECT): O_DIRECT when asked and
+    the filesystem takes it, else a cached fd without readahead (it would only bring in bytes dropped unread)."""
+    if direct and USE_DIRECT_IO:
+        try:
+            return os.open(path, os.O_RDONLY | os.O_DIRECT), True
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+            logger.info("%s: the filesystem refuses O_DIRECT; expert reads go through the page cache, "
+                        "which is dropped after each read", path)
+    fd = os.open(path, os.O_RDONLY)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+    return fd, False
 
 
 def _bytes_of(t: torch.Tensor) -> np.ndarray:
@@ -145,8 +177,8 @@ class SlowTier:
         fd, direct = self._file(path)
         staging = self._staging()
         if direct:
-            first = pos // _BLOCK * _BLOCK  # O_DIRECT: from the block below pos to the one above the end
-            length = min(len(staging), -(-(end - first) // _BLOCK) * _BLOCK)
+            first, length = block_span(pos, end)  # O_DIRECT: from the block below pos to the one above the end
+            length = min(len(staging), length)
             try:
                 got = os.preadv(fd, [staging[:length]], first)
             except OSError as e:  # the filesystem took O_DIRECT at open but not these alignments
@@ -176,9 +208,7 @@ class SlowTier:
         """This thread's block-aligned staging buffer (STAGING_BYTES, kept for its next reads)."""
         buf = getattr(self._local, "buf", None)
         if buf is None:
-            raw = np.empty(STAGING_BYTES + _BLOCK, dtype=np.uint8)
-            skip = (-raw.ctypes.data) % _BLOCK
-            buf = self._local.buf = memoryview(raw[skip:skip + STAGING_BYTES])
+            buf = self._local.buf = aligned_buffer(STAGING_BYTES)
         return buf
 
     def _file(self, path) -> tuple[int, bool]:
@@ -188,7 +218,7 @@ class SlowTier:
             with self._lock:
                 found = self._files.get(path)
                 if found is None:
-                    found = self._files[path] = self._open(path)
+                    found = self._files[path] = open_expert_file(path)
         return found
 
     def _fall_back(self, path, error: OSError) -> None:
@@ -201,21 +231,7 @@ class SlowTier:
             logger.info("%s: O_DIRECT reads fail (%s); expert reads go through the page cache, dropped after each "
                         "read", path, error)
             self._retired.append(fd)
-            self._files[path] = self._open(path, direct=False)
-
-    @staticmethod
-    def _open(path, direct: bool = True) -> tuple[int, bool]:
-        if direct and USE_DIRECT_IO:
-            try:
-                return os.open(path, os.O_RDONLY | os.O_DIRECT), True
-            except OSError as e:
-                if e.errno != errno.EINVAL:
-                    raise
-                logger.info("%s: the filesystem refuses O_DIRECT; expert reads go through the page cache, "
-                            "which is dropped after each read", path)
-        fd = os.open(path, os.O_RDONLY)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)  # no readahead: it would be dropped unread
-        return fd, False
+            self._files[path] = open_expert_file(path, direct=False)
 
     def close(self) -> None:
         with self._lock:
