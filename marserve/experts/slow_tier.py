@@ -2,8 +2,9 @@
 and never left in the page cache.
 
 An expert's pieces that sit back to back in one file (per-expert w1/w2/w3 tensors usually do) are one run, read
-with one request (several for runs larger than a staging buffer). Reads bypass the page cache (O_DIRECT): the
-disk writes into the reading thread's staging buffer (STAGING_BYTES, block-aligned), from where each piece's bytes
+with one request, or, past PIPE_CHUNK, in chunks through the disk queue (read_queue.py), several in flight while
+the reading thread checks and copies the one before, a fetch's misses ahead of prefetches. Reads bypass the page
+cache (O_DIRECT): the disk writes into the reading thread's staging buffer (STAGING_BYTES, block-aligned), from where each piece's bytes
 go into its running CRC-32C and are copied into the slot (or into a buffer in the file's dtype, converted into the
 slot once checked: a bf16 file, fp32 slots). A cached read costs a core far more (page allocation, the kernel's
 copy, dropping the pages again): on the 2-core host of docs/benchmarks.md, reads with a decode running beside
@@ -34,6 +35,7 @@ import torch
 
 from marserve.errors import CheckpointError
 from marserve.experts.checkpoint_index import CheckpointIndex, Piece
+from marserve.experts.read_queue import ReadQueue
 
 logger = logging.getLogger(__name__)
 # The kernel drops only whole page-cache folios inside a DONTNEED range, and keeps files in folios of up to
@@ -47,6 +49,13 @@ USE_DIRECT_IO = hasattr(os, "O_DIRECT")  # tests turn it off to cover the page-c
 # chunks, so the memory outside the budget stays a few MiB per thread whatever the expert size; one 9.4 MB
 # expert of the bench-shaped model is one read.
 STAGING_BYTES = 16 << 20
+# O_DIRECT runs longer than a chunk are read in chunks, up to PIPE_DEPTH of them in the disk queue's hands per
+# reading thread, checked and copied in order as they land (read_queue.py). Measured on the 2-core host with
+# `marserve bench reads` (docs/benchmarks.md, "Chunked reads"): one 9.4 MB expert 5.2-5.6 ms as one request, 4.4-4.6
+# ms as 2 MiB chunks three deep.
+PIPE_CHUNK = 2 << 20
+PIPE_DEPTH = 3
+DISK_QUEUE_WORKERS = 4  # reads in the disk's hands at once, all reading threads together
 
 
 def contiguous_runs(pieces: list[Piece]) -> list[list[Piece]]:
@@ -108,20 +117,21 @@ class SlowTier:
         self._retired: list[int] = []  # O_DIRECT fds given up for a fallback, closed with the rest
         self._lock = threading.Lock()
         self._local = threading.local()  # each reader thread's staging buffer
+        self.queue = ReadQueue(DISK_QUEUE_WORKERS)  # chunked O_DIRECT reads (misses before prefetches)
 
     def read_expert(self, layer: int, expert: int, rows_of: Callable[[Piece], torch.Tensor | None],
-                    record: bool = False) -> int:
+                    record: bool = False, urgent: bool = True) -> int:
         """Read one expert: each piece into rows_of(piece) (converted to its dtype after the read), or only
         checksummed when that is None -> bytes read. record: take the checksums (the first read) instead of
-        checking them."""
+        checking them. urgent: someone waits for it (a miss); a prefetch's chunks give way to urgent ones."""
         moved = 0
         for run in contiguous_runs(self.index.pieces[layer][expert]):
-            moved += self._read_run(run, [rows_of(p) for p in run], record)
+            moved += self._read_run(run, [rows_of(p) for p in run], record, urgent)
         return moved
 
-    def _read_run(self, run: list[Piece], dests: list[torch.Tensor | None], record: bool) -> int:
+    def _read_run(self, run: list[Piece], dests: list[torch.Tensor | None], record: bool, urgent: bool) -> int:
         for attempt in (1, 2):
-            crcs, staged = self._stream(run, dests, hook=None if record else self.fault_hook)
+            crcs, staged = self._stream(run, dests, None if record else self.fault_hook, urgent)
             if record:
                 self._crc.update(zip(run, crcs))
                 break
@@ -143,10 +153,12 @@ class SlowTier:
                 dest.copy_(buf.view(dest.shape))
         return sum(p.nbytes for p in run)
 
-    def _stream(self, run: list[Piece], dests: list[torch.Tensor | None], hook) -> tuple[list[int], list]:
+    def _stream(self, run: list[Piece], dests: list[torch.Tensor | None], hook, urgent: bool = True
+                ) -> tuple[list[int], list]:
         """Read a run chunk by chunk through this thread's staging buffer; each piece's bytes go into its running
         CRC-32C and to its destination (a buffer in the file's dtype where the dtype differs) -> (each piece's
-        CRC-32C, those buffers or None)."""
+        CRC-32C, those buffers or None). O_DIRECT runs longer than PIPE_CHUNK go through the disk queue, several
+        chunks in flight (_read_queued)."""
         targets, staged = [], []
         for p, dest in zip(run, dests):
             buf = None
@@ -155,9 +167,9 @@ class SlowTier:
             staged.append(buf)
             targets.append(None if dest is None else _bytes_of(dest if buf is None else buf))
         crcs = [0] * len(run)
-        pos, end = run[0].offset, run[-1].offset + run[-1].nbytes
-        while pos < end:
-            data, upto = self._read_chunk(run, pos, end)  # the bytes [pos, upto) of the file
+
+        def consume(data: memoryview, pos: int, upto: int) -> None:
+            """The file's bytes [pos, upto) -> each piece's share into its CRC and its destination."""
             for i, p in enumerate(run):
                 lo, hi = max(pos, p.offset), min(upto, p.offset + p.nbytes)
                 if lo >= hi:
@@ -168,8 +180,60 @@ class SlowTier:
                 crcs[i] = crc32c.crc32c(part, crcs[i])
                 if targets[i] is not None:  # numpy copies without the GIL
                     np.copyto(targets[i][lo - p.offset:hi - p.offset], np.frombuffer(part, dtype=np.uint8))
+
+        pos, end = run[0].offset, run[-1].offset + run[-1].nbytes
+        if self._queued(run, end - pos):
+            try:
+                self._read_queued(run, pos, end, consume, urgent)
+                return crcs, staged
+            except OSError as e:  # the filesystem took O_DIRECT at open but not these reads
+                if e.errno != errno.EINVAL:
+                    raise
+                self._fall_back(run[0].path, e)
+                crcs = [0] * len(run)  # start over through the page cache
+        while pos < end:
+            data, upto = self._read_chunk(run, pos, end)  # the bytes [pos, upto) of the file
+            consume(data, pos, upto)
             pos = upto
         return crcs, staged
+
+    def _queued(self, run: list[Piece], nbytes: int) -> bool:
+        """Whether a run goes through the disk queue: O_DIRECT, longer than a chunk, room for the chunks."""
+        return (PIPE_DEPTH > 1 and nbytes > PIPE_CHUNK and STAGING_BYTES // PIPE_DEPTH >= 2 * BLOCK
+                and self._file(run[0].path)[1])
+
+    def _read_queued(self, run: list[Piece], pos: int, end: int, consume, urgent: bool) -> None:
+        """The file's bytes [pos, end) in block-aligned chunks through the disk queue, PIPE_DEPTH in flight, each
+        in its own part of this thread's staging buffer, handed to consume(bytes, start, stop) in file order."""
+        staging = self._staging()
+        chunk = min(PIPE_CHUNK, STAGING_BYTES // PIPE_DEPTH) // BLOCK * BLOCK
+        first = pos // BLOCK * BLOCK
+        starts = list(range(first, end, chunk))  # chunk k: file bytes [starts[k], starts[k] + chunk)
+        fd = self._file(run[0].path)[0]
+        jobs = []
+
+        def submit(k: int) -> None:
+            length = -(-(min(end, starts[k] + chunk) - starts[k]) // BLOCK) * BLOCK
+            part = staging[(k % PIPE_DEPTH) * chunk:(k % PIPE_DEPTH) * chunk + length]
+            jobs.append(self.queue.submit(fd, part, starts[k], urgent))
+
+        for k in range(min(PIPE_DEPTH, len(starts))):
+            submit(k)
+        try:
+            for k, at in enumerate(starts):
+                got = jobs[k].result()
+                lo, hi = max(pos, at), min(end, at + chunk)
+                if at + got < hi:
+                    self._truncated(run, at + got, end)
+                consume(staging[(k % PIPE_DEPTH) * chunk + lo - at:(k % PIPE_DEPTH) * chunk + hi - at], lo, hi)
+                if k + PIPE_DEPTH < len(starts):
+                    submit(k + PIPE_DEPTH)
+        finally:
+            for job in jobs:  # no read may still write into the staging buffer once we return
+                try:
+                    job.result()
+                except BaseException:  # noqa: BLE001 - the first error is already on its way up
+                    pass
 
     def _read_chunk(self, run: list[Piece], pos: int, end: int) -> tuple[memoryview, int]:
         """Read from `pos` towards `end`, at most one staging buffer's worth -> (the bytes, where they stop)."""
@@ -234,6 +298,7 @@ class SlowTier:
             self._files[path] = open_expert_file(path, direct=False)
 
     def close(self) -> None:
+        self.queue.close()
         with self._lock:
             for fd in [fd for fd, _ in self._files.values()] + self._retired:
                 os.close(fd)

@@ -230,7 +230,7 @@ class ExpertStore:
         only logs: the fetch that needs the expert reads it again)."""
         start = time.perf_counter()
         try:
-            moved = self.slow.read_expert(*key, self._rows(slot))
+            moved = self.slow.read_expert(*key, self._rows(slot), urgent=not prefetched)
         except BaseException as e:
             self._give_back(key, slot)
             if prefetched:

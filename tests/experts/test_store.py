@@ -228,6 +228,63 @@ def test_runs_larger_than_the_staging_buffer_are_read_in_chunks(baby_checkpoint,
     store.close()
 
 
+@pytest.fixture
+def queued(monkeypatch):
+    """Chunks small enough that a baby's expert (24 KiB in fp32) goes through the disk queue in several reads."""
+    from marserve.experts import slow_tier
+    monkeypatch.setattr(slow_tier, "PIPE_CHUNK", 2 * 4096)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_chunks_through_the_disk_queue_land_whole_and_checked(baby_checkpoint, queued, monkeypatch, dtype):
+    from marserve.experts import slow_tier
+    path = baby_checkpoint("mixtral", dtype=dtype, **SIZES)
+    model, _ = load_model(path, dtype="float32", expert_cache=0.25)
+    resident, _ = load_model(path, dtype="float32")
+    store, block = model.expert_store, model.moe_blocks()[1]
+    calls, threads = [], set()
+    real = os.preadv
+
+    def counting(fd, bufs, off):
+        calls.append(off)
+        threads.add(threading.current_thread().name)
+        return real(fd, bufs, off)
+    monkeypatch.setattr(slow_tier.os, "preadv", counting)
+    e, e2 = _absent(store, 1)[:2]
+    ids = torch.tensor([[e, e2]])
+    _assert_weights(block.experts.fetch(ids), ids, resident.moe_blocks()[1])
+    assert len(calls) >= 2 * (store.index.file_bytes(1, e) // (2 * 4096))  # several chunks per expert
+    assert threads and all(name.startswith("expert-disk") for name in threads)  # read by the queue's threads
+    e3 = _absent(store, 1)[0]
+    store.fault_hook = _flip_first(1, f".experts.{e3}.w2.")  # a damaged chunk is caught and read again
+    ids = torch.tensor([[e3]])
+    _assert_weights(block.experts.fetch(ids), ids, resident.moe_blocks()[1])
+    assert store.slow.rereads == 1
+    store.close()
+
+
+def test_a_queued_read_refused_o_direct_falls_back(offloaded, queued, monkeypatch):
+    from marserve.experts import slow_tier
+    model, resident = offloaded
+    store, block = model.expert_store, model.moe_blocks()[2]
+    real = os.preadv
+
+    def refuse(fd, bufs, off):
+        if fcntl_flags(fd) & os.O_DIRECT:
+            raise OSError(22, "Invalid argument")
+        return real(fd, bufs, off)
+    monkeypatch.setattr(slow_tier.os, "preadv", refuse)
+    e = _absent(store, 2)[0]
+    ids = torch.tensor([[e]])
+    _assert_weights(block.experts.fetch(ids), ids, resident.moe_blocks()[2])
+    (fd, direct), = store.slow._files.values()
+    assert not direct
+
+
+def test_a_file_truncated_under_the_queue_names_the_tensor(baby_checkpoint, queued, tmp_path):
+    test_a_truncated_file_names_the_file_and_the_tensor(baby_checkpoint, "direct", tmp_path)
+
+
 def test_a_truncated_file_names_the_file_and_the_tensor(baby_checkpoint, io_path, tmp_path):
     path = tmp_path / "model"
     shutil.copytree(baby_checkpoint("mixtral", **SIZES), path)  # the session's shared baby stays whole
