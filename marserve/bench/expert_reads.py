@@ -38,7 +38,8 @@ from marserve import hugepages, progress
 from marserve.errors import ConfigError
 from marserve.experts import slow_tier
 from marserve.experts.checkpoint_index import CheckpointIndex
-from marserve.experts.slow_tier import SlowTier, aligned_buffer, block_span, contiguous_runs, open_expert_file
+from marserve.experts.read_queue import ReadQueue
+from marserve.experts.slow_tier import BLOCK, SlowTier, aligned_buffer, block_span, contiguous_runs, open_expert_file
 
 RAW, DIRECT, CACHED = "raw preadv", "direct", "page cache"
 # Bytes of one run when --experts is not given (at least 48 experts): a run of a few MB (the shipped model's experts
@@ -99,23 +100,45 @@ class Slots:
 
 
 class RawReader:
-    """preadv of each expert's runs (the slow tier's own requests, block-aligned), O_DIRECT where the filesystem
-    allows it: no checksum, no copy into a slot. read_expert has the tier's signature, so the same runner drives it."""
+    """The slow tier's own requests for each expert's runs, O_DIRECT where the filesystem allows it, with no checksum
+    and no copy into a slot: one block-aligned preadv per run, or, for runs the tier reads through its disk queue,
+    the same chunks through a queue of the same depth. read_expert has the tier's signature, so the same runner
+    drives it."""
 
     def __init__(self, index: CheckpointIndex):
         self.index = index
         self._fds: dict = {}
         self._lock = threading.Lock()
         self._local = threading.local()
+        self.queue = ReadQueue(slow_tier.DISK_QUEUE_WORKERS)
 
-    def read_expert(self, layer: int, expert: int, rows_of=None, record: bool = False) -> int:
+    def read_expert(self, layer: int, expert: int, rows_of=None, record: bool = False, urgent: bool = True) -> int:
         moved = 0
         for run in contiguous_runs(self.index.pieces[layer][expert]):
             start, total = run[0].offset, sum(p.nbytes for p in run)
             first, length = block_span(start, start + total)
-            os.preadv(self._fd(run[0].path), [self._buffer(length)[:length]], first)
+            fd, direct = self._fd(run[0].path)
+            if direct and slow_tier.PIPE_DEPTH > 1 and total > slow_tier.PIPE_CHUNK:
+                self._queued(fd, first, length)
+            else:
+                os.preadv(fd, [self._buffer(length)[:length]], first)
             moved += total
         return moved
+
+    def _queued(self, fd: int, first: int, length: int) -> None:
+        """[first, first + length) in the tier's chunks, PIPE_DEPTH in flight at a time."""
+        chunk = min(slow_tier.PIPE_CHUNK, slow_tier.STAGING_BYTES // slow_tier.PIPE_DEPTH) // BLOCK * BLOCK
+        buf = self._buffer(chunk * slow_tier.PIPE_DEPTH)
+        starts = range(first, first + length, chunk)
+        jobs = []
+        for k, at in enumerate(starts):
+            if k >= slow_tier.PIPE_DEPTH:
+                jobs[k - slow_tier.PIPE_DEPTH].result()  # its part of the buffer is free again
+            part = (k % slow_tier.PIPE_DEPTH) * chunk
+            size = min(chunk, first + length - at)
+            jobs.append(self.queue.submit(fd, buf[part:part + size], at))
+        for job in jobs[-slow_tier.PIPE_DEPTH:]:
+            job.result()
 
     def _buffer(self, nbytes: int) -> memoryview:
         """This thread's block-aligned buffer, as large as the largest run so far (one request per run)."""
@@ -124,16 +147,17 @@ class RawReader:
             buf = self._local.buf = aligned_buffer(nbytes)
         return buf
 
-    def _fd(self, path) -> int:
+    def _fd(self, path) -> tuple[int, bool]:
         """The file opened as the tier opens it (O_DIRECT where the filesystem takes it; else a cold cached read:
-        the drop ran before)."""
+        the drop ran before) -> (fd, whether O_DIRECT)."""
         with self._lock:
             if path not in self._fds:
-                self._fds[path] = open_expert_file(path)[0]
+                self._fds[path] = open_expert_file(path)
             return self._fds[path]
 
     def close(self) -> None:
-        for fd in self._fds.values():
+        self.queue.close()
+        for fd, _ in self._fds.values():
             os.close(fd)
 
 

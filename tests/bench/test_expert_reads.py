@@ -5,11 +5,18 @@ machine; no timings checked."""
 import json
 import logging
 
+import pytest
+
 from marserve.bench.expert_reads import expert_index, expert_sequence
 from marserve.cli import main
 
 
-def test_reads_table_has_both_paths_at_every_reader_count(baby_checkpoint, tmp_path, capsys, caplog):
+@pytest.mark.parametrize("chunks", ["whole runs", "queued chunks"])
+def test_reads_table_has_both_paths_at_every_reader_count(baby_checkpoint, tmp_path, capsys, caplog, monkeypatch,
+                                                          chunks):
+    if chunks == "queued chunks":  # the baby's experts (24 KiB) through the disk queue, as large ones go
+        from marserve.experts import slow_tier
+        monkeypatch.setattr(slow_tier, "PIPE_CHUNK", 2 * 4096)
     model = baby_checkpoint("mixtral", num_layers=2, num_experts=4)
     report_path = tmp_path / "reads.json"
     argv = ["bench", "reads", "--model", str(model), "--experts", "6", "--threads", "1,2", "--repeats", "1",
