@@ -90,17 +90,23 @@ def _child(spec: dict) -> dict:
     blocks = llm.model.moe_blocks()
     before = [_counters(b.experts.stats) for b in blocks]  # the warm-up's counters are left out
     digest, generated, t0 = hashlib.sha256(), 0, time.perf_counter()
+    decode_tokens, decode_s = 0, 0.0  # after each request's first token: what llama-bench's tg measures
     for ids in prompts:  # batch 1: one request at a time
         out = llm.generate({"prompt_token_ids": ids}, params, use_tqdm=False)[0]
         toks = out.outputs[0].token_ids
         digest.update(json.dumps(toks).encode())
         generated += len(toks)
+        m = out.metrics
+        if m is not None and m.first_token_time is not None and m.last_token_time is not None and len(toks) > 1:
+            decode_tokens += len(toks) - 1
+            decode_s += m.last_token_time - m.first_token_time
     elapsed = time.perf_counter() - t0
     totals = {k: sum(_counters(b.experts.stats)[k] - prev[k] for b, prev in zip(blocks, before))
               for k in before[0]}
     one, total = expert_bytes_of(llm.config, next(blocks[0].parameters(), torch.empty(0)).dtype
                                  if spec["dtype"] == "auto" else getattr(torch, spec["dtype"]))
     return {**spec, **totals, "generated_tokens": generated, "seconds": elapsed, "tokens_per_s": generated / elapsed,
+            "decode_tokens_per_s": decode_tokens / decode_s if decode_s > 0 else 0.0,
             "load_s": load_s, "peak_rss_bytes": peak_rss_bytes(),
             "expert_bytes": one, "num_experts_total": total, "output_digest": digest.hexdigest()[:16],
             "offloading": type(blocks[0].experts).__name__,

@@ -69,6 +69,7 @@ def test_live_runs_every_configuration_in_its_own_process(baby_checkpoint, tmp_p
         assert "error" not in r, r
         assert r["hits"] + r["misses"] == r["lookups"] > 0
         assert r["generated_tokens"] == 8 and r["peak_rss_bytes"] > 0
+        assert r["decode_tokens_per_s"] > 0 and r["tokens_per_s"] > 0
         assert r["bytes_read"] % r["expert_bytes"] == 0
         assert "posix_fadvise" in r["page_cache"]
     full = rows[0]
