@@ -10,7 +10,10 @@ transfer too, and a schedule that fetches early can be turned into a demand one 
 - `time_floor_s()`: no configuration can take less than max(all compute, MIN's transfers x one transfer), the
   time if every one of MIN's transfers were hidden behind compute or behind another transfer on the one link.
   This is the bound printed as "offline optimal (Belady), a bound"; if it is not 25% below on-demand lru, no
-  policy or prefetcher can reach issue 20's target on that trace at that budget.
+  policy or prefetcher can reach issue 20's target on that trace at that budget;
+- `demand_reads()` with `FetchBelady`: the same count for a live run (`bench experts`), on the store's own
+  fetches (one per pass and layer, a prefill's tokens together) from the routing the run recorded, beside the
+  run's policy replayed the same way (which must read what the run read).
 
 Legend: T=tokens, L=MoE layers, K=experts per token.
 """
@@ -63,3 +66,80 @@ def time_floor_s(compute_s: float, transfers: int, transfer_s: float) -> float:
     """No configuration of the replay takes less: all compute runs in order, and the one link carries at least
     MIN's transfers one after another."""
     return max(compute_s, transfers * transfer_s)
+
+
+# ---- the live runs' own count: the store's fetches replayed on demand (bench experts' live table) ----------------
+
+Fetch = tuple[int, dict[int, int]]  # (layer index, expert -> routing decisions), one per MoE layer per forward pass
+
+
+def store_fetches(ids: np.ndarray, step: np.ndarray, layer_ids: list[int]) -> list[Fetch]:
+    """A recorded trace (ids [T, L, K], step [T]) as the store sees it: one fetch per forward pass and MoE layer,
+    naming the experts of all the pass's tokens (a prefill is one pass), first use first."""
+    fetches = []
+    for s in np.unique(step):
+        rows = ids[step == s]  # [t, L, K]
+        for i, layer in enumerate(layer_ids):
+            counts: dict[int, int] = {}
+            for e in rows[:, i].reshape(-1).tolist():
+                counts[e] = counts.get(e, 0) + 1
+            fetches.append((layer, counts))
+    return fetches
+
+
+class FetchBelady(EvictionPolicy):
+    """MIN over a list of store fetches: one tick per fetch (advance() runs before the fetch's accesses), the victim
+    is the key whose next fetch lies farthest ahead."""
+
+    name = "belady"
+
+    def __init__(self, fetches: list[Fetch]):
+        super().__init__()
+        self.uses_at: dict[Key, list[int]] = {}
+        for t, (layer, counts) in enumerate(fetches, start=1):
+            for e in counts:
+                self.uses_at.setdefault((layer, e), []).append(t)
+
+    def victim(self, candidates: list[Key]) -> Key:
+        def next_use(k: Key) -> float:
+            at = self.uses_at.get(k, [])
+            i = bisect_right(at, self.tick)
+            return at[i] if i < len(at) else float("inf")
+        return max(candidates, key=lambda k: (next_use(k), -k[0], -k[1]))
+
+
+def demand_reads(fetches: list[Fetch], policy: EvictionPolicy, num_slots: int, keys: list[Key],
+                 counted_from: int = 0) -> int:
+    """Experts read by the store's on-demand path (ExpertStore.start and fetch, no prefetch) with `policy` and
+    `num_slots` slots over `fetches` -> reads from fetch `counted_from` on. keys: every expert in the store's
+    order (the initial resident set is the policy's preferred prefix, as at start); the policy carries the usage
+    prior already."""
+    initial = set(policy.by_preference(keys)[:num_slots])
+    slot_key: list[Key | None] = [None] * num_slots  # candidates go to the policy in slot order, as the store's do
+    slot_of: dict[Key, int] = {}
+    free = list(range(num_slots - 1, -1, -1))
+    for key in keys:
+        if key in initial:
+            slot = free.pop()
+            slot_key[slot], slot_of[key] = key, slot
+            policy.on_insert(key)
+    reads = 0
+    for t, (layer, counts) in enumerate(fetches):
+        policy.advance(layer)
+        pinned: set[int] = set()
+        for e, n in counts.items():
+            key = (layer, e)
+            slot = slot_of.get(key)
+            if slot is None:
+                if free:
+                    slot = free.pop()
+                else:
+                    victim = policy.victim([k for s, k in enumerate(slot_key) if k is not None and s not in pinned])
+                    slot = slot_of.pop(victim)
+                    policy.on_evict(victim)
+                slot_key[slot], slot_of[key] = key, slot
+                policy.on_insert(key)
+                reads += t >= counted_from
+            pinned.add(slot)
+            policy.on_access(key, n)
+    return reads

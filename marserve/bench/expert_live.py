@@ -86,7 +86,12 @@ def _child(spec: dict) -> dict:
     load_s = time.perf_counter() - t0
     params = SamplingParams(max_tokens=spec["tokens"], temperature=0.0, ignore_eos=True)
     prompts = [llm.tokenizer(p, add_special_tokens=False)["input_ids"] for p in spec["prompts"]]
+    recorder = None
+    if llm.model.__dict__.get("expert_store") is not None and not spec["prefetch"]:  # on demand: count MIN too
+        from marserve.experts.traces import TraceRecorder
+        recorder = TraceRecorder(llm.model).install()
     llm.generate({"prompt_token_ids": prompts[0][:4]}, SamplingParams(max_tokens=2, temperature=0.0), use_tqdm=False)
+    warm_passes = recorder.num_passes if recorder is not None else 0
     blocks = llm.model.moe_blocks()
     before = [_counters(b.experts.stats) for b in blocks]  # the warm-up's counters are left out
     digest, generated, t0 = hashlib.sha256(), 0, time.perf_counter()
@@ -103,15 +108,38 @@ def _child(spec: dict) -> dict:
     elapsed = time.perf_counter() - t0
     totals = {k: sum(_counters(b.experts.stats)[k] - prev[k] for b, prev in zip(blocks, before))
               for k in before[0]}
+    offline = _offline_reads(llm.model, recorder, warm_passes, spec["policy"]) if recorder is not None else {}
     one, total = expert_bytes_of(llm.config, next(blocks[0].parameters(), torch.empty(0)).dtype
                                  if spec["dtype"] == "auto" else getattr(torch, spec["dtype"]))
     return {**spec, **totals, "generated_tokens": generated, "seconds": elapsed, "tokens_per_s": generated / elapsed,
             "decode_tokens_per_s": decode_tokens / decode_s if decode_s > 0 else 0.0,
-            "load_s": load_s, "peak_rss_bytes": peak_rss_bytes(),
+            "load_s": load_s, "peak_rss_bytes": peak_rss_bytes(), **offline,
             "expert_bytes": one, "num_experts_total": total, "output_digest": digest.hexdigest()[:16],
             "offloading": type(blocks[0].experts).__name__,
             "prefetcher": type(llm.engine.prefetcher).__name__ if llm.engine.prefetcher is not None else None,
             "predictor": llm.engine.prefetcher.predictor.name if llm.engine.prefetcher is not None else None}
+
+
+def _offline_reads(model, recorder, warm_passes: int, policy_name: str) -> dict:
+    """The run's routing (warm-up included) replayed through the store's on-demand path: with the run's policy
+    (`replayed_reads`, a check: the run read as many) and with Belady's MIN (`min_reads`, the fewest any eviction
+    can read on this pool, these requests and this initial set), reads after the warm-up."""
+    from marserve.bench.expert_bound import FetchBelady, demand_reads, store_fetches
+    from marserve.experts.policies import make_policy
+    recorder.uninstall()
+    trace = recorder.trace()
+    store = model.expert_store
+    fetches = store_fetches(trace.topk_ids, trace.step, trace.layer_ids)
+    keys = [(layer, e) for layer, per in store.index.pieces.items() for e in range(len(per))]
+    counted_from = warm_passes * len(trace.layer_ids)
+    layer0 = trace.layer_ids[0]
+    out = {"expert_file_bytes": store.index.file_bytes(layer0, 0)}  # one expert's bytes as read (the file's dtype)
+    for field, policy in (("replayed_reads", make_policy(policy_name, len(trace.layer_ids))),
+                          ("min_reads", FetchBelady(fetches))):
+        for layer, usage in store.policy.prior.items():  # the run's usage prior, as the store set it
+            policy.set_scores(layer, usage)
+        out[field] = demand_reads(fetches, policy, store.num_slots, keys, counted_from)
+    return out
 
 
 def peak_rss_bytes() -> int:

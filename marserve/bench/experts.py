@@ -134,6 +134,23 @@ def print_live(rows: list[dict]) -> None:
               f"{r['output_digest']:<16}")
 
 
+def print_offline_reads(rows: list[dict]) -> None:
+    """The on-demand runs' reads beside what their own routing, replayed through the store's path offline, reads
+    with the same policy (a check) and with Belady's MIN (the fewest any eviction reads on that pool)."""
+    counted = [r for r in rows if "min_reads" in r and "error" not in r]
+    if not counted:
+        return
+    print("on-demand reads after the warm-up, the run's own routing replayed offline through the store's fetches "
+          "(same pool, same initial set):")
+    head = f"{'model':<22} {'budget':>6} {'policy':<6} {'read live':>9} {'replayed':>8} {'MIN (Belady)':>12} {'MIN x live':>10}"
+    print(head)
+    print("-" * len(head))
+    for r in counted:
+        live = round(r["bytes_read"] / r["expert_file_bytes"]) if r.get("expert_file_bytes") else 0
+        print(f"{r['label']:<22} {r['budget']:6.3g} {r['policy']:<6} {live:9d} {r['replayed_reads']:8d} "
+              f"{r['min_reads']:12d} {r['min_reads'] / live if live else 0:10.2f}")
+
+
 def live_targets(rows: list[dict]) -> list[str]:
     """Issue 20's live targets, checked on whatever was run (a line saying what is missing otherwise)."""
     ok = [r for r in rows if "error" not in r]
@@ -240,6 +257,7 @@ def run(args) -> int:
         report["limits"] = limits.__dict__
         rows = run_live(args, _live_models(args))
         print_live(rows)
+        print_offline_reads(rows)
         print("(tok/s = generated tokens / wall time of the requests, one after another, prompts included; "
               "decode = tokens after the first / time from the first token to the last, as llama-bench's tg; "
               "* = below the store's minimum, run at the minimum; prefetch 'none' = no prefetcher in this build; "

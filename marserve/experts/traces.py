@@ -132,6 +132,11 @@ class TraceRecorder:
                 block.routing_observer = self._previous.get(block.layer_idx)
         self._installed.clear()
 
+    @property
+    def num_passes(self) -> int:
+        """Forward passes recorded so far."""
+        return len(self._steps)
+
     def __enter__(self) -> "TraceRecorder":
         return self.install()
 

@@ -72,6 +72,9 @@ def test_live_runs_every_configuration_in_its_own_process(baby_checkpoint, tmp_p
         assert r["decode_tokens_per_s"] > 0 and r["tokens_per_s"] > 0
         assert r["bytes_read"] % r["expert_bytes"] == 0
         assert "posix_fadvise" in r["page_cache"]
+    for r in rows[1:2]:  # on demand: its routing replayed offline reads what it read; MIN no more
+        assert r["replayed_reads"] == r["bytes_read"] // r["expert_file_bytes"] >= r["min_reads"] >= 0
+    assert "on-demand reads after the warm-up" in out and "MIN (Belady)" in out
     full = rows[0]
     assert full["misses"] == 0 and full["bytes_read"] == 0 and full["offloading"] == "ResidentExperts"
     assert all(r["offloading"] == "OffloadedExperts" for r in rows[1:])

@@ -68,3 +68,24 @@ def test_time_floor_is_the_larger_of_compute_and_link():
 def test_belady_takes_no_prefetch():
     with pytest.raises(ConfigError, match="prefetch"):
         ReplayConfig(0.5, "belady", prefetch=True)
+
+
+def test_store_fetches_group_a_pass_and_min_on_them_is_optimal():
+    from marserve.bench.expert_bound import FetchBelady, demand_reads, store_fetches
+    from marserve.experts.policies import make_policy
+    # a prefill of 2 tokens is one pass: one fetch per layer naming both tokens' experts, first use first
+    ids = np.array([[[1, 0]], [[2, 1]], [[0, 2]]], dtype=np.int16)  # [T=3, L=1, K=2]
+    assert store_fetches(ids, np.array([0, 0, 1]), [5]) == [(5, {1: 2, 0: 1, 2: 1}), (5, {0: 1, 2: 1})]
+    # top-1 fetches, 2 layers x 3 experts, 3 slots: MIN counted on fetches equals the exhaustive search, and no
+    # policy reads fewer
+    rng = np.random.default_rng(1)
+    keys = [(l, e) for l in range(2) for e in range(3)]
+    for _ in range(12):
+        ids = rng.integers(0, 3, size=(7, 2, 1)).astype(np.int16)
+        fetches = store_fetches(ids, np.arange(7), [0, 1])
+        best = demand_reads(fetches, FetchBelady(fetches), 3, keys)
+        start = frozenset(FetchBelady(fetches).by_preference(keys)[:3])
+        assert best == _fewest_misses([(l, next(iter(c))) for l, c in fetches], start, 3)
+        for name in ("lru", "lfu", "mar"):
+            assert best <= demand_reads(fetches, make_policy(name, 2), 3, keys)
+        assert demand_reads(fetches, FetchBelady(fetches), 3, keys, counted_from=len(fetches)) == 0
