@@ -84,6 +84,8 @@ def _child(spec: dict) -> dict:
     llm = LLM(spec["model"], dtype=spec["dtype"], expert_cache=spec["expert_cache"], expert_policy=spec["policy"],
               prefetch=spec["prefetch"], kv_cache_gb=0.25, enable_prefix_caching=False)
     load_s = time.perf_counter() - t0
+    if llm.engine.prefetcher is not None and (spec.get("prefetch_lookahead") or spec.get("prefetch_min_prob")):
+        _replace_prefetcher(llm, spec.get("prefetch_lookahead"), spec.get("prefetch_min_prob"))
     params = SamplingParams(max_tokens=spec["tokens"], temperature=0.0, ignore_eos=True)
     prompts = [llm.tokenizer(p, add_special_tokens=False)["input_ids"] for p in spec["prompts"]]
     recorder = None
@@ -117,7 +119,27 @@ def _child(spec: dict) -> dict:
             "expert_bytes": one, "num_experts_total": total, "output_digest": digest.hexdigest()[:16],
             "offloading": type(blocks[0].experts).__name__,
             "prefetcher": type(llm.engine.prefetcher).__name__ if llm.engine.prefetcher is not None else None,
-            "predictor": llm.engine.prefetcher.predictor.name if llm.engine.prefetcher is not None else None}
+            "predictor": llm.engine.prefetcher.predictor.name if llm.engine.prefetcher is not None else None,
+            **_prefetcher_settings(llm.engine.prefetcher)}
+
+
+def _prefetcher_settings(pf) -> dict:
+    if pf is None:
+        return {}
+    return {"prefetcher_lookahead": pf.predictor.lookahead, "prefetcher_min_prob": pf.min_prob,
+            "prefetcher_adaptive": pf.adaptive}
+
+
+def _replace_prefetcher(llm, lookahead: int | None, min_prob: float | None) -> None:
+    """The engine's prefetcher swapped for one with these knobs (None: the default); a given min_prob is a fixed
+    threshold at every distance, not the adaptive one."""
+    from marserve.experts.preferences import load_preferences
+    from marserve.experts.prefetcher import Prefetcher
+    llm.engine.prefetcher.uninstall()
+    kw = {"lookahead": lookahead} if lookahead else {}
+    if min_prob is not None:
+        kw.update(min_prob=min_prob, adaptive=False)
+    llm.engine.prefetcher = Prefetcher(llm.model, load_preferences(llm.engine.config.model, llm.model), **kw).install()
 
 
 def _offline_reads(model, recorder, warm_passes: int, policy_name: str) -> dict:

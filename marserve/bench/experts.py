@@ -103,7 +103,9 @@ def run_live(args, models: dict[str, Path]) -> list[dict]:
             # a budget below the store's minimum runs at the minimum (the row says so)
             spec = {"model": str(models[label]), "label": label, "budget": budget,
                     "expert_cache": max(budget, minimum[label]), "policy": policy, "prefetch": prefetch,
-                    "tokens": args.tokens, "threads": args.threads, "dtype": args.dtype, "prompts": prompts}
+                    "tokens": args.tokens, "threads": args.threads, "dtype": args.dtype, "prompts": prompts,
+                    "prefetch_lookahead": args.live_prefetch_lookahead,
+                    "prefetch_min_prob": args.live_prefetch_min_prob}
             rows.append(run_config(spec, global_drop=args.drop_caches == "global"))
             shown.update()
     return rows

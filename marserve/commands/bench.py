@@ -111,6 +111,10 @@ def _experts_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tiers", default="host,disk", help="replay: where missing experts come from (PCIe / NVMe)")
     p.add_argument("--prefetch-min-prob", type=float, default=None,
                    help="replay: the Prefetcher's probability threshold (default: the Prefetcher's own)")
+    p.add_argument("--live-prefetch-lookahead", type=int, default=None,
+                   help="live: MoE layers ahead the prefetcher predicts (default: the engine's, 1)")
+    p.add_argument("--live-prefetch-min-prob", type=float, default=None,
+                   help="live: a fixed probability threshold at every distance instead of the adaptive one")
     p.add_argument("--work-dir", default="/tmp/marserve-bench-experts", help="cache of recorded traces")
     p.add_argument("--skip-live", action="store_true")
     p.add_argument("--skip-replay", action="store_true")

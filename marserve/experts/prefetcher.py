@@ -50,12 +50,15 @@ def top_predictions(scores: torch.Tensor, n: int, min_prob: float, learned: bool
 
 class Prefetcher:
     def __init__(self, model, preferences: ExpertPreferences | None, lookahead: int = 1, per_layer: int | None = None,
-                 min_prob: float = 0.5, predictor: str = "auto", max_per_layer: int | None = None):
+                 min_prob: float = 0.5, predictor: str = "auto", max_per_layer: int | None = None,
+                 adaptive: bool = True):
         """lookahead: how many MoE layers ahead to prefetch (a slow read needs more than one layer's compute to
         hide); per_layer: experts predicted per token and layer (default: the model's top-k); min_prob: keep only
         predictions the predictor gives at least this probability (sigmoid of a learned score, softmax of router
         logits); predictor: "auto", "learned" or "router"; max_per_layer: at most this many experts per layer and
-        call, the ones most tokens want (a batch's union can outgrow a small expert cache and evict itself). The defaults (1 layer ahead, top-k, p >= 0.5) are the
+        call, the ones most tokens want (a batch's union can outgrow a small expert cache and evict itself);
+        adaptive: raise the threshold where reads are slow against the compute they can hide behind
+        (min_prob_for); False: min_prob at every distance (`bench experts --live-prefetch-min-prob`). The defaults (1 layer ahead, top-k, p >= 0.5) are the
         setting with the best recall at a precision >= 0.9 on the default model (docs/offload.md, "Prediction")."""
         if lookahead < 1:
             raise ValueError(f"lookahead must be at least 1, got {lookahead}")
@@ -70,6 +73,7 @@ class Prefetcher:
         num_experts = self.blocks[0].experts.num_experts
         self.per_layer = min(num_experts, per_layer or self.blocks[0].top_k)
         self.min_prob = min_prob
+        self.adaptive = adaptive
         self.max_per_layer = max_per_layer
         self.num_experts = num_experts
         self._position = {b.layer_idx: i for i, b in enumerate(self.blocks)}
@@ -158,6 +162,8 @@ class Prefetcher:
         p x lead > (1 - p) x cost: p > cost / (cost + lead). Reads as fast as a layer's compute (the default
         model) leave min_prob; a disk busy with 9.4 MB reads against ~2 ms layers asks for ~0.75-0.8 one layer
         ahead (docs/offload.md, "Slow reads ask for surer guesses")."""
+        if not self.adaptive:
+            return self.min_prob
         read = self.blocks[target].experts.wrong_guess_seconds()
         lead = (target - source) * self.layer_seconds
         if read <= 0.0 or lead <= 0.0:

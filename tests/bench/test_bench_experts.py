@@ -57,7 +57,8 @@ def test_live_runs_every_configuration_in_its_own_process(baby_checkpoint, tmp_p
     model = baby_checkpoint("qwen3_moe", mar=True, num_layers=2, num_experts=4, top_k=2)
     report_path = tmp_path / "report.json"
     argv = ["bench", "experts", "--quick", "--skip-replay", "--models", str(model), "--budgets", "1,0.5,0.25",
-            "--policies", "mar", "--drop-caches", "files", "--json", str(report_path)]
+            "--policies", "mar", "--drop-caches", "files", "--json", str(report_path),
+            "--live-prefetch-lookahead", "1", "--live-prefetch-min-prob", "0.9"]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "budget 0.25 is below the minimum 0.5" in out
@@ -79,6 +80,8 @@ def test_live_runs_every_configuration_in_its_own_process(baby_checkpoint, tmp_p
     assert full["misses"] == 0 and full["bytes_read"] == 0 and full["offloading"] == "ResidentExperts"
     assert all(r["offloading"] == "OffloadedExperts" for r in rows[1:])
     assert len({r["output_digest"] for r in rows}) == 1  # greedy outputs do not depend on the budget
+    assert (rows[-1]["prefetcher_min_prob"], rows[-1]["prefetcher_adaptive"], rows[-1]["prefetcher_lookahead"]) == (
+        0.9, False, 1)  # the knobs reached the engine's prefetcher
     assert "greedy outputs identical across 3 runs: yes" in out
 
 

@@ -154,6 +154,9 @@ def test_slow_reads_raise_the_probability_a_guess_needs(baby_checkpoint):
     assert abs(pf.min_prob_for(-1, 0) - 0.8) < 1e-9  # from the embeddings, layer 0 is one ahead
     pf.layer_seconds = 0.020  # reads shorter than the compute: the floor rules
     assert pf.min_prob_for(0, 1) == 0.5
+    fixed = Prefetcher(model, None, lookahead=2, min_prob=0.9, adaptive=False)
+    fixed.layer_seconds = 0.002
+    assert fixed.min_prob_for(0, 1) == fixed.min_prob_for(0, 2) == 0.9  # the same threshold at every distance
     # and the guesses kept follow: a router guess below 0.8 one layer ahead is dropped when reads are slow
     x = torch.randn(1, 32)
     probs = blocks[1].router_logits(x).float().softmax(-1)[0]
