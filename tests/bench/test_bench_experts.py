@@ -128,3 +128,20 @@ def test_bench_stall_target_shows_the_on_demand_runs_reads_and_stall_beside_it()
     # 2700 MB at the on-demand read rate (450 MB/s) is 6 s: 2.9 s meets "<= half", yet it stalled more than lru
     assert "= 0.48 x its disk-read time 6.00 s (target <= 0.5): met" in line
     assert "(it read 2700 MB; on-demand lru read 900 MB and stalled 2.00 s)" in line
+
+
+def test_large_model_targets_apply_to_a_model_directory_and_show_the_offline_minimum():
+    from marserve.bench.experts import live_targets
+    base = {"label": "/models/trained-bench", "output_digest": "d", "expert_bytes": 10, "num_experts_total": 128,
+            "peak_rss_bytes": 1, "prefetches": 0, "prefetch_hits": 0, "misses": 0, "budget": 0.25}
+    lru = {**base, "policy": "lru", "prefetch": False, "tokens_per_s": 10.0, "bytes_read": 900e6, "stall_s": 2.0,
+           "replayed_reads": 90, "min_reads": 40}
+    mar = {**base, "policy": "mar", "prefetch": False, "tokens_per_s": 14.0, "bytes_read": 500e6, "stall_s": 1.0,
+           "replayed_reads": 50, "min_reads": 40}
+    on = {**base, "policy": "mar", "prefetch": True, "tokens_per_s": 16.0, "bytes_read": 600e6, "stall_s": 0.9,
+          "prefetches": 30, "prefetch_hits": 27}
+    lines = live_targets([lru, mar, on])
+    (speed,) = [ln for ln in lines if "tok/s" in ln]
+    assert speed.startswith("/models/trained-bench 25%: mar+prefetch 16.0 tok/s = 1.60 x lru on-demand")
+    assert "/models/trained-bench 25%: experts read on demand after the warm-up: lru 90, mar 50; Belady's MIN on " \
+           "the same routing and pool 40 (the fewest any eviction reads)" in lines
