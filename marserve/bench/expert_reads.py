@@ -39,7 +39,8 @@ from marserve.errors import ConfigError
 from marserve.experts import slow_tier
 from marserve.experts.checkpoint_index import CheckpointIndex
 from marserve.experts.read_queue import ReadQueue
-from marserve.experts.slow_tier import BLOCK, SlowTier, aligned_buffer, block_span, contiguous_runs, open_expert_file
+from marserve.experts.slow_tier import (SlowTier, aligned_buffer, block_span, contiguous_runs, open_expert_file,
+                                        read_in_chunks)
 
 RAW, DIRECT, CACHED = "raw preadv", "direct", "page cache"
 # Bytes of one run when --experts is not given (at least 48 experts): a run of a few MB (the shipped model's experts
@@ -118,27 +119,13 @@ class RawReader:
             start, total = run[0].offset, sum(p.nbytes for p in run)
             first, length = block_span(start, start + total)
             fd, direct = self._fd(run[0].path)
-            if direct and slow_tier.PIPE_DEPTH > 1 and total > slow_tier.PIPE_CHUNK:
-                self._queued(fd, first, length)
+            if slow_tier.goes_through_queue(total, direct):
+                buf = self._buffer(slow_tier.chunk_bytes() * slow_tier.PIPE_DEPTH)
+                read_in_chunks(self.queue, fd, buf, start, start + total, True, lambda data, lo, hi: None)
             else:
                 os.preadv(fd, [self._buffer(length)[:length]], first)
             moved += total
         return moved
-
-    def _queued(self, fd: int, first: int, length: int) -> None:
-        """[first, first + length) in the tier's chunks, PIPE_DEPTH in flight at a time."""
-        chunk = min(slow_tier.PIPE_CHUNK, slow_tier.STAGING_BYTES // slow_tier.PIPE_DEPTH) // BLOCK * BLOCK
-        buf = self._buffer(chunk * slow_tier.PIPE_DEPTH)
-        starts = range(first, first + length, chunk)
-        jobs = []
-        for k, at in enumerate(starts):
-            if k >= slow_tier.PIPE_DEPTH:
-                jobs[k - slow_tier.PIPE_DEPTH].result()  # its part of the buffer is free again
-            part = (k % slow_tier.PIPE_DEPTH) * chunk
-            size = min(chunk, first + length - at)
-            jobs.append(self.queue.submit(fd, buf[part:part + size], at))
-        for job in jobs[-slow_tier.PIPE_DEPTH:]:
-            job.result()
 
     def _buffer(self, nbytes: int) -> memoryview:
         """This thread's block-aligned buffer, as large as the largest run so far (one request per run)."""

@@ -102,6 +102,52 @@ def open_expert_file(path, direct: bool = True) -> tuple[int, bool]:
     return fd, False
 
 
+def chunk_bytes() -> int:
+    """The disk queue's chunk: PIPE_CHUNK, small enough that PIPE_DEPTH of them fit one staging buffer, in whole
+    blocks."""
+    return min(PIPE_CHUNK, STAGING_BYTES // PIPE_DEPTH) // BLOCK * BLOCK
+
+
+def goes_through_queue(nbytes: int, direct: bool) -> bool:
+    """Whether a run of nbytes goes through the disk queue: O_DIRECT, longer than a chunk, room for the chunks."""
+    return direct and PIPE_DEPTH > 1 and nbytes > PIPE_CHUNK and chunk_bytes() >= 2 * BLOCK
+
+
+def read_in_chunks(queue: ReadQueue, fd: int, staging: memoryview, pos: int, end: int, urgent: bool,
+                   consume: Callable[[memoryview, int, int], None]) -> None:
+    """File bytes [pos, end) of an O_DIRECT fd in block-aligned chunks (chunk_bytes()) through the disk queue,
+    PIPE_DEPTH in flight, each in its own part of `staging` (room for PIPE_DEPTH chunks), handed to
+    consume(bytes, start, stop) in file order while the next ones are read. EOFError(where the file ends) when it
+    ends before `end`. Returns or raises only once no read still writes into `staging`."""
+    chunk = chunk_bytes()
+    starts = range(pos // BLOCK * BLOCK, end, chunk)  # chunk k: file bytes [starts[k], starts[k] + chunk)
+    jobs = []
+
+    def submit(k: int) -> None:
+        at, length = block_span(starts[k], min(end, starts[k] + chunk))
+        part = (k % PIPE_DEPTH) * chunk
+        jobs.append(queue.submit(fd, staging[part:part + length], at, urgent))
+
+    for k in range(min(PIPE_DEPTH, len(starts))):
+        submit(k)
+    try:
+        for k, at in enumerate(starts):
+            got = jobs[k].result()
+            lo, hi = max(pos, at), min(end, at + chunk)
+            if at + got < hi:
+                raise EOFError(at + got)
+            part = (k % PIPE_DEPTH) * chunk
+            consume(staging[part + lo - at:part + hi - at], lo, hi)
+            if k + PIPE_DEPTH < len(starts):
+                submit(k + PIPE_DEPTH)
+    finally:
+        for job in jobs:  # no read may still write into the staging buffer once we return
+            try:
+                job.result()
+            except BaseException:  # noqa: BLE001 - the first error is already on its way up
+                pass
+
+
 def _bytes_of(t: torch.Tensor) -> np.ndarray:
     """The bytes of a contiguous tensor as a flat uint8 array (same memory)."""
     return t.view(torch.uint8).numpy().reshape(-1)
@@ -158,7 +204,7 @@ class SlowTier:
         """Read a run chunk by chunk through this thread's staging buffer; each piece's bytes go into its running
         CRC-32C and to its destination (a buffer in the file's dtype where the dtype differs) -> (each piece's
         CRC-32C, those buffers or None). O_DIRECT runs longer than PIPE_CHUNK go through the disk queue, several
-        chunks in flight (_read_queued)."""
+        chunks in flight (read_in_chunks)."""
         targets, staged = [], []
         for p, dest in zip(run, dests):
             buf = None
@@ -182,58 +228,22 @@ class SlowTier:
                     np.copyto(targets[i][lo - p.offset:hi - p.offset], np.frombuffer(part, dtype=np.uint8))
 
         pos, end = run[0].offset, run[-1].offset + run[-1].nbytes
-        if self._queued(run, end - pos):
+        if goes_through_queue(end - pos, self._file(run[0].path)[1]):
             try:
-                self._read_queued(run, pos, end, consume, urgent)
+                read_in_chunks(self.queue, self._file(run[0].path)[0], self._staging(), pos, end, urgent, consume)
                 return crcs, staged
+            except EOFError as e:
+                self._truncated(run, e.args[0], end)
             except OSError as e:  # the filesystem took O_DIRECT at open but not these reads
                 if e.errno != errno.EINVAL:
                     raise
                 self._fall_back(run[0].path, e)
-                crcs = [0] * len(run)  # start over through the page cache
+                crcs[:] = [0] * len(run)  # start over through the page cache
         while pos < end:
             data, upto = self._read_chunk(run, pos, end)  # the bytes [pos, upto) of the file
             consume(data, pos, upto)
             pos = upto
         return crcs, staged
-
-    def _queued(self, run: list[Piece], nbytes: int) -> bool:
-        """Whether a run goes through the disk queue: O_DIRECT, longer than a chunk, room for the chunks."""
-        return (PIPE_DEPTH > 1 and nbytes > PIPE_CHUNK and STAGING_BYTES // PIPE_DEPTH >= 2 * BLOCK
-                and self._file(run[0].path)[1])
-
-    def _read_queued(self, run: list[Piece], pos: int, end: int, consume, urgent: bool) -> None:
-        """The file's bytes [pos, end) in block-aligned chunks through the disk queue, PIPE_DEPTH in flight, each
-        in its own part of this thread's staging buffer, handed to consume(bytes, start, stop) in file order."""
-        staging = self._staging()
-        chunk = min(PIPE_CHUNK, STAGING_BYTES // PIPE_DEPTH) // BLOCK * BLOCK
-        first = pos // BLOCK * BLOCK
-        starts = list(range(first, end, chunk))  # chunk k: file bytes [starts[k], starts[k] + chunk)
-        fd = self._file(run[0].path)[0]
-        jobs = []
-
-        def submit(k: int) -> None:
-            length = -(-(min(end, starts[k] + chunk) - starts[k]) // BLOCK) * BLOCK
-            part = staging[(k % PIPE_DEPTH) * chunk:(k % PIPE_DEPTH) * chunk + length]
-            jobs.append(self.queue.submit(fd, part, starts[k], urgent))
-
-        for k in range(min(PIPE_DEPTH, len(starts))):
-            submit(k)
-        try:
-            for k, at in enumerate(starts):
-                got = jobs[k].result()
-                lo, hi = max(pos, at), min(end, at + chunk)
-                if at + got < hi:
-                    self._truncated(run, at + got, end)
-                consume(staging[(k % PIPE_DEPTH) * chunk + lo - at:(k % PIPE_DEPTH) * chunk + hi - at], lo, hi)
-                if k + PIPE_DEPTH < len(starts):
-                    submit(k + PIPE_DEPTH)
-        finally:
-            for job in jobs:  # no read may still write into the staging buffer once we return
-                try:
-                    job.result()
-                except BaseException:  # noqa: BLE001 - the first error is already on its way up
-                    pass
 
     def _read_chunk(self, run: list[Piece], pos: int, end: int) -> tuple[memoryview, int]:
         """Read from `pos` towards `end`, at most one staging buffer's worth -> (the bytes, where they stop)."""
