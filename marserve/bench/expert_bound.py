@@ -11,7 +11,7 @@ transfer too, and a schedule that fetches early can be turned into a demand one 
   time if every one of MIN's transfers were hidden behind compute or behind another transfer on the one link.
   This is the bound printed as "offline optimal (Belady), a bound"; if it is not 25% below on-demand lru, no
   policy or prefetcher can reach issue 20's target on that trace at that budget;
-- `demand_reads()` with `FetchBelady`: the same count for a live run (`bench experts`), on the store's own
+- `demand_reads()` with `BeladyPolicy.over_fetches()`: the same count for a live run (`bench experts`), on the store's own
   fetches (one per pass and layer, a prefill's tokens together) from the routing the run recorded, beside the
   run's policy replayed the same way (which must read what the run read).
 
@@ -21,6 +21,7 @@ Legend: T=tokens, L=MoE layers, K=experts per token.
 from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
+from collections.abc import Iterable
 
 import numpy as np
 
@@ -34,13 +35,22 @@ class BeladyPolicy(EvictionPolicy):
     name = "belady"
 
     def __init__(self, ids: np.ndarray):
+        self._start([(layer, experts) for per_layer in ids.tolist() for layer, experts in enumerate(per_layer)])
+
+    @classmethod
+    def over_fetches(cls, fetches: list[tuple[int, Iterable[int]]]) -> "BeladyPolicy":
+        """MIN over any sequence of fetches (layer, experts), one tick each: the store's own (store_fetches, a
+        prefill's tokens in one fetch per layer) for a live run."""
+        policy = cls.__new__(cls)
+        policy._start(fetches)
+        return policy
+
+    def _start(self, fetches) -> None:
         super().__init__()
-        T, L, _ = ids.shape
         uses: dict[Key, list[int]] = {}
-        for t, per_layer in enumerate(ids.tolist()):
-            for layer, experts in enumerate(per_layer):
-                for e in set(experts):
-                    uses.setdefault((layer, e), []).append(t * L + layer + 1)
+        for tick, (layer, experts) in enumerate(fetches, start=1):
+            for e in set(experts):
+                uses.setdefault((layer, e), []).append(tick)
         self.uses_at = uses  # key -> ticks of its uses, ascending
         self.next_use: dict[Key, float] = {}
 
@@ -85,27 +95,6 @@ def store_fetches(ids: np.ndarray, step: np.ndarray, layer_ids: list[int]) -> li
                 counts[e] = counts.get(e, 0) + 1
             fetches.append((layer, counts))
     return fetches
-
-
-class FetchBelady(EvictionPolicy):
-    """MIN over a list of store fetches: one tick per fetch (advance() runs before the fetch's accesses), the victim
-    is the key whose next fetch lies farthest ahead."""
-
-    name = "belady"
-
-    def __init__(self, fetches: list[Fetch]):
-        super().__init__()
-        self.uses_at: dict[Key, list[int]] = {}
-        for t, (layer, counts) in enumerate(fetches, start=1):
-            for e in counts:
-                self.uses_at.setdefault((layer, e), []).append(t)
-
-    def victim(self, candidates: list[Key]) -> Key:
-        def next_use(k: Key) -> float:
-            at = self.uses_at.get(k, [])
-            i = bisect_right(at, self.tick)
-            return at[i] if i < len(at) else float("inf")
-        return max(candidates, key=lambda k: (next_use(k), -k[0], -k[1]))
 
 
 def demand_reads(fetches: list[Fetch], policy: EvictionPolicy, num_slots: int, keys: list[Key],

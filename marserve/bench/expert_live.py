@@ -146,7 +146,7 @@ def _offline_reads(model, recorder, warm_passes: int, policy_name: str) -> dict:
     """The run's routing (warm-up included) replayed through the store's on-demand path: with the run's policy
     (`replayed_reads`, a check: the run read as many) and with Belady's MIN (`min_reads`, the fewest any eviction
     can read on this pool, these requests and this initial set), reads after the warm-up."""
-    from marserve.bench.expert_bound import FetchBelady, demand_reads, store_fetches
+    from marserve.bench.expert_bound import BeladyPolicy, demand_reads, store_fetches
     from marserve.experts.policies import make_policy
     recorder.uninstall()
     trace = recorder.trace()
@@ -157,7 +157,7 @@ def _offline_reads(model, recorder, warm_passes: int, policy_name: str) -> dict:
     layer0 = trace.layer_ids[0]
     out = {"expert_file_bytes": store.index.file_bytes(layer0, 0)}  # one expert's bytes as read (the file's dtype)
     for field, policy in (("replayed_reads", make_policy(policy_name, len(trace.layer_ids))),
-                          ("min_reads", FetchBelady(fetches))):
+                          ("min_reads", BeladyPolicy.over_fetches(fetches))):
         for layer, usage in store.policy.prior.items():  # the run's usage prior, as the store set it
             policy.set_scores(layer, usage)
         out[field] = demand_reads(fetches, policy, store.num_slots, keys, counted_from)
