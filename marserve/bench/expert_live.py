@@ -152,7 +152,6 @@ def _offline_reads(model, recorder, warm_passes: int, policy_name: str) -> dict:
     trace = recorder.trace()
     store = model.expert_store
     fetches = store_fetches(trace.topk_ids, trace.step, trace.layer_ids)
-    keys = [(layer, e) for layer, per in store.index.pieces.items() for e in range(len(per))]
     counted_from = warm_passes * len(trace.layer_ids)
     layer0 = trace.layer_ids[0]
     out = {"expert_file_bytes": store.index.file_bytes(layer0, 0)}  # one expert's bytes as read (the file's dtype)
@@ -160,7 +159,7 @@ def _offline_reads(model, recorder, warm_passes: int, policy_name: str) -> dict:
                           ("min_reads", BeladyPolicy.over_fetches(fetches))):
         for layer, usage in store.policy.prior.items():  # the run's usage prior, as the store set it
             policy.set_scores(layer, usage)
-        out[field] = demand_reads(fetches, policy, store.num_slots, keys, counted_from)
+        out[field] = demand_reads(fetches, policy, store.num_slots, store.index.keys, counted_from)
     return out
 
 

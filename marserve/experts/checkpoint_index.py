@@ -64,6 +64,11 @@ class CheckpointIndex:
     def layer_ids(self) -> list[int]:
         return sorted(self.pieces)
 
+    @property
+    def keys(self) -> list[tuple[int, int]]:
+        """Every expert as (layer_idx, expert), in the order the store streams them at start."""
+        return [(layer, e) for layer, per in self.pieces.items() for e in range(len(per))]
+
     def file_bytes(self, layer_idx: int, expert: int) -> int:
         """Bytes of one expert on disk."""
         return sum(p.nbytes for p in self.pieces[layer_idx][expert])

@@ -69,7 +69,7 @@ class ExpertStore:
     def start(self) -> None:
         """Stream every expert's bytes once: record each piece's CRC-32, and keep the experts the policy prefers
         (usage prior) in the pool until it is full; the hottest are pinned for good when the policy says so."""
-        keys = [(layer, e) for layer, per in self.index.pieces.items() for e in range(len(per))]
+        keys = self.index.keys
         keep = self.policy.by_preference(keys)
         initial = keep[:self.num_slots]
         hot = set(keep[:self.policy.num_pinned(self.num_slots, self.min_slots)])
