@@ -235,6 +235,14 @@ def queued(monkeypatch):
     monkeypatch.setattr(slow_tier, "PIPE_CHUNK", 2 * 4096)
 
 
+@pytest.fixture(params=["whole runs", "queued chunks"])
+def chunking(request):
+    """An O_DIRECT run read as one request, or in chunks through the disk queue (each has its own error paths)."""
+    if request.param == "queued chunks":
+        request.getfixturevalue("queued")
+    return request.param
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_chunks_through_the_disk_queue_land_whole_and_checked(baby_checkpoint, queued, monkeypatch, dtype):
     from marserve.experts import slow_tier
@@ -263,29 +271,7 @@ def test_chunks_through_the_disk_queue_land_whole_and_checked(baby_checkpoint, q
     store.close()
 
 
-def test_a_queued_read_refused_o_direct_falls_back(offloaded, queued, monkeypatch):
-    from marserve.experts import slow_tier
-    model, resident = offloaded
-    store, block = model.expert_store, model.moe_blocks()[2]
-    real = os.preadv
-
-    def refuse(fd, bufs, off):
-        if fcntl_flags(fd) & os.O_DIRECT:
-            raise OSError(22, "Invalid argument")
-        return real(fd, bufs, off)
-    monkeypatch.setattr(slow_tier.os, "preadv", refuse)
-    e = _absent(store, 2)[0]
-    ids = torch.tensor([[e]])
-    _assert_weights(block.experts.fetch(ids), ids, resident.moe_blocks()[2])
-    (fd, direct), = store.slow._files.values()
-    assert not direct
-
-
-def test_a_file_truncated_under_the_queue_names_the_tensor(baby_checkpoint, queued, tmp_path):
-    test_a_truncated_file_names_the_file_and_the_tensor(baby_checkpoint, "direct", tmp_path)
-
-
-def test_a_truncated_file_names_the_file_and_the_tensor(baby_checkpoint, io_path, tmp_path):
+def test_a_truncated_file_names_the_file_and_the_tensor(baby_checkpoint, io_path, chunking, tmp_path):
     path = tmp_path / "model"
     shutil.copytree(baby_checkpoint("mixtral", **SIZES), path)  # the session's shared baby stays whole
     model, _ = load_model(path, dtype="float32", expert_cache=0.25)
@@ -328,7 +314,7 @@ def test_the_read_path_is_the_one_asked_for(offloaded, io_path):
     assert direct == (io_path == "direct") and bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT) == direct
 
 
-def test_a_filesystem_refusing_o_direct_falls_back_to_the_page_cache(offloaded, monkeypatch, caplog):
+def test_a_filesystem_refusing_o_direct_falls_back_to_the_page_cache(offloaded, chunking, monkeypatch, caplog):
     # tmpfs and some network filesystems answer O_DIRECT with EINVAL, at open or at the first read
     from marserve.experts import slow_tier
     model, resident = offloaded
