@@ -153,11 +153,16 @@ def print_offline_reads(rows: list[dict]) -> None:
               f"{r['min_reads']:12d} {r['min_reads'] / live if live else 0:10.2f}")
 
 
+def _find_row(rows: list[dict], label_start: str, budget: float, policy: str, prefetch: bool) -> dict | None:
+    """The first run of a model whose label starts so, at that budget, policy and prefetch setting."""
+    return next((r for r in rows if r["label"].startswith(label_start) and r["budget"] == budget
+                 and r["policy"] == policy and r["prefetch"] == prefetch), None)
+
+
 def _large_model_lines(label: str, rows: list[dict]) -> list[str]:
     """Issue 20's targets for the ~1.4 GB model (the bench model, or any model directory given), at 25%."""
     def find(budget, policy, prefetch):
-        return next((r for r in rows if r["budget"] == budget and r["policy"] == policy and r["prefetch"] == prefetch),
-                    None)
+        return _find_row(rows, "", budget, policy, prefetch)
 
     lines = []
     full, lru, best = find(1.0, "lru", False), find(0.25, "lru", False), None
@@ -207,8 +212,7 @@ def live_targets(rows: list[dict]) -> list[str]:
                      f"{'yes' if len(digests) == 1 else f'NO ({len(digests)} different)'}")
 
     def find(label_start, budget, policy, prefetch):
-        return next((r for r in ok if r["label"].startswith(label_start) and r["budget"] == budget
-                     and r["policy"] == policy and r["prefetch"] == prefetch), None)
+        return _find_row(ok, label_start, budget, policy, prefetch)
 
     lru, mar = find("default", 0.25, "lru", False), find("default", 0.25, "mar", True)
     if lru and mar:
