@@ -98,8 +98,13 @@ def _child(spec: dict) -> dict:
     before = [_counters(b.experts.stats) for b in blocks]  # the warm-up's counters are left out
     digest, generated, t0 = hashlib.sha256(), 0, time.perf_counter()
     decode_tokens, decode_s = 0, 0.0  # after each request's first token: what llama-bench's tg measures
+    requests = []  # per request: its seconds, stall and bytes read (what an overlap bound needs)
     for ids in prompts:  # batch 1: one request at a time
+        start, counters = time.perf_counter(), _summed(blocks)
         out = llm.generate({"prompt_token_ids": ids}, params, use_tqdm=False)[0]
+        after = _summed(blocks)
+        requests.append({"seconds": time.perf_counter() - start, "stall_s": after["stall_s"] - counters["stall_s"],
+                         "bytes_read": after["bytes_read"] - counters["bytes_read"]})
         toks = out.outputs[0].token_ids
         digest.update(json.dumps(toks).encode())
         generated += len(toks)
@@ -115,7 +120,7 @@ def _child(spec: dict) -> dict:
                                  if spec["dtype"] == "auto" else getattr(torch, spec["dtype"]))
     return {**spec, **totals, "generated_tokens": generated, "seconds": elapsed, "tokens_per_s": generated / elapsed,
             "decode_tokens_per_s": decode_tokens / decode_s if decode_s > 0 else 0.0,
-            "load_s": load_s, "peak_rss_bytes": peak_rss_bytes(), **offline,
+            "load_s": load_s, "peak_rss_bytes": peak_rss_bytes(), "requests": requests, **offline,
             "expert_bytes": one, "num_experts_total": total, "output_digest": digest.hexdigest()[:16],
             "offloading": type(blocks[0].experts).__name__,
             "prefetcher": type(llm.engine.prefetcher).__name__ if llm.engine.prefetcher is not None else None,
@@ -171,6 +176,12 @@ def peak_rss_bytes() -> int:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) * 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _summed(blocks) -> dict:
+    """The stores' counters summed over the MoE layers."""
+    per_layer = [_counters(b.experts.stats) for b in blocks]
+    return {k: sum(c[k] for c in per_layer) for k in per_layer[0]}
 
 
 def _counters(stats) -> dict:

@@ -73,6 +73,11 @@ def test_live_runs_every_configuration_in_its_own_process(baby_checkpoint, tmp_p
         assert r["decode_tokens_per_s"] > 0 and r["tokens_per_s"] > 0
         assert r["bytes_read"] % r["expert_bytes"] == 0
         assert "posix_fadvise" in r["page_cache"]
+        assert len(r["requests"]) == len(r["prompts"]) >= 1  # one record per prompt, adding up to the whole
+        assert sum(q["bytes_read"] for q in r["requests"]) == r["bytes_read"]
+        assert sum(q["stall_s"] for q in r["requests"]) == pytest.approx(r["stall_s"])
+        assert sum(q["seconds"] for q in r["requests"]) <= r["seconds"]
+        assert all(0 <= q["stall_s"] <= q["seconds"] for q in r["requests"])
     for r in rows[1:2]:  # on demand: its routing replayed offline reads what it read; MIN no more
         assert r["replayed_reads"] == r["bytes_read"] // r["expert_file_bytes"] >= r["min_reads"] >= 0
     assert "on-demand reads after the warm-up" in out and "MIN (Belady)" in out
@@ -145,3 +150,23 @@ def test_large_model_targets_apply_to_a_model_directory_and_show_the_offline_min
     assert speed.startswith("/models/trained-bench 25%: mar+prefetch 16.0 tok/s = 1.60 x lru on-demand")
     assert "/models/trained-bench 25%: experts read on demand after the warm-up: lru 90, mar 50; Belady's MIN on " \
            "the same routing and pool 40 (the fewest any eviction reads)" in lines
+
+
+def test_overlap_bound_hides_each_request_s_reads_behind_its_own_compute_only():
+    from marserve.bench.experts import live_targets, overlap_bound
+    # request 1 computes 1.0 s and reads 0.5 s worth: all hidden; request 2 computes 0.5 s and reads 2.0 s worth:
+    # 1.5 s must stall, whatever request 1's idle disk could have done
+    run = {"requests": [{"seconds": 1.2, "stall_s": 0.2, "bytes_read": 50e6},
+                        {"seconds": 2.5, "stall_s": 2.0, "bytes_read": 200e6}]}
+    stall, seconds = overlap_bound(run, rate=100e6)
+    assert stall == pytest.approx(1.5) and seconds == pytest.approx(1.0 + 2.0)
+    assert overlap_bound({}, 100e6) is None and overlap_bound(run, 0.0) is None
+    base = {"label": "/models/m", "output_digest": "d", "expert_bytes": 10, "num_experts_total": 128,
+            "peak_rss_bytes": 1, "prefetch_hits": 0, "misses": 0, "budget": 0.25, "generated_tokens": 30}
+    lru = {**base, "policy": "lru", "prefetch": False, "tokens_per_s": 10.0, "bytes_read": 250e6, "stall_s": 2.5,
+           "prefetches": 0}
+    on = {**base, "policy": "mar", "prefetch": True, "tokens_per_s": 8.1, "bytes_read": 250e6, "stall_s": 2.2,
+          "prefetches": 5, **run}
+    (line,) = [ln for ln in live_targets([lru, on]) if "how far overlap can go" in ln]
+    # the disk-read time is 2.5 s at lru's rate: >= 1.5 s of stall = 0.60 x; 30 tokens in >= 3 s = 10 tok/s = 1.00 x
+    assert "stall >= 1.50 s = 0.60 x its disk-read time and run at <= 1.00 x lru on-demand's tok/s" in line
