@@ -23,7 +23,8 @@ The time model (what `replay()` computes; stated again in docs/benchmarks.md, "E
   `lookahead` layers, and starts only when the link is free (it never delays a miss that comes later);
   a queued prefetch whose layer has routed is dropped. A prefetched expert still in flight when its layer
   routes is waited for (a shorter stall).
-- Eviction never takes an expert the current layer uses, a pinned one, or (for a prefetch) one in flight;
+- Eviction never takes an expert the current layer uses, a pinned one, or (for a prefetch) one in flight or
+  prefetched and not used yet (the prefetch is dropped instead, as the store does);
   a miss may evict a prefetch in flight (its link time is lost).
 
 Legend: T=tokens, L=MoE layers, K=experts per token, E=experts per layer, D=lookahead layers,
@@ -231,6 +232,8 @@ def replay(ids: np.ndarray, served: ServedModel, cfg: ReplayConfig, hw: Hardware
         if not candidates:
             return False
         victim = policy.victim(candidates)
+        if not in_flight_ok and pool[victim].prefetched:
+            return False  # as the store: a prefetch does not displace an earlier one not used yet
         del pool[victim]
         policy.on_evict(victim)
         return True

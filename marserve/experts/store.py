@@ -172,8 +172,9 @@ class ExpertStore:
     # ---- slots -----------------------------------------------------------------------------------------
 
     def _claim(self, wait: bool) -> int | None:
-        """A free slot, or the policy's victim among unpinned resident ones (lock held). With wait, waits for
-        reads in flight to finish when every slot is pinned or loading."""
+        """A free slot, or the policy's victim among unpinned resident ones (lock held). With wait (a fetch), waits
+        for reads in flight to finish when every slot is pinned or loading; without (a prefetch), None instead, and
+        None where the victim is itself a prefetched expert not used yet."""
         if wait:
             self._fetches_waiting += 1
         try:
@@ -184,6 +185,8 @@ class ExpertStore:
                               if k is not None and not self._pins[s] and s not in self._loading and s not in self._hot]
                 if candidates:
                     key = self.policy.victim(candidates)
+                    if not wait and key in self._prefetched:
+                        return None  # a guess does not displace an earlier guess still unused (nearer its layer)
                     slot = self._slot_of.pop(key)
                     self._slot_key[slot] = None
                     self._prefetched.discard(key)

@@ -85,6 +85,25 @@ def test_a_prefetched_expert_is_a_hit_and_a_prefetch_hit(offloaded):
     assert s.prefetches == 1
 
 
+def test_a_prefetch_does_not_displace_an_unused_prefetch_but_a_miss_does(offloaded):
+    model, resident = offloaded
+    store, blocks = model.expert_store, model.moe_blocks()
+    held = sorted(store.resident_keys())[0]
+    blocks[held[0]].experts.fetch(torch.tensor([[held[1]]]))  # pinned until this thread's next fetch
+    absent = [(layer, e) for layer in range(4) for e in _absent(store, layer)]
+    guesses = absent[:store.num_slots - 1]  # every other slot ends up holding an unused prefetch
+    for layer, e in guesses:
+        blocks[layer].experts.prefetch(torch.tensor([e]))
+        _wait_resident(store, (layer, e))
+    layer, e = absent[store.num_slots - 1]
+    blocks[layer].experts.prefetch(torch.tensor([e]))  # its only victims are earlier guesses: dropped
+    assert sum(b.experts.stats.prefetches for b in blocks) == len(guesses)
+    assert set(guesses) <= store.resident_keys() and (layer, e) not in store.resident_keys()
+    ids = torch.tensor([[e]])  # a fetch that needs it reads it all the same
+    _assert_weights(blocks[layer].experts.fetch(ids), ids, resident.moe_blocks()[layer])
+    assert blocks[layer].experts.stats.misses == 1 and (layer, e) in store.resident_keys()
+
+
 def test_a_fetch_waits_for_the_read_in_flight(offloaded):
     model, resident = offloaded
     store, block = model.expert_store, model.moe_blocks()[0]
