@@ -74,6 +74,8 @@ class OffloadedExperts(ExpertProvider):
     """One MoE layer's experts, served from the shared store's slot pool: fetch() returns the whole pool with the
     routing ids remapped to slots (the MoE kernels read only the rows named)."""
 
+    REMAP_IN_PYTHON = 64  # up to this many routing ids, remapped through a list (docs/offload.md, "Cost")
+
     def __init__(self, store: ExpertStore, layer_idx: int, num_experts: int, hidden_size: int,
                  intermediate_size: int):
         super().__init__(layer_idx, num_experts, hidden_size, intermediate_size)
@@ -81,11 +83,16 @@ class OffloadedExperts(ExpertProvider):
         self.stats = store.stats[layer_idx]  # the store counts; the provider shows them
 
     def fetch(self, topk_ids: torch.Tensor) -> ExpertWeights:
-        counts = Counter(topk_ids.reshape(-1).tolist())  # expert -> routing decisions, first use first
+        ids = topk_ids.reshape(-1).tolist()
+        counts = Counter(ids)  # expert -> routing decisions, first use first
         slots = self.store.fetch(self.layer_idx, counts)
-        lut = torch.zeros(self.num_experts, dtype=topk_ids.dtype)  # expert -> slot; unused experts -> 0, unread
-        lut[list(slots)] = torch.tensor(list(slots.values()), dtype=topk_ids.dtype)
-        return ExpertWeights(self.store.w13, self.store.w2, lut[topk_ids])  # [S,2I,H], [S,H,I], [T,K] slots
+        if len(ids) <= self.REMAP_IN_PYTHON:  # a decode step's few ids: one tensor from a list beats 4 tensor ops
+            remapped = torch.tensor([slots[e] for e in ids], dtype=topk_ids.dtype).view(topk_ids.shape)
+        else:
+            lut = torch.zeros(self.num_experts, dtype=topk_ids.dtype)  # expert -> slot; unused experts -> 0, unread
+            lut[list(slots)] = torch.tensor(list(slots.values()), dtype=topk_ids.dtype)
+            remapped = lut[topk_ids]
+        return ExpertWeights(self.store.w13, self.store.w2, remapped)  # [S,2I,H], [S,H,I], [T,K] slots
 
     def prefetch(self, expert_ids: torch.Tensor) -> None:
         self.store.prefetch(self.layer_idx, [int(e) for e in expert_ids.reshape(-1).tolist()])

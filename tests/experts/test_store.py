@@ -71,6 +71,17 @@ def _wait_resident(store, key):
         time.sleep(0.01)
 
 
+@pytest.mark.parametrize("tokens", [1, 40])  # 2 ids (remapped through a list) and 80 (through a lookup tensor)
+def test_fetch_remaps_every_routing_id_to_its_experts_slot(offloaded, tokens):
+    model, resident = offloaded
+    block = model.moe_blocks()[3]
+    ids = torch.tensor([[(t + k) % 2 * 5, (t * 3 + k) % 8] for t in range(tokens) for k in range(1)])
+    assert ids.numel() == 2 * tokens
+    ew = block.experts.fetch(ids)
+    assert ew.topk_ids.shape == ids.shape and ew.topk_ids.dtype == ids.dtype
+    _assert_weights(ew, ids, resident.moe_blocks()[3])
+
+
 def test_a_prefetched_expert_is_a_hit_and_a_prefetch_hit(offloaded):
     model, resident = offloaded
     store, block = model.expert_store, model.moe_blocks()[2]
