@@ -21,6 +21,7 @@ Legend: T=tokens, L=MoE layers, K=experts per token.
 from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
+from collections import Counter
 from collections.abc import Iterable
 
 import numpy as np
@@ -89,11 +90,8 @@ def store_fetches(ids: np.ndarray, step: np.ndarray, layer_ids: list[int]) -> li
     fetches = []
     for s in np.unique(step):
         rows = ids[step == s]  # [t, L, K]
-        for i, layer in enumerate(layer_ids):
-            counts: dict[int, int] = {}
-            for e in rows[:, i].reshape(-1).tolist():
-                counts[e] = counts.get(e, 0) + 1
-            fetches.append((layer, counts))
+        for i, layer in enumerate(layer_ids):  # counted as OffloadedExperts.fetch counts them
+            fetches.append((layer, dict(Counter(rows[:, i].reshape(-1).tolist()))))
     return fetches
 
 

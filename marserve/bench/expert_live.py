@@ -95,7 +95,7 @@ def _child(spec: dict) -> dict:
     llm.generate({"prompt_token_ids": prompts[0][:4]}, SamplingParams(max_tokens=2, temperature=0.0), use_tqdm=False)
     warm_passes = recorder.num_passes if recorder is not None else 0
     blocks = llm.model.moe_blocks()
-    before = [_counters(b.experts.stats) for b in blocks]  # the warm-up's counters are left out
+    before = _summed(blocks)  # the warm-up's counters are left out
     digest, generated, t0 = hashlib.sha256(), 0, time.perf_counter()
     decode_tokens, decode_s = 0, 0.0  # after each request's first token: what llama-bench's tg measures
     requests = []  # per request: its seconds, stall and bytes read (what an overlap bound needs)
@@ -113,8 +113,8 @@ def _child(spec: dict) -> dict:
             decode_tokens += len(toks) - 1
             decode_s += m.last_token_time - m.first_token_time
     elapsed = time.perf_counter() - t0
-    totals = {k: sum(_counters(b.experts.stats)[k] - prev[k] for b, prev in zip(blocks, before))
-              for k in before[0]}
+    now = _summed(blocks)
+    totals = {k: now[k] - before[k] for k in before}
     offline = _offline_reads(llm.model, recorder, warm_passes, spec["policy"]) if recorder is not None else {}
     one, total = expert_bytes_of(llm.config, next(blocks[0].parameters(), torch.empty(0)).dtype
                                  if spec["dtype"] == "auto" else getattr(torch, spec["dtype"]))

@@ -228,9 +228,10 @@ class SlowTier:
                     np.copyto(targets[i][lo - p.offset:hi - p.offset], np.frombuffer(part, dtype=np.uint8))
 
         pos, end = run[0].offset, run[-1].offset + run[-1].nbytes
-        if goes_through_queue(end - pos, self._file(run[0].path)[1]):
+        fd, direct = self._file(run[0].path)
+        if goes_through_queue(end - pos, direct):
             try:
-                read_in_chunks(self.queue, self._file(run[0].path)[0], self._staging(), pos, end, urgent, consume)
+                read_in_chunks(self.queue, fd, self._staging(), pos, end, urgent, consume)
                 return crcs, staged
             except EOFError as e:
                 self._truncated(run, e.args[0], end)
