@@ -202,7 +202,8 @@ class LLMEngine:
         if self.prefetcher is not None:  # 2. prefetch: ask for the experts this step is predicted to use
             try:
                 self.prefetcher.before_step([list(c.token_ids) for c in out.chunks],
-                                            [c.start_pos < len(s.prompt_token_ids) for s, c in zip(out.seqs, out.chunks)])
+                                            [c.start_pos < len(s.prompt_token_ids) for s, c in zip(out.seqs, out.chunks)],
+                                            [s.seq_id for s in out.seqs], [c.start_pos for c in out.chunks])
             except Exception:  # noqa: BLE001 - a prediction is advisory: a miss is read when needed
                 logger.exception("the expert prefetcher failed before a step; running the step without it")
         try:

@@ -94,8 +94,17 @@ class OffloadedExperts(ExpertProvider):
             remapped = lut[topk_ids]
         return ExpertWeights(self.store.w13, self.store.w2, remapped)  # [S,2I,H], [S,H,I], [T,K] slots
 
-    def prefetch(self, expert_ids: torch.Tensor) -> None:
-        self.store.prefetch(self.layer_idx, [int(e) for e in expert_ids.reshape(-1).tolist()])
+    def prefetch(self, expert_ids: torch.Tensor) -> int:
+        return self.store.prefetch(self.layer_idx, [int(e) for e in expert_ids.reshape(-1).tolist()])
+
+    def expect(self, uses: dict[int, list[int]]) -> None:
+        self.store.expect(self.layer_idx, uses)
+
+    def read_seconds(self) -> float:
+        return self.store.read_seconds
+
+    def reads_in_flight(self) -> int:
+        return self.store.reads_in_flight
 
     def wrong_guess_seconds(self) -> float:
         return self.store.wrong_guess_seconds()

@@ -3,6 +3,9 @@
 A key is (layer_idx, expert). The store tells a policy what happens to keys (inserted, used, evicted, predicted
 by the prefetcher) and asks it for a victim among the keys it may evict (never pinned or still loading ones).
 Every policy also orders the initial resident set by the usage prior (`set_scores`): higher usage first.
+Every policy also takes a forecast (`expect`: which experts the next fetches will use, from the routing lookup,
+lookup.py); while one lasts, `victim_for` evicts what it does not name first, by the policy's own order, else what
+it names farthest ahead, and refuses a prefetch that would evict an expert wanted before the one prefetched.
 
 - lru: the key used longest ago.
 - lfu: the key used least often since start (counts outlive evictions: an expert's history is what predicts it),
@@ -46,6 +49,8 @@ class EvictionPolicy:
         self.uses: dict[Key, int] = {}
         self.prior: dict[int, list[float]] = {}  # layer -> [E] usage normalised to mean 1
         self.layer: int | None = None  # the layer of the current fetch, when the caller says
+        self.forecast: dict[int, dict[int, list[int]]] = {}  # layer -> expert -> ticks of its forecast uses
+        self.forecast_until = 0  # the last tick any forecast reaches
 
     def set_scores(self, layer_idx: int, usage: list[float]) -> None:
         """The usage prior of one layer (higher = keep); any non-negative scale."""
@@ -86,6 +91,48 @@ class EvictionPolicy:
 
     def victim(self, candidates: list[Key]) -> Key:
         raise NotImplementedError
+
+    def expect(self, layer: int, uses: dict[int, list[int]]) -> None:
+        """The forecast of one layer's experts, replacing the last: expert -> the fetches from now (1 = the next
+        fetch of any layer) at which it will be used, ascending; {} forgets the layer's forecast."""
+        if not uses:
+            self.forecast.pop(layer, None)
+            return
+        now = self.tick
+        self.forecast[layer] = {e: [now + d for d in ds] for e, ds in uses.items()}
+        self.forecast_until = max(self.forecast_until, now + max(ds[-1] for ds in uses.values()))
+
+    def next_forecast_use(self, key: Key) -> int | None:
+        """The tick of key's next forecast use after the current fetch, or None (not forecast, or past)."""
+        ticks = self.forecast.get(key[0], {}).get(key[1])
+        if not ticks:
+            return None
+        i = bisect_right(ticks, self.tick)
+        return ticks[i] if i < len(ticks) else None
+
+    def victim_for(self, candidates: list[Key], incoming: Key | None = None) -> Key | None:
+        """The key to evict for `incoming` (None: a fetch's miss, which must get a slot). Under a forecast: the
+        policy's victim among candidates it does not name, else the one it names farthest ahead; None for a
+        prefetch whose victim the forecast wants before `incoming` (or wants while `incoming` it does not)."""
+        if self.forecast and self.tick > self.forecast_until:
+            self.forecast.clear()
+        if not self.forecast:
+            return self.victim(candidates)
+        forecast, ahead, unforeseen = self.forecast, {}, []
+        for k in candidates:
+            t = self.next_forecast_use(k) if k[1] in forecast.get(k[0], ()) else None
+            if t is None:
+                unforeseen.append(k)
+            else:
+                ahead[k] = t
+        if unforeseen:
+            return self.victim(unforeseen)
+        key = max(ahead, key=ahead.__getitem__)
+        if incoming is not None:
+            wanted = self.next_forecast_use(incoming)
+            if wanted is None or ahead[key] < wanted:
+                return None
+        return key
 
     def num_pinned(self, num_slots: int, min_slots: int) -> int:
         """How many of the hottest experts (by prior) stay resident for good: none, except under `mar`."""

@@ -27,6 +27,7 @@ import time
 
 import torch
 
+from marserve.experts.lookup import RoutingLookup, forecast_uses
 from marserve.experts.predictors import make_predictor
 from marserve.experts.preferences import EMBED, ExpertPreferences
 
@@ -49,17 +50,21 @@ def top_predictions(scores: torch.Tensor, n: int, min_prob: float, learned: bool
 
 
 class Prefetcher:
+    FORECAST_DEPTH = 2  # forecast reads kept under way at once
+    FORECAST_MIN_PRECISION = 0.9  # reads follow the lookup's forecast only while it is right this often
     def __init__(self, model, preferences: ExpertPreferences | None, lookahead: int = 1, per_layer: int | None = None,
                  min_prob: float = 0.5, predictor: str = "auto", max_per_layer: int | None = None,
-                 adaptive: bool = True):
+                 adaptive: bool = True, lookup_horizon: int = 4):
         """lookahead: how many MoE layers ahead to prefetch (a slow read needs more than one layer's compute to
         hide); per_layer: experts predicted per token and layer (default: the model's top-k); min_prob: keep only
         predictions the predictor gives at least this probability (sigmoid of a learned score, softmax of router
         logits); predictor: "auto", "learned" or "router"; max_per_layer: at most this many experts per layer and
         call, the ones most tokens want (a batch's union can outgrow a small expert cache and evict itself);
         adaptive: raise the threshold where reads are slow against the compute they can hide behind
-        (min_prob_for); False: min_prob at every distance (`bench experts --live-prefetch-min-prob`). The defaults (1 layer ahead, top-k, p >= 0.5) are the
-        setting with the best recall at a precision >= 0.9 on the default model (docs/offload.md, "Prediction")."""
+        (min_prob_for); False: min_prob at every distance (`bench experts --live-prefetch-min-prob`);
+        lookup_horizon: decode steps the routing lookup forecasts for eviction (lookup.py; 0: no lookup). The
+        defaults (1 layer ahead, top-k, p >= 0.5) are the setting with the best recall at a precision >= 0.9 on the
+        default model (docs/offload.md, "Prediction")."""
         if lookahead < 1:
             raise ValueError(f"lookahead must be at least 1, got {lookahead}")
         if not 0.0 <= min_prob < 1.0:
@@ -82,6 +87,11 @@ class Prefetcher:
         self._chained: list = []  # per MoE position: the observer that was there before install()
         self._observers: list = []
         self.num_prefetched = 0  # expert ids handed to providers (before they drop resident ones)
+        self.lookup = RoutingLookup(len(self.blocks), self.blocks[0].top_k, lookup_horizon) if lookup_horizon else None
+        self._expecting = False  # a forecast was handed to the providers and not withdrawn
+        self._to_read: list[tuple[int, int, int]] = []  # the forecast's uses not prefetched yet: (fetch, position, expert)
+        self._reading_forecast = False  # this pass reads from the forecast (instead of the predictor's guesses)
+        self.num_forecast_reads = 0  # of num_prefetched: expert ids prefetched from the forecast
 
     # -- installation ---------------------------------------------------------------------------------------
     def install(self) -> "Prefetcher":
@@ -113,24 +123,34 @@ class Prefetcher:
             if previous is not None:
                 previous(layer_idx, router_input, router_logits, topk_ids, topk_weights)
             if observer.active:
-                self.on_routing(layer_idx, router_input)
+                self.on_routing(layer_idx, router_input, topk_ids)
         observer.active = True
         return observer
 
     # -- prediction -----------------------------------------------------------------------------------------
     @torch.no_grad()
-    def on_routing(self, layer_idx: int, router_input: torch.Tensor) -> None:
-        """Layer layer_idx routed x [T,H]: prefetch the predicted experts of the next `lookahead` MoE layers."""
+    def on_routing(self, layer_idx: int, router_input: torch.Tensor, topk_ids: torch.Tensor | None = None) -> None:
+        """Layer layer_idx routed x [T,H] to topk_ids [T,K]: prefetch the predicted experts of the next `lookahead`
+        MoE layers (and let the lookup remember the routing)."""
         i = self._position[layer_idx]
         self._time_layer(i)
+        if self.lookup is not None and topk_ids is not None:
+            self.lookup.record(i, topk_ids.numpy())
+        if self._to_read:
+            self._read_forecast(i + 1)
         targets = self.predictor.targets(i)
-        if targets:
+        if targets and not self._reading_forecast:  # the forecast covers every layer, and is surer
             self._prefetch(i, targets, self.predictor.scores(i, router_input))
 
     @torch.no_grad()
-    def before_step(self, input_ids_per_sequence: list[list[int]], is_prefill: list[bool]) -> None:
+    def before_step(self, input_ids_per_sequence: list[list[int]], is_prefill: list[bool],
+                    seq_keys: list | None = None, start_pos: list[int] | None = None) -> None:
         """Before the forward pass: predict the first MoE layers' experts from the step's tokens (a prefilling
-        sequence contributes all its ids, a decoding one its last id)."""
+        sequence contributes all its ids, a decoding one its last id); with seq_keys (a key per sequence, stable
+        across steps) and start_pos (where each chunk starts in its sequence), input_ids_per_sequence holds each
+        chunk's tokens, and the routing lookup forecasts the coming steps for eviction."""
+        if self.lookup is not None and seq_keys is not None and start_pos is not None:
+            self._forecast(seq_keys, input_ids_per_sequence, start_pos, is_prefill)
         targets = self.predictor.targets(EMBED)
         if not targets or not input_ids_per_sequence:
             return
@@ -141,6 +161,38 @@ class Prefetcher:
         embed = self.model.model.embed_tokens
         x = embed(torch.tensor(ids, device=embed.weight.device))  # [T,H]
         self._prefetch(EMBED, targets, self.predictor.scores(EMBED, x))
+
+    def _forecast(self, seq_keys: list, chunks: list[list[int]], start_pos: list[int], is_prefill: list[bool]
+                  ) -> None:
+        """Hand each layer's provider the lookup's forecast for this and the next steps (or withdraw the last)."""
+        found = self.lookup.begin_pass(seq_keys, chunks, start_pos, is_prefill)
+        if found is None and not self._expecting:
+            return
+        uses = forecast_uses(found, len(self.blocks)) if found is not None else [{}] * len(self.blocks)
+        for block, layer_uses in zip(self.blocks, uses):
+            block.experts.expect(layer_uses)
+        self._expecting = found is not None
+        self._reading_forecast = found is not None and self.lookup.precision() >= self.FORECAST_MIN_PRECISION
+        self._to_read = sorted((at[0], i, e) for i, layer_uses in enumerate(uses) for e, at in layer_uses.items()
+                               ) if self._reading_forecast else []
+        self._read_forecast(0)
+
+    def _read_forecast(self, now: int) -> None:
+        """At fetch `now` (0: before the pass; MoE position i's fetch is i + 1): read the forecast's next uses, in
+        the order they are wanted, while fewer than FORECAST_DEPTH reads are under way (the disk kept busy, each
+        slot taken as late as that allows); a read the store will not start yet (its victim is wanted sooner)
+        waits for a later call. Uses due at or before `now` are left to their fetch."""
+        todo = self._to_read
+        while todo and todo[0][0] <= now:
+            todo.pop(0)
+        experts = self.blocks[0].experts
+        while todo and experts.reads_in_flight() < self.FORECAST_DEPTH:
+            at, i, e = todo[0]
+            if self.blocks[i].experts.prefetch(torch.tensor([e], dtype=torch.long)):
+                return
+            todo.pop(0)
+            self.num_prefetched += 1
+            self.num_forecast_reads += 1
 
     def _time_layer(self, i: int) -> None:
         """Routing of MoE position i: the time since position i-1 routed in the same pass, less what i-1 waited for

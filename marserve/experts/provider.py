@@ -79,8 +79,22 @@ class ExpertProvider(nn.Module):
         it (the loader then skips that checkpoint tensor)."""
         return expert
 
-    def prefetch(self, expert_ids: torch.Tensor) -> None:
-        """Hint that these experts will be wanted soon. Resident experts need nothing."""
+    def prefetch(self, expert_ids: torch.Tensor) -> int:
+        """Hint that these experts will be wanted soon -> how many of them could not be started for want of a slot
+        worth taking now (0: every one is resident, being read or started). Resident experts need nothing."""
+        return 0
+
+    def expect(self, uses: dict[int, list[int]]) -> None:
+        """A forecast of this layer's experts (expert -> the fetches from now, 1 = the next fetch of any MoE
+        layer, at which it will be used; {}: none), replacing the last. Resident experts need none."""
+
+    def read_seconds(self) -> float:
+        """How long one expert's read takes (0: nothing is ever read)."""
+        return 0.0
+
+    def reads_in_flight(self) -> int:
+        """Expert reads under way (of any layer sharing this provider's slow tier)."""
+        return 0
 
     def wrong_guess_seconds(self) -> float:
         """What one wrong prefetch costs the reads after it, in seconds (0: nothing is ever read). The prefetcher

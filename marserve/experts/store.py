@@ -150,31 +150,43 @@ class ExpertStore:
         if error is not None:
             raise error
 
-    def prefetch(self, layer: int, experts: list[int]) -> None:
+    def prefetch(self, layer: int, experts: list[int]) -> int:
         """Start reading these experts on the background threads; resident or in-flight ones are skipped, and so
-        is the rest when no slot can be freed without waiting."""
+        is the rest when no slot can be freed without waiting -> how many were skipped that way."""
         with self._cond:
-            for e in experts:
+            for n, e in enumerate(experts):
                 key = (layer, e)
                 self.policy.on_predict(key)
                 if key in self._slot_of:
                     continue
                 if self._fetches_waiting:
-                    return
-                slot = self._claim(wait=False)
+                    return len(experts) - n
+                slot = self._claim(wait=False, incoming=key)
                 if slot is None:
-                    return
+                    return len(experts) - n
                 self._occupy(slot, key)
                 self._prefetched.add(key)
                 self.stats[layer].prefetches += 1
                 self._pool.submit(self._load, key, slot, True)
+        return 0
+
+    @property
+    def reads_in_flight(self) -> int:
+        return len(self._loading)
+
+    def expect(self, layer: int, uses: dict[int, list[int]]) -> None:
+        """The routing lookup's forecast for one layer (expert -> fetches from now it is used at; {}: none), which
+        eviction follows while it lasts (EvictionPolicy.victim_for)."""
+        with self._cond:
+            self.policy.expect(layer, uses)
 
     # ---- slots -----------------------------------------------------------------------------------------
 
-    def _claim(self, wait: bool) -> int | None:
+    def _claim(self, wait: bool, incoming: Key | None = None) -> int | None:
         """A free slot, or the policy's victim among unpinned resident ones (lock held). With wait (a fetch), waits
-        for reads in flight to finish when every slot is pinned or loading; without (a prefetch), None instead, and
-        None where the victim is itself a prefetched expert not used yet."""
+        for reads in flight to finish when every slot is pinned or loading; without (a prefetch of `incoming`),
+        None instead, and None where the victim is itself a prefetched expert not used yet, or one the forecast
+        wants before `incoming`."""
         if wait:
             self._fetches_waiting += 1
         try:
@@ -184,8 +196,8 @@ class ExpertStore:
                 candidates = [k for s, k in enumerate(self._slot_key)
                               if k is not None and not self._pins[s] and s not in self._loading and s not in self._hot]
                 if candidates:
-                    key = self.policy.victim(candidates)
-                    if not wait and key in self._prefetched:
+                    key = self.policy.victim_for(candidates, None if wait else incoming)
+                    if key is None or (not wait and key in self._prefetched):
                         return None  # a guess does not displace an earlier guess still unused (nearer its layer)
                     slot = self._slot_of.pop(key)
                     self._slot_key[slot] = None

@@ -26,9 +26,13 @@ class RandomPrefetcher:
         for block in self.blocks:
             block.routing_observer = lambda *args: self._random_prefetch()
 
-    def before_step(self, input_ids_per_sequence, is_prefill) -> None:
+    def before_step(self, input_ids_per_sequence, is_prefill, seq_keys=None, start_pos=None) -> None:
         for _ in range(len(self.blocks)):
             self._random_prefetch()
+        for block in self.blocks:  # a random forecast too: eviction may follow any forecast, outputs never change
+            E = block.experts.num_experts
+            block.experts.expect({self.rng.randrange(E): sorted(self.rng.sample(range(1, 4 * len(self.blocks)), 2))
+                                  for _ in range(self.rng.randrange(3))})
 
 
 def install_random_prefetcher(llm, seed: int = 0) -> RandomPrefetcher:

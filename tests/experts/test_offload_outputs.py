@@ -13,6 +13,7 @@ from tests.experts.random_prefetch import install_random_prefetcher
 PROMPTS = ["The quick brown fox", "Experts that see the same kind of token become specialists: one learns numbers "
            "like 1 2 3 4 5 6 7 8 9 0, another learns code such as def f(x): return x + 1", "Hello"]
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+LONG = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
 
 MODELS = {  # name -> (model_type, baby_checkpoint keywords)
     "mixtral-mar-sharded": ("mixtral", dict(mar=True, sharded=True)),
@@ -103,6 +104,11 @@ def test_the_engine_prefetcher_changes_nothing(reference, name):
     llm = LLM(path, dtype="float32", expert_cache=0.25, expert_policy="mar", prefetch=True)
     assert llm.engine.prefetcher is not None
     assert [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY)] == want
+    lookup = llm.engine.prefetcher.lookup  # the engine hands it every step's sequences
+    assert lookup.steps > 0
+    alone = LLM(path, dtype="float32").generate([PROMPTS[0]], LONG)[0].outputs[0].token_ids
+    assert llm.generate([PROMPTS[0]], LONG)[0].outputs[0].token_ids == alone
+    assert lookup.forecasts > 0  # a baby model's greedy text soon repeats itself: forecast, and still the same text
     off = LLM(path, dtype="float32", expert_cache=0.25, expert_policy="mar", prefetch=False)
     assert off.engine.prefetcher is None
     assert [o.outputs[0].token_ids for o in off.generate(PROMPTS, GREEDY)] == want

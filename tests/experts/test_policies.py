@@ -210,3 +210,52 @@ def test_mar_counts_a_use_for_its_layers_fetch_even_after_another_layer_began():
     assert p.used[0] > used_at_age_1
     p.advance(0)
     assert p.use_probability((0, 0)) > p.use_probability((0, 1))
+
+
+@pytest.mark.parametrize("name", POLICIES)
+def test_under_a_forecast_the_unforeseen_go_first_then_the_farthest(name):
+    p = make_policy(name, 2)
+    keys = [(0, 0), (0, 1), (1, 0), (1, 1)]
+    for k in keys:
+        p.on_insert(k)
+        p.advance(k[0])
+        p.on_access(k)
+    own = p.victim(keys)
+    p.expect(own[0], {own[1]: [1, 5]})  # the policy's own victim is wanted at the next fetch, and at the 5th
+    assert p.victim_for(keys) == p.victim([k for k in keys if k != own])  # the policy's order among the rest
+    other = next(k for k in keys if k[0] == own[0] and k != own)
+    p.expect(own[0], {own[1]: [1, 5], other[1]: [3]})
+    pair = [own, other]
+    assert p.victim_for(pair) == other  # wanted at 3, own at 1
+    p.advance(0)
+    p.advance(1)  # fetch 2 under way: own is next wanted at 5, other at 3
+    assert p.victim_for(pair) == own
+    p.advance(0)
+    p.advance(1)  # fetch 4: other's use is past, it is unforeseen now
+    assert p.victim_for(pair) == other
+
+
+def test_a_prefetch_is_refused_a_victim_the_forecast_wants_first():
+    p = LRUPolicy()
+    p.expect(0, {0: [2], 1: [6]})
+    assert p.victim_for([(0, 0), (0, 1)], incoming=(0, 2)) is None  # (0, 2) not forecast: keep what is
+    p.expect(0, {0: [2], 1: [6], 2: [4]})
+    assert p.victim_for([(0, 0), (0, 1)], incoming=(0, 2)) == (0, 1)  # wanted at 6, after (0, 2) at 4
+    assert p.victim_for([(0, 0)], incoming=(0, 2)) is None  # wanted at 2, before it
+    assert p.victim_for([(0, 0)]) == (0, 0)  # a fetch's miss always gets a slot
+
+
+def test_a_forecast_lapses_past_its_horizon_and_an_empty_one_withdraws_it():
+    p = LRUPolicy()
+    for k in [(0, 0), (0, 1)]:
+        p.advance(0)
+        p.on_access(k)
+    p.expect(0, {0: [1, 2]})
+    assert p.victim_for([(0, 0), (0, 1)]) == (0, 1)
+    p.advance(0)
+    p.advance(0)
+    p.advance(0)  # past fetch 2: lru again
+    assert p.victim_for([(0, 0), (0, 1)]) == (0, 0)
+    p.expect(0, {0: [5]})
+    p.expect(0, {})
+    assert p.victim_for([(0, 0), (0, 1)]) == (0, 0)

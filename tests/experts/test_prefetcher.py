@@ -182,3 +182,58 @@ def test_a_layers_time_leaves_out_its_stall(baby_checkpoint, monkeypatch):
     assert abs(pf.layer_seconds - 0.1) < 1e-9
     pf._time_layer(0)  # a new pass: no interval across passes
     assert abs(pf.layer_seconds - 0.1) < 1e-9
+
+
+def _lookup_model(baby_checkpoint, in_flight):
+    """A 3-layer model whose providers record prefetch() and expect(); reads_in_flight() returns in_flight[0]."""
+    model, calls = _model(baby_checkpoint)
+    expected = []
+    for j, b in enumerate(model.moe_blocks()):
+        b.experts.expect = lambda uses, j=j: expected.append((j, uses))
+        b.experts.reads_in_flight = lambda: in_flight[0]
+    return model, calls, expected
+
+
+def _step(pf, model, position, tokens, route, key="s"):
+    """One pass of sequence `key` from `position` (several tokens: a prefill), every layer routed by route(token)."""
+    pf.before_step([tokens], [len(tokens) > 1], [key], [position])
+    x = torch.zeros(len(tokens), 32)
+    for i, b in enumerate(model.moe_blocks()):
+        b.routing_observer(b.layer_idx, x, None, torch.tensor([route(t)[i] for t in tokens]), None)
+
+
+def test_a_repeating_sequence_is_forecast_to_every_provider_and_reads_follow_once_it_proves_right(baby_checkpoint):
+    in_flight = [0]
+    model, calls, expected = _lookup_model(baby_checkpoint, in_flight)
+    pf = Prefetcher(model, None, lookahead=1, min_prob=0.0, lookup_horizon=3).install()
+    route = lambda t: [[t % 4, (t + 1) % 4], [(t + 2) % 4, (t + 3) % 4], [t % 4, (t + 2) % 4]]  # noqa: E731
+    _step(pf, model, 0, [1, 2, 3], route)
+    loop = [1, 2, 3] * 12
+    assert expected == []  # nothing forecast yet: nothing to withdraw either
+    position = 3
+    for t in loop[:2]:  # (3,1) is new; (1,2) matches the prompt: the first forecast, not proven yet
+        calls.clear()
+        _step(pf, model, position, [t], route)
+        position += 1
+    assert calls and all(j != 0 for j, _ in calls)  # the router's guesses (layers 1, 2), no forecast read
+    assert pf.lookup.precision() == 1.0  # that pass routed as forecast
+    _step(pf, model, position, [loop[2]], route)
+    position += 1
+    last = dict(expected[-3:])
+    assert set(last) == {0, 1, 2}
+    # input 3 at position 5 after (2,3), which ended at 2: positions 2, 3, 4 (tokens 3, 1, 2) forecast this pass
+    # and the next two, fetches 1-3, 4-6 and 7-9; layer 0 routes t to [t % 4, (t + 1) % 4]
+    assert last[0] == {3: [1, 7], 0: [1], 1: [4], 2: [4, 7]}
+    for t in loop[3:12]:  # proven right: reads follow the forecast, the router's guesses stop
+        calls.clear()
+        _step(pf, model, position, [t], route)
+        position += 1
+    # the last pass (input 3): reads start before it, with its layer 0's experts, in the order of use
+    assert calls[:4] == [(0, [0]), (0, [3]), (1, [1]), (1, [2])]
+    assert all(len(ids) == 1 for _, ids in calls)  # forecast reads, one at a time; the router's pairs have stopped
+    calls.clear()
+    in_flight[0] = Prefetcher.FORECAST_DEPTH  # the disk is busy: no forecast read starts
+    _step(pf, model, position, [loop[12]], route)
+    assert calls == []
+    _step(pf, model, position + 1, [9], route)  # (t, 9) never seen: the forecast is withdrawn everywhere
+    assert [uses for _, uses in expected[-3:]] == [{}, {}, {}]

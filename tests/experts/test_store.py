@@ -115,6 +115,22 @@ def test_a_prefetch_does_not_displace_an_unused_prefetch_but_a_miss_does(offload
     assert blocks[layer].experts.stats.misses == 1 and (layer, e) in store.resident_keys()
 
 
+def test_a_prefetch_waits_while_the_forecast_wants_every_victim_sooner(offloaded):
+    model, resident = offloaded
+    store, blocks = model.expert_store, model.moe_blocks()
+    held = store.resident_keys()
+    for layer in range(4):  # every resident expert is forecast for fetch 2
+        store.expect(layer, {e: [2] for l, e in held if l == layer})
+    layer, e = next((layer, e) for layer in range(4) for e in _absent(store, layer))
+    store.expect(layer, {**{x: [2] for l, x in held if l == layer}, e: [5]})
+    assert blocks[layer].experts.prefetch(torch.tensor([e])) == 1  # its victim would be wanted first: not started
+    assert store.reads_in_flight == 0 and store.resident_keys() == held
+    store.expect(layer, {**{x: [2] for l, x in held if l == layer}, e: [1]})  # now wanted before any of them
+    assert blocks[layer].experts.prefetch(torch.tensor([e])) == 0
+    _wait_resident(store, (layer, e))
+    assert blocks[layer].experts.stats.prefetches == 1
+
+
 def test_a_fetch_waits_for_the_read_in_flight(offloaded):
     model, resident = offloaded
     store, block = model.expert_store, model.moe_blocks()[0]
