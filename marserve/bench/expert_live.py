@@ -131,8 +131,12 @@ def _child(spec: dict) -> dict:
 def _prefetcher_settings(pf) -> dict:
     if pf is None:
         return {}
-    return {"prefetcher_lookahead": pf.predictor.lookahead, "prefetcher_min_prob": pf.min_prob,
-            "prefetcher_adaptive": pf.adaptive}
+    out = {"prefetcher_lookahead": pf.predictor.lookahead, "prefetcher_min_prob": pf.min_prob,
+           "prefetcher_adaptive": pf.adaptive}
+    if pf.lookup is not None:  # the routing lookup: decode steps forecast, and how often the forecast came true
+        out.update(lookup_steps=pf.lookup.steps, lookup_forecasts=pf.lookup.forecasts,
+                   lookup_precision=round(pf.lookup.precision(), 4), forecast_reads=pf.num_forecast_reads)
+    return out
 
 
 def _replace_prefetcher(llm, lookahead: int | None, min_prob: float | None) -> None:

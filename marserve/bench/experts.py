@@ -218,6 +218,10 @@ def _large_model_lines(label: str, rows: list[dict]) -> list[str]:
                          f"even with every read hidden behind compute of its own request at that rate, it would stall "
                          f">= {least_stall:.2f} s = {least_stall / read_s:.2f} x its disk-read time and run at <= "
                          f"{best['generated_tokens'] / least_s / lru['tokens_per_s']:.2f} x lru on-demand's tok/s")
+        if best.get("lookup_steps"):
+            lines.append(f"{label} 25%: the routing lookup forecast {best['lookup_forecasts']} of the "
+                         f"{best['lookup_steps']} decode steps of the {best['policy']}+prefetch run (precision "
+                         f"{best['lookup_precision']:.2f}); {best['forecast_reads']} experts were read from its forecast")
     counted = [r for r in rows if r["budget"] == 0.25 and "min_reads" in r]
     if counted:  # how far the eviction is from the offline optimum, on the same requests
         reads = ", ".join(f"{r['policy']} {r['replayed_reads']}" for r in counted)
