@@ -135,7 +135,7 @@ def _prefetcher_settings(pf) -> dict:
            "prefetcher_adaptive": pf.adaptive}
     if pf.lookup is not None:  # the routing lookup: decode steps forecast, and how often the forecast came true
         out.update(lookup_steps=pf.lookup.steps, lookup_forecasts=pf.lookup.forecasts,
-                   lookup_precision=round(pf.lookup.precision(), 4), forecast_reads=pf.num_forecast_reads)
+                   lookup_precision=round(pf.lookup.precision(), 4), forecast_read_steps=pf.num_forecast_passes)
     return out
 
 

@@ -221,7 +221,8 @@ def _large_model_lines(label: str, rows: list[dict]) -> list[str]:
         if best.get("lookup_steps"):
             lines.append(f"{label} 25%: the routing lookup forecast {best['lookup_forecasts']} of the "
                          f"{best['lookup_steps']} decode steps of the {best['policy']}+prefetch run (precision "
-                         f"{best['lookup_precision']:.2f}); {best['forecast_reads']} experts were read from its forecast")
+                         f"{best['lookup_precision']:.2f}); in {best['forecast_read_steps']} of them the reads followed "
+                         "the forecast")
     counted = [r for r in rows if r["budget"] == 0.25 and "min_reads" in r]
     if counted:  # how far the eviction is from the offline optimum, on the same requests
         reads = ", ".join(f"{r['policy']} {r['replayed_reads']}" for r in counted)

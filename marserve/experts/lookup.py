@@ -9,10 +9,10 @@ there are the likeliest to follow now (what n-gram "prompt lookup" speculative d
 step, a sequence with such a match forecasts its routing for `horizon` steps: step k ahead routes as position
 j + k did, j the earlier match (in a loop of period p = pos - j, wrapping round the loop).
 
-The forecast feeds eviction, not reads (policies.py, `EvictionPolicy.victim_for`): while it lasts, the store evicts
-an expert the forecast does not name before any it names, and of those the one named farthest ahead; a prefetch
-whose victim the forecast wants before the prefetched expert is dropped. Measured on recorded traces (offline,
-docs/benchmarks.md), this cut the bench-shape model's reads by 17% and the default model's by 6-10%.
+The forecast feeds eviction (policies.py, `EvictionPolicy.victim_for`): while it lasts, the store evicts an expert
+the forecast does not name before any it names, and of those the one named farthest ahead; a prefetch whose
+victim the forecast wants before the prefetched expert waits. Once it has proven right (precision()), the
+prefetcher also reads from it (prefetcher.py). Measured in docs/benchmarks.md ("the routing lookup").
 
 A batch forecasts only when every one of its sequences decodes and has a match (a sequence without one could need
 any expert). Cost per step: one dict lookup per sequence, then horizon x L x K numbers into a dict.

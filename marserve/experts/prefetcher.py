@@ -14,6 +14,11 @@ earlier layer can predict: from the tokens of the step through the embedding pre
 all the prompt's tokens, so the prefetch is the prompt's predicted working set of those layers; the deeper layers'
 working sets follow layer by layer as the pass reaches them.
 
+With the engine's sequence keys and chunk positions, `before_step` also asks the routing lookup (lookup.py) for a
+forecast of this and the next decode steps, hands it to every provider (`expect`: eviction follows it), and once
+the forecast has proven right (precision >= FORECAST_MIN_PRECISION) reads its experts in the order of use, keeping
+FORECAST_DEPTH reads under way at each layer's routing, in place of the predictor's guesses for that pass.
+
 Cost: a handful of tensor ops per layer for the whole batch (no Python loop over tokens); measured per decode
 step in docs/offload.md ("Prediction").
 Legend: T=tokens of the pass, E=experts, n=experts predicted per token, D'=layers predicted from one layer.
@@ -91,7 +96,7 @@ class Prefetcher:
         self._expecting = False  # a forecast was handed to the providers and not withdrawn
         self._to_read: list[tuple[int, int, int]] = []  # the forecast's uses not prefetched yet: (fetch, position, expert)
         self._reading_forecast = False  # this pass reads from the forecast (instead of the predictor's guesses)
-        self.num_forecast_reads = 0  # of num_prefetched: expert ids prefetched from the forecast
+        self.num_forecast_passes = 0  # passes whose reads followed the forecast
 
     # -- installation ---------------------------------------------------------------------------------------
     def install(self) -> "Prefetcher":
@@ -173,6 +178,7 @@ class Prefetcher:
             block.experts.expect(layer_uses)
         self._expecting = found is not None
         self._reading_forecast = found is not None and self.lookup.precision() >= self.FORECAST_MIN_PRECISION
+        self.num_forecast_passes += self._reading_forecast
         self._to_read = sorted((at[0], i, e) for i, layer_uses in enumerate(uses) for e, at in layer_uses.items()
                                ) if self._reading_forecast else []
         self._read_forecast(0)
@@ -192,7 +198,6 @@ class Prefetcher:
                 return
             todo.pop(0)
             self.num_prefetched += 1
-            self.num_forecast_reads += 1
 
     def _time_layer(self, i: int) -> None:
         """Routing of MoE position i: the time since position i-1 routed in the same pass, less what i-1 waited for
