@@ -4,7 +4,9 @@ The store asks its policy for a victim on the decode path, once per miss, among 
 its cost per call on a large pool is what a policy change must not blow up. This drives each policy with a
 synthetic routing of Qwen3-30B-A3B's shape (48 MoE layers x 128 experts, top-8; every key resident: 6144
 candidates, the worst case) for a few warm-up steps, then times victim() over the whole pool and the events of one
-layer fetch (advance + top-k accesses), and prints the figures with the command and the host.
+layer fetch (advance + top-k accesses), and prints the figures with the command and the host. With the routing
+lookup's forecast (lookup.py) the store calls victim_for() instead: timed too, under a forecast of 4 steps of that
+routing, with what a decode step pays to make the forecast and hand it to every layer (`forecast step`).
 
     python -m marserve.bench.policy_cost [--layers 48 --experts 128 --top-k 8 --steps 32 --calls 200]
 
@@ -18,11 +20,16 @@ import random
 import sys
 import time
 
+import numpy as np
+
+from marserve.experts.lookup import RoutingLookup, forecast_uses
 from marserve.experts.policies import POLICIES, make_policy
 
 
 def measure(name: str, layers: int, experts: int, top_k: int, steps: int, calls: int, seed: int = 0) -> dict:
-    """-> {"victim_us": per victim() call over all L x E keys, "fetch_us": per advance() + K on_access()}."""
+    """-> {"victim_us": per victim() call over all L x E keys, "fetch_us": per advance() + K on_access(),
+    "forecast_victim_us": per victim_for() call under a forecast, "forecast_step_us": a decode step's forecast made
+    and handed to every layer}."""
     rng = random.Random(seed)
     policy = make_policy(name, layers)
     for layer in range(layers):  # a skewed prior, as MAR usage is
@@ -48,7 +55,36 @@ def measure(name: str, layers: int, experts: int, top_k: int, steps: int, calls:
     for _ in range(calls):
         policy.victim(keys)
     victim_s = time.perf_counter() - t0
-    return {"policy": name, "keys": len(keys), "victim_us": 1e6 * victim_s / calls, "fetch_us": 1e6 * fetch_s / fetches}
+    step_s, forecast_s = _forecast_cost(policy, keys, layers, experts, top_k, rng, calls)
+    return {"policy": name, "keys": len(keys), "victim_us": 1e6 * victim_s / calls, "fetch_us": 1e6 * fetch_s / fetches,
+            "forecast_victim_us": 1e6 * forecast_s, "forecast_step_us": 1e6 * step_s}
+
+
+def _forecast_cost(policy, keys, layers: int, experts: int, top_k: int, rng: random.Random, calls: int
+                   ) -> tuple[float, float]:
+    """(seconds of one decode step's forecast: lookup, fetch distances, expect() on every layer; seconds of one
+    victim_for() under it). A sequence looping over 8 tokens, so that every step has a match."""
+    lookup = RoutingLookup(layers, top_k, horizon=4)
+    routing = {t: np.array([rng.sample(range(experts), top_k) for _ in range(layers)]) for t in range(8)}
+    tokens = list(range(8)) * 4
+    for pos, t in enumerate(tokens):  # the loop recorded once round, and more
+        lookup.begin_pass(["s"], [[t]], [pos], [pos == 0])
+        for i in range(layers):
+            lookup.record(i, routing[t][i][None, :])
+    warm, steps = 8, 24
+    for k in range(warm + steps):
+        if k == warm:
+            t0 = time.perf_counter()
+        found = lookup.begin_pass(["s"], [[tokens[k % 8]]], [len(tokens) + k], [False])
+        for i, uses in enumerate(forecast_uses(found, layers)):
+            policy.expect(i, uses)
+        for i in range(layers):
+            lookup.record(i, routing[tokens[k % 8]][i][None, :])
+    step_s = (time.perf_counter() - t0) / steps
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        policy.victim_for(keys)
+    return step_s, (time.perf_counter() - t0) / calls
 
 
 def main(argv=None) -> int:
@@ -61,10 +97,12 @@ def main(argv=None) -> int:
     ap.add_argument("--policies", default=",".join(POLICIES))
     args = ap.parse_args(argv)
     from marserve_kernels import cpu_features
-    print(f"{'policy':<6} {'keys':>6} {'victim() us/call':>17} {'fetch events us':>16}")
+    print(f"{'policy':<6} {'keys':>6} {'victim() us/call':>17} {'fetch events us':>16} "
+          f"{'victim_for() under a forecast':>30} {'forecast step us':>17}")
     for name in args.policies.split(","):
         r = measure(name, args.layers, args.experts, args.top_k, args.steps, args.calls)
-        print(f"{r['policy']:<6} {r['keys']:>6} {r['victim_us']:17.0f} {r['fetch_us']:16.1f}")
+        print(f"{r['policy']:<6} {r['keys']:>6} {r['victim_us']:17.0f} {r['fetch_us']:16.1f} "
+              f"{r['forecast_victim_us']:30.0f} {r['forecast_step_us']:17.0f}")
     print("command: python -m marserve.bench.policy_cost " + " ".join(sys.argv[1:] if argv is None else argv))
     print(f"host: {cpu_features.describe()}")
     return 0
