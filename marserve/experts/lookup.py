@@ -27,11 +27,14 @@ import numpy as np
 class SequenceRouting:
     """One sequence's input tokens and, for its last `window` positions, the routing each got."""
 
+    FIRST_ROWS = 64  # routing rows to start with; doubled as the sequence grows, up to `window`
+
     def __init__(self, num_layers: int, top_k: int, window: int):
         self.tokens: list[int] = []
         self.window = window
-        self.routing = np.full((window, num_layers, top_k), -1, dtype=np.int16)  # [window, L, K] by position % window
-        self.routed = np.full(window, -1, dtype=np.int64)  # which position each row holds, once routed in every layer
+        rows = min(window, self.FIRST_ROWS)
+        self.routing = np.full((rows, num_layers, top_k), -1, dtype=np.int16)  # [rows, L, K] by position % rows
+        self.routed = np.full(rows, -1, dtype=np.int64)  # which position each row holds, once routed in every layer
         self.last_pair: dict[int, int] = {}  # (token before, token) -> the latest position that pair ended at
         self.match: int | None = None  # for the current (last) position: the earlier position with the same pair
 
@@ -45,16 +48,25 @@ class SequenceRouting:
                 pair = (self.tokens[pos - 1] << 32) | (t & 0xFFFFFFFF)
                 self.match = self.last_pair.get(pair)
                 self.last_pair[pair] = pos
+        rows = len(self.routed)
+        if rows < min(self.window, len(self.tokens)):  # grow before any position wraps round: rows keep their index
+            while rows < min(self.window, len(self.tokens)):
+                rows = min(self.window, 2 * rows)
+            grown = np.full((rows,) + self.routing.shape[1:], -1, dtype=np.int16)
+            grown[:len(self.routed)] = self.routing
+            self.routing = grown
+            self.routed = np.concatenate([self.routed, np.full(rows - len(self.routed), -1, dtype=np.int64)])
 
     def record(self, start: int, n: int, position: int, topk_ids: np.ndarray, last_layer: bool) -> None:
         """Positions start..start+n-1 routed MoE position `position` to topk_ids [n,K] (the last `window` kept)."""
-        for p in range(max(start, start + n - self.window), start + n):
-            row = p % self.window
-            if position == 0:
-                self.routed[row] = -1  # being overwritten: no forecast reads it until its last layer is in
-            self.routing[row, position] = topk_ids[p - start]
-            if last_layer:
-                self.routed[row] = p
+        rows = len(self.routed)
+        first = max(start, start + n - rows)
+        at = np.arange(first, start + n)
+        if position == 0:
+            self.routed[at % rows] = -1  # being overwritten: no forecast reads them until their last layer is in
+        self.routing[at % rows, position] = topk_ids[first - start:]
+        if last_layer:
+            self.routed[at % rows] = at
 
     def forecast(self, horizon: int) -> np.ndarray | None:
         """[steps, L, K] the routing the next `horizon` positions are forecast to take, the current one first (fewer
@@ -66,21 +78,24 @@ class SequenceRouting:
         rows = []
         for k in range(horizon):
             p = j + k % period
-            if self.routed[p % self.window] != p:
+            if self.routed[p % len(self.routed)] != p:
                 break
-            rows.append(p % self.window)
+            rows.append(p % len(self.routed))
         return self.routing[rows] if rows else None
 
 
 class RoutingLookup:
-    def __init__(self, num_layers: int, top_k: int, horizon: int = 4, window: int = 2048,
+    def __init__(self, num_layers: int, top_k: int, horizon: int = 4, window: int = 2048, max_sequences: int = 16,
                  precision_half_life: float = 64.0):
         """horizon: decode steps forecast ahead (the current one included); window: the positions of a sequence
-        whose routing is kept (an earlier match is forgotten: 2048 x L x K int16, 1.5 MiB a sequence at 48 layers
-        top-8); precision_half_life: forecast experts after which an old one counts half in precision()."""
+        whose routing is kept (an earlier match is forgotten: at most 2048 x L x K int16, 1.5 MiB a sequence at
+        48 layers top-8, grown with the sequence); max_sequences: a pass with more sequences is not forecast and
+        nothing is kept (every one of them would need a match, and their union of experts covers most of a pool
+        anyway); precision_half_life: forecast experts after which an old one counts half in precision()."""
         if horizon < 1:
             raise ValueError(f"horizon must be at least 1, got {horizon}")
         self.num_layers, self.top_k, self.horizon, self.window = num_layers, top_k, horizon, window
+        self.max_sequences = max_sequences
         self._sequences: dict[object, SequenceRouting] = {}
         self._rows: list[tuple[SequenceRouting, int, int]] = []  # the current pass: (sequence, first position, n)
         self._expected: list[np.ndarray] | None = None  # per row of this pass: its forecast for this pass [L,K]
@@ -97,6 +112,10 @@ class RoutingLookup:
         grow; one that comes back starts over)."""
         seen = {}
         self._rows = []
+        self._expected = None
+        if len(seq_keys) > self.max_sequences:
+            self._sequences = {}
+            return None
         for key, ids, start, prefill in zip(seq_keys, token_ids, start_pos, is_prefill):
             seq = self._sequences.get(key)
             if seq is None or len(seq.tokens) != start:

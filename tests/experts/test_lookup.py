@@ -75,6 +75,24 @@ def test_a_match_older_than_the_window_is_forgotten():
     assert found[-1] is not None
 
 
+def test_a_long_sequence_grows_its_rows_and_still_forecasts_round_its_window():
+    lookup = RoutingLookup(L, K, horizon=3, window=256)
+    tokens = [100 + t for t in range(180)] * 2  # a 180-token line, then the same line again
+    _pass(lookup, {"a": (0, tokens[:150])})  # a prefill longer than the first rows: grown to fit
+    found = [_pass(lookup, {"a": (p, [t])}) for p, t in enumerate(tokens[150:], start=150)]
+    f = found[-1][0]  # the last input, 100 + 179 at position 359, matches position 179 (rows wrapped since)
+    assert [f[k].tolist() for k in range(3)] == [_routing(100 + t).tolist() for t in (179, 0, 1)]
+    assert len(lookup._sequences["a"].routed) == 256
+
+
+def test_a_batch_beyond_max_sequences_is_not_forecast_and_nothing_kept():
+    lookup = RoutingLookup(L, K, max_sequences=2)
+    _decode(lookup, [1, 2, 1, 2], key="a")
+    assert _pass(lookup, {"a": (4, [1]), "b": (0, [1, 2]), "c": (0, [3, 4])},
+                 is_prefill=[False, True, True]) is None
+    assert lookup._sequences == {}
+
+
 def test_a_sequence_that_comes_back_elsewhere_starts_over():
     lookup = RoutingLookup(L, K)
     _decode(lookup, [1, 2, 1, 2])
