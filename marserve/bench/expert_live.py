@@ -86,7 +86,9 @@ def _child(spec: dict) -> dict:
     load_s = time.perf_counter() - t0
     if llm.engine.prefetcher is not None and (spec.get("prefetch_lookahead") or spec.get("prefetch_min_prob")):
         _replace_prefetcher(llm, spec.get("prefetch_lookahead"), spec.get("prefetch_min_prob"))
-    params = SamplingParams(max_tokens=spec["tokens"], temperature=0.0, ignore_eos=True)
+    temperature = spec.get("temperature", 0.0)  # above 0: sampled, one fixed seed per prompt (same text every run)
+    params = [SamplingParams(max_tokens=spec["tokens"], temperature=temperature, seed=i, ignore_eos=True)
+              for i in range(len(spec["prompts"]))]
     prompts = [llm.tokenizer(p, add_special_tokens=False)["input_ids"] for p in spec["prompts"]]
     recorder = None
     if llm.model.__dict__.get("expert_store") is not None and not spec["prefetch"]:  # on demand: count MIN too
@@ -99,9 +101,9 @@ def _child(spec: dict) -> dict:
     digest, generated, t0 = hashlib.sha256(), 0, time.perf_counter()
     decode_tokens, decode_s = 0, 0.0  # after each request's first token: what llama-bench's tg measures
     requests = []  # per request: its seconds, stall and bytes read (what an overlap bound needs)
-    for ids in prompts:  # batch 1: one request at a time
+    for ids, sampling in zip(prompts, params):  # batch 1: one request at a time
         start, counters = time.perf_counter(), _summed(blocks)
-        out = llm.generate({"prompt_token_ids": ids}, params, use_tqdm=False)[0]
+        out = llm.generate({"prompt_token_ids": ids}, sampling, use_tqdm=False)[0]
         after = _summed(blocks)
         requests.append({"seconds": time.perf_counter() - start, "stall_s": after["stall_s"] - counters["stall_s"],
                          "bytes_read": after["bytes_read"] - counters["bytes_read"]})

@@ -104,6 +104,7 @@ def run_live(args, models: dict[str, Path]) -> list[dict]:
             spec = {"model": str(models[label]), "label": label, "budget": budget,
                     "expert_cache": max(budget, minimum[label]), "policy": policy, "prefetch": prefetch,
                     "tokens": args.tokens, "threads": args.threads, "dtype": args.dtype, "prompts": prompts,
+                    "temperature": getattr(args, "temperature", 0.0),
                     "prefetch_lookahead": args.live_prefetch_lookahead,
                     "prefetch_min_prob": args.live_prefetch_min_prob}
             rows.append(run_config(spec, global_drop=args.drop_caches == "global"))
@@ -237,7 +238,8 @@ def live_targets(rows: list[dict]) -> list[str]:
     lines = []
     for label in sorted({r["label"] for r in ok}):
         digests = {r["output_digest"] for r in ok if r["label"] == label}
-        lines.append(f"{label}: greedy outputs identical across {sum(r['label'] == label for r in ok)} runs: "
+        kind = "greedy" if not any(r.get("temperature") for r in ok if r["label"] == label) else "sampled (seeded)"
+        lines.append(f"{label}: {kind} outputs identical across {sum(r['label'] == label for r in ok)} runs: "
                      f"{'yes' if len(digests) == 1 else f'NO ({len(digests)} different)'}")
 
     def find(label_start, budget, policy, prefetch):

@@ -97,6 +97,8 @@ def _experts_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policies", default="lru,lfu,mar")
     p.add_argument("--tokens", type=int, default=64, help="tokens generated per prompt (live)")
     p.add_argument("--prompts", type=int, default=4, help="fixed prompts, run one after another (batch 1)")
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="live: 0 = greedy; above, sampled text with a fixed seed per prompt (the same in every run)")
     p.add_argument("--threads", type=int, default=1, help="compute threads (the store's reads run beside them)")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--drop-caches", default="global", choices=["global", "files"],

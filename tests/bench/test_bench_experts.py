@@ -90,6 +90,22 @@ def test_live_runs_every_configuration_in_its_own_process(baby_checkpoint, tmp_p
     assert "greedy outputs identical across 3 runs: yes" in out
 
 
+def test_live_runs_can_sample_with_seeds_and_report_the_routing_lookup(baby_checkpoint, tmp_path, capsys):
+    model = baby_checkpoint("qwen3_moe", mar=True, num_layers=2, num_experts=4, top_k=2)
+    report_path = tmp_path / "report.json"
+    argv = ["bench", "experts", "--quick", "--skip-replay", "--models", str(model), "--budgets", "1,0.5",
+            "--policies", "mar", "--drop-caches", "files", "--json", str(report_path), "--temperature", "0.9"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    rows = json.loads(report_path.read_text())["live"]
+    assert all(r["temperature"] == 0.9 for r in rows) and len({r["output_digest"] for r in rows}) == 1
+    assert "sampled (seeded) outputs identical across 3 runs: yes" in out
+    (prefetching,) = [r for r in rows if r["prefetch"] and r["budget"] == 0.5]
+    assert prefetching["lookup_steps"] == 7 + 1  # 8 tokens: 7 decode steps, and the warm-up request's one
+    assert 0 <= prefetching["lookup_forecasts"] <= 8
+    assert 0.0 <= prefetching["lookup_precision"] <= 1.0 and prefetching["forecast_read_steps"] >= 0
+
+
 def test_bench_model_is_calibrated_once_and_the_file_stays_beside_it(baby_checkpoint, tmp_path, capfd):
     import shutil
 
