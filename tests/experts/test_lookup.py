@@ -85,6 +85,16 @@ def test_a_long_sequence_grows_its_rows_and_still_forecasts_round_its_window():
     assert len(lookup._sequences["a"].routed) == 256
 
 
+def test_a_prefill_longer_than_the_window_keeps_its_last_positions():
+    lookup = RoutingLookup(L, K, horizon=2, window=64)
+    tokens = [200 + t % 50 for t in range(300)]  # a 50-token line, six times over
+    _pass(lookup, {"a": (0, tokens)})
+    seq = lookup._sequences["a"]
+    assert len(seq.routed) == 64 and sorted(seq.routed.tolist()) == list(range(236, 300))
+    f = _pass(lookup, {"a": (300, [200])})[0]  # (249, 200) last ended at 250, kept: positions 250 and 251
+    assert [f[k].tolist() for k in range(2)] == [_routing(t).tolist() for t in (200, 201)]
+
+
 def test_a_batch_beyond_max_sequences_is_not_forecast_and_nothing_kept():
     lookup = RoutingLookup(L, K, max_sequences=2)
     _decode(lookup, [1, 2, 1, 2], key="a")
