@@ -126,7 +126,6 @@ class RoutingLookup:
             self._rows.append((seq, start, len(ids)))
             seen[key] = seq
         self._sequences = seen
-        self._expected = None
         if any(is_prefill) or not self._rows:
             return None
         self.steps += 1

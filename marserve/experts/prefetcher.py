@@ -57,6 +57,7 @@ def top_predictions(scores: torch.Tensor, n: int, min_prob: float, learned: bool
 class Prefetcher:
     FORECAST_DEPTH = 2  # forecast reads kept under way at once
     FORECAST_MIN_PRECISION = 0.9  # reads follow the lookup's forecast only while it is right this often
+
     def __init__(self, model, preferences: ExpertPreferences | None, lookahead: int = 1, per_layer: int | None = None,
                  min_prob: float = 0.5, predictor: str = "auto", max_per_layer: int | None = None,
                  adaptive: bool = True, lookup_horizon: int = 4):
@@ -67,7 +68,8 @@ class Prefetcher:
         call, the ones most tokens want (a batch's union can outgrow a small expert cache and evict itself);
         adaptive: raise the threshold where reads are slow against the compute they can hide behind
         (min_prob_for); False: min_prob at every distance (`bench experts --live-prefetch-min-prob`);
-        lookup_horizon: decode steps the routing lookup forecasts for eviction (lookup.py; 0: no lookup). The
+        lookup_horizon: decode steps the routing lookup forecasts, for eviction and, once proven, reads (lookup.py;
+        0: no lookup). The
         defaults (1 layer ahead, top-k, p >= 0.5) are the setting with the best recall at a precision >= 0.9 on the
         default model (docs/offload.md, "Prediction")."""
         if lookahead < 1:
@@ -153,7 +155,7 @@ class Prefetcher:
         """Before the forward pass: predict the first MoE layers' experts from the step's tokens (a prefilling
         sequence contributes all its ids, a decoding one its last id); with seq_keys (a key per sequence, stable
         across steps) and start_pos (where each chunk starts in its sequence), input_ids_per_sequence holds each
-        chunk's tokens, and the routing lookup forecasts the coming steps for eviction."""
+        chunk's tokens, and the routing lookup forecasts the coming steps (_forecast)."""
         if self.lookup is not None and seq_keys is not None and start_pos is not None:
             self._forecast(seq_keys, input_ids_per_sequence, start_pos, is_prefill)
         targets = self.predictor.targets(EMBED)
