@@ -104,7 +104,7 @@ def run_live(args, models: dict[str, Path]) -> list[dict]:
             spec = {"model": str(models[label]), "label": label, "budget": budget,
                     "expert_cache": max(budget, minimum[label]), "policy": policy, "prefetch": prefetch,
                     "tokens": args.tokens, "threads": args.threads, "dtype": args.dtype, "prompts": prompts,
-                    "temperature": getattr(args, "temperature", 0.0),
+                    "temperature": args.temperature,
                     "prefetch_lookahead": args.live_prefetch_lookahead,
                     "prefetch_min_prob": args.live_prefetch_min_prob}
             rows.append(run_config(spec, global_drop=args.drop_caches == "global"))

@@ -100,9 +100,6 @@ class OffloadedExperts(ExpertProvider):
     def expect(self, uses: dict[int, list[int]]) -> None:
         self.store.expect(self.layer_idx, uses)
 
-    def read_seconds(self) -> float:
-        return self.store.read_seconds
-
     def reads_in_flight(self) -> int:
         return self.store.reads_in_flight
 

@@ -88,10 +88,6 @@ class ExpertProvider(nn.Module):
         """A forecast of this layer's experts (expert -> the fetches from now, 1 = the next fetch of any MoE
         layer, at which it will be used; {}: none), replacing the last. Resident experts need none."""
 
-    def read_seconds(self) -> float:
-        """How long one expert's read takes (0: nothing is ever read)."""
-        return 0.0
-
     def reads_in_flight(self) -> int:
         """Expert reads under way (of any layer sharing this provider's slow tier)."""
         return 0
