@@ -22,6 +22,8 @@ import threading
 import time
 from pathlib import Path
 
+from marserve.bench.provenance import print_provenance
+
 
 def covered(spans: list[tuple[float, float]]) -> float:
     """Seconds covered by the union of [start, end) spans."""
@@ -101,8 +103,6 @@ def measure(model_dir: str, expert_cache: float, policy: str, prompts: list[str]
 
 
 def main(argv: list[str] | None = None) -> int:
-    from marserve_kernels import cpu_features
-
     from marserve import DEFAULT_MODEL_DIR
     from marserve.bench.experts import PROMPTS
     p = argparse.ArgumentParser(prog="python -m marserve.bench.expert_timeline", description=__doc__.split("\n")[0])
@@ -124,8 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{i:>7} {r['wall_s']:7.3f} {r['compute_s']:7.3f} {r['stall_s']:7.3f} {r['reads']:5d} "
               f"{r['prefetched']:10d} {r['disk_busy_s']:9.3f} {r['idle_s']:20.3f} | {r['prefill_s']:9.3f} "
               f"{r['prefill_stall_s']:9.3f} {r['prefill_reads']:9d}")
-    print("command: python -m marserve.bench.expert_timeline " + " ".join(sys.argv[1:] if argv is None else argv))
-    print(f"host: {cpu_features.describe()}")
+    print_provenance("marserve.bench.expert_timeline", argv)
     return 0
 
 

@@ -17,6 +17,8 @@ import argparse
 import sys
 import time
 
+from marserve.bench.provenance import print_provenance
+
 
 def measure(model_dir: str, expert_cache: float, tokens: int, calls: int, policy: str = "mar") -> dict:
     """-> {"fetch_us": one provider fetch(), "store_us": the store's part of it, "layers": layers timed}."""
@@ -58,8 +60,6 @@ def measure(model_dir: str, expert_cache: float, tokens: int, calls: int, policy
 
 
 def main(argv: list[str] | None = None) -> int:
-    from marserve_kernels import cpu_features
-
     from marserve import DEFAULT_MODEL_DIR
     p = argparse.ArgumentParser(prog="python -m marserve.bench.fetch_cost", description=__doc__.split("\n")[0])
     p.add_argument("--model", default=str(DEFAULT_MODEL_DIR))
@@ -77,8 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         best = r if best is None or r["fetch_us"] < best["fetch_us"] else best
     print(f"all-hit fetch, {args.tokens} token(s), policy {args.policy}, {best['layers']} layers: "
           f"{best['fetch_us']:.1f} us per layer (the store's part {best['store_us']:.1f} us), best of {args.repeats}")
-    print("command: python -m marserve.bench.fetch_cost " + " ".join(sys.argv[1:] if argv is None else argv))
-    print(f"host: {cpu_features.describe()}")
+    print_provenance("marserve.bench.fetch_cost", argv)
     return 0
 
 

@@ -22,6 +22,7 @@ import time
 
 import numpy as np
 
+from marserve.bench.provenance import print_provenance
 from marserve.experts.lookup import RoutingLookup, forecast_uses
 from marserve.experts.policies import POLICIES, make_policy
 
@@ -96,15 +97,13 @@ def main(argv=None) -> int:
     ap.add_argument("--calls", type=int, default=200, help="victim() calls timed")
     ap.add_argument("--policies", default=",".join(POLICIES))
     args = ap.parse_args(argv)
-    from marserve_kernels import cpu_features
     print(f"{'policy':<6} {'keys':>6} {'victim() us/call':>17} {'fetch events us':>16} "
           f"{'victim_for() under a forecast':>30} {'forecast step us':>17}")
     for name in args.policies.split(","):
         r = measure(name, args.layers, args.experts, args.top_k, args.steps, args.calls)
         print(f"{r['policy']:<6} {r['keys']:>6} {r['victim_us']:17.0f} {r['fetch_us']:16.1f} "
               f"{r['forecast_victim_us']:30.0f} {r['forecast_step_us']:17.0f}")
-    print("command: python -m marserve.bench.policy_cost " + " ".join(sys.argv[1:] if argv is None else argv))
-    print(f"host: {cpu_features.describe()}")
+    print_provenance("marserve.bench.policy_cost", argv)
     return 0
 
 
