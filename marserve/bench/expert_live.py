@@ -100,13 +100,18 @@ def _child(spec: dict) -> dict:
     before = _summed(blocks)  # the warm-up's counters are left out
     digest, generated, t0 = hashlib.sha256(), 0, time.perf_counter()
     decode_tokens, decode_s = 0, 0.0  # after each request's first token: what llama-bench's tg measures
-    requests = []  # per request: its seconds, stall and bytes read (what an overlap bound needs)
+    requests = []  # per request: its seconds, stall and bytes read, and the prefill's (what an overlap bound needs)
+    first_token = _mark_first_token(llm.engine, blocks)
     for ids, sampling in zip(prompts, params):  # batch 1: one request at a time
+        first_token.clear()
         start, counters = time.perf_counter(), _summed(blocks)
         out = llm.generate({"prompt_token_ids": ids}, sampling, use_tqdm=False)[0]
-        after = _summed(blocks)
-        requests.append({"seconds": time.perf_counter() - start, "stall_s": after["stall_s"] - counters["stall_s"],
-                         "bytes_read": after["bytes_read"] - counters["bytes_read"]})
+        end, after = time.perf_counter(), _summed(blocks)
+        prefill = first_token or {"at": end, **after}
+        requests.append({"seconds": end - start, "stall_s": after["stall_s"] - counters["stall_s"],
+                         "bytes_read": after["bytes_read"] - counters["bytes_read"],
+                         "prefill_s": prefill["at"] - start, "prefill_stall_s": prefill["stall_s"] - counters["stall_s"],
+                         "prefill_bytes_read": prefill["bytes_read"] - counters["bytes_read"]})
         toks = out.outputs[0].token_ids
         digest.update(json.dumps(toks).encode())
         generated += len(toks)
@@ -128,6 +133,21 @@ def _child(spec: dict) -> dict:
             "prefetcher": type(llm.engine.prefetcher).__name__ if llm.engine.prefetcher is not None else None,
             "predictor": llm.engine.prefetcher.predictor.name if llm.engine.prefetcher is not None else None,
             **_prefetcher_settings(llm.engine.prefetcher)}
+
+
+def _mark_first_token(engine, blocks) -> dict:
+    """Wrap engine.step so that the returned dict, once cleared, gets {"at": perf_counter, **_summed(blocks)} at
+    the end of the first step that gives a request a token (at batch 1: the prefill's end)."""
+    mark: dict = {}
+    step = engine.step
+
+    def step_and_mark():
+        outputs = step()
+        if not mark and any(o.outputs and o.outputs[0].token_ids for o in outputs):
+            mark.update(at=time.perf_counter(), **_summed(blocks))
+        return outputs
+    engine.step = step_and_mark
+    return mark
 
 
 def _prefetcher_settings(pf) -> dict:

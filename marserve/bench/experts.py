@@ -161,19 +161,24 @@ def _find_row(rows: list[dict], label_start: str, budget: float, policy: str, pr
 
 
 def overlap_bound(run: dict, rate: float) -> tuple[float, float] | None:
-    """The least stall and the least time `run`'s own reads allow, were each read hidden behind compute of its own
-    request (a request's reads cannot start before it arrives) at `rate` bytes/s -> (stall s, seconds), or None
-    when the run has no per-request record. Per request: compute = its seconds less its stall, reading = its
-    bytes / rate; it stalls at least reading - compute and lasts at least the longer of the two. A bound for these
-    reads at this rate only: fewer bytes, or a disk that reads faster with more requests in flight, go lower."""
+    """The least stall and the least time `run`'s own reads allow at `rate` bytes/s -> (stall s, seconds), or None
+    when the run has no per-request record. A request's reads cannot start before it arrives, and its prefill's
+    reads (those landed by its first token) can hide only behind the prefill's own compute: the decode needs the
+    prefill done. So per request, with P, D the prefill's and the decode's reading (bytes / rate) and Cp, Cd their
+    compute (seconds less stall): stall >= max(0, P - Cp, P + D - Cp - Cd), time >= Cp + Cd + that. A request
+    recorded without its prefill apart counts as all decode (P = 0: a looser bound). A bound for these reads at
+    this rate only: fewer bytes, or a disk that reads faster with more requests in flight, go lower."""
     requests = run.get("requests")
     if not requests or rate <= 0.0:
         return None
     stall = seconds = 0.0
     for r in requests:
-        compute, reading = max(0.0, r["seconds"] - r["stall_s"]), r["bytes_read"] / rate
-        stall += max(0.0, reading - compute)
-        seconds += max(compute, reading)
+        compute = max(0.0, r["seconds"] - r["stall_s"])
+        prefill_compute = max(0.0, r.get("prefill_s", 0.0) - r.get("prefill_stall_s", 0.0))
+        prefill_reading, reading = r.get("prefill_bytes_read", 0) / rate, r["bytes_read"] / rate
+        least = max(0.0, prefill_reading - prefill_compute, reading - compute)
+        stall += least
+        seconds += compute + least
     return stall, seconds
 
 
@@ -216,7 +221,8 @@ def _large_model_lines(label: str, rows: list[dict]) -> list[str]:
         if bound is not None and read_s:
             least_stall, least_s = bound
             lines.append(f"{label} 25%: how far overlap can go with the reads this {best['policy']}+prefetch run made: "
-                         f"even with every read hidden behind compute of its own request at that rate, it would stall "
+                         f"even with every read hidden behind compute of its own request at that rate (a prefill's "
+                         f"behind its own compute only), it would stall "
                          f">= {least_stall:.2f} s = {least_stall / read_s:.2f} x its disk-read time and run at <= "
                          f"{best['generated_tokens'] / least_s / lru['tokens_per_s']:.2f} x lru on-demand's tok/s")
         if best.get("lookup_steps"):

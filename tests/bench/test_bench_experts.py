@@ -78,6 +78,9 @@ def test_live_runs_every_configuration_in_its_own_process(baby_checkpoint, tmp_p
         assert sum(q["stall_s"] for q in r["requests"]) == pytest.approx(r["stall_s"])
         assert sum(q["seconds"] for q in r["requests"]) <= r["seconds"]
         assert all(0 <= q["stall_s"] <= q["seconds"] for q in r["requests"])
+        # the prefill (up to the first token) is a part of each request
+        assert all(0 < q["prefill_s"] < q["seconds"] and 0 <= q["prefill_stall_s"] <= q["stall_s"] + 1e-9
+                   and 0 <= q["prefill_bytes_read"] <= q["bytes_read"] for q in r["requests"])
     for r in rows[1:2]:  # on demand: its routing replayed offline reads what it read; MIN no more
         assert r["replayed_reads"] == r["bytes_read"] // r["expert_file_bytes"] >= r["min_reads"] >= 0
     assert "on-demand reads after the warm-up" in out and "MIN (Belady)" in out
@@ -186,3 +189,19 @@ def test_overlap_bound_hides_each_request_s_reads_behind_its_own_compute_only():
     (line,) = [ln for ln in live_targets([lru, on]) if "how far overlap can go" in ln]
     # the disk-read time is 2.5 s at lru's rate: >= 1.5 s of stall = 0.60 x; 30 tokens in >= 3 s = 10 tok/s = 1.00 x
     assert "stall >= 1.50 s = 0.60 x its disk-read time and run at <= 1.00 x lru on-demand's tok/s" in line
+
+
+def test_overlap_bound_hides_a_prefill_s_reads_behind_the_prefill_s_compute_only():
+    from marserve.bench.experts import overlap_bound
+    # 1.0 s of compute against 0.8 s of reads would hide them all, but 0.6 s of them are the prefill's, behind
+    # 0.1 s of prefill compute: 0.5 s stall however the decode's 0.2 s of reads are placed
+    r = {"seconds": 1.5, "stall_s": 0.5, "bytes_read": 80e6,
+         "prefill_s": 0.6, "prefill_stall_s": 0.5, "prefill_bytes_read": 60e6}
+    stall, seconds = overlap_bound({"requests": [r]}, rate=100e6)
+    assert stall == pytest.approx(0.5) and seconds == pytest.approx(1.5)
+    # a decode reading more than its compute can hide: the request's whole reading against its whole compute
+    r2 = {**r, "bytes_read": 160e6}
+    assert overlap_bound({"requests": [r2]}, rate=100e6)[0] == pytest.approx(0.6)
+    # without the prefill apart: the looser per-request bound (all reads hidden behind 1.0 s of compute)
+    loose = {k: r[k] for k in ("seconds", "stall_s", "bytes_read")}
+    assert overlap_bound({"requests": [loose]}, rate=100e6)[0] == pytest.approx(0.0)
