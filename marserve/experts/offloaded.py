@@ -87,10 +87,11 @@ class OffloadedExperts(ExpertProvider):
         counts = Counter(ids)  # expert -> routing decisions, first use first
         slots = self.store.fetch(self.layer_idx, counts)
         if len(ids) <= self.REMAP_IN_PYTHON:  # a decode step's few ids: one tensor from a list beats 4 tensor ops
-            remapped = torch.tensor([slots[e] for e in ids], dtype=topk_ids.dtype).view(topk_ids.shape)
-        else:
-            lut = torch.zeros(self.num_experts, dtype=topk_ids.dtype)  # expert -> slot; unused experts -> 0, unread
-            lut[list(slots)] = torch.tensor(list(slots.values()), dtype=topk_ids.dtype)
+            remapped = torch.tensor([slots[e] for e in ids], dtype=topk_ids.dtype,
+                                    device=topk_ids.device).view(topk_ids.shape)
+        else:  # expert -> slot; unused experts -> 0, unread
+            lut = torch.zeros(self.num_experts, dtype=topk_ids.dtype, device=topk_ids.device)
+            lut[list(slots)] = torch.tensor(list(slots.values()), dtype=topk_ids.dtype, device=topk_ids.device)
             remapped = lut[topk_ids]
         return ExpertWeights(self.store.w13, self.store.w2, remapped)  # [S,2I,H], [S,H,I], [T,K] slots
 
@@ -138,6 +139,33 @@ class Offload:
         return self.store
 
 
+# On a device: keep every expert in host RAM (the slow tier) when they take at most this share of the RAM available
+# at load; else read them from the checkpoint through pinned staging buffers. "always" / "never": tests.
+HOST_TIER = "auto"
+HOST_TIER_MAX_SHARE = 0.8
+STAGED: bool | None = None  # tests: True runs the device path's staging buffers and copies on the CPU
+
+
+def _available_ram() -> int:
+    """Bytes of RAM available to new allocations (MemAvailable), 0 where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def use_host_tier(device: torch.device, all_expert_bytes: int) -> bool:
+    """Whether the slow tier is host RAM: on an accelerator, when every expert fits in its share of the RAM
+    available (on the CPU the fast tier is host RAM already: the slow tier is the checkpoint)."""
+    if HOST_TIER != "auto":
+        return HOST_TIER == "always"
+    return device.type != "cpu" and all_expert_bytes <= HOST_TIER_MAX_SHARE * _available_ram()
+
+
 def plan(model, config, model_dir: Path, files: dict[str, Path], dtype: torch.dtype, expert_cache: float = 1.0,
          expert_cache_gb: float | None = None, expert_policy: str = "lru", device: str = "cpu") -> Offload | None:
     """Before any weight is read: None when the budget holds every expert (the resident path, unchanged); else
@@ -145,13 +173,18 @@ def plan(model, config, model_dir: Path, files: dict[str, Path], dtype: torch.dt
     budget = budget_for(config, dtype, expert_cache, expert_cache_gb)
     if not budget.offloads:
         return None
-    if torch.device(device).type != "cpu":
-        raise ConfigError(f"expert offloading keeps its fast tier in host RAM and runs on the CPU only in this build; "
-                          f"use expert_cache=1 on {device}")
+    device = torch.device(device)
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"expert offloading runs on the CPU or a CUDA device, not {device}; use expert_cache=1")
     index = CheckpointIndex.build(model, files)
     policy = make_policy(expert_policy, budget.num_layers)
+    host_tier = use_host_tier(device, budget.total * budget.expert_bytes)
+    if device.type != "cpu":
+        logger.info("expert slots on %s; the slow tier is %s", device,
+                    "host RAM (every expert read once, at start)" if host_tier else "the checkpoint on disk, read "
+                    "through pinned host buffers (host RAM does not hold every expert)")
     store = ExpertStore(index, budget.num_slots, budget.min_slots, policy, config.hidden_size,
-                        config.moe_intermediate_size, dtype)
+                        config.moe_intermediate_size, dtype, device=device, host_tier=host_tier, staged=STAGED)
     for block in model.moe_blocks():
         block.experts = OffloadedExperts(store, block.layer_idx, config.num_experts, config.hidden_size,
                                          config.moe_intermediate_size)

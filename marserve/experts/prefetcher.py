@@ -142,7 +142,7 @@ class Prefetcher:
         i = self._position[layer_idx]
         self._time_layer(i)
         if self.lookup is not None and topk_ids is not None:
-            self.lookup.record(i, topk_ids.numpy())
+            self.lookup.record(i, topk_ids.cpu().numpy())
         if self._to_read:
             self._read_forecast(i + 1)
         targets = self.predictor.targets(i)

@@ -10,6 +10,9 @@ slot is handed to anyone.
 The store also measures what the prefetcher weighs a guess against: a moving average of one expert's read and of
 the share of time reads are in flight (sampled at each fetch); their product is what a wrong guess costs.
 
+On a CUDA device the pool lives in device memory and is filled from host memory on the reading threads' side
+streams; where host RAM holds every expert, the slow tier is host RAM, filled once at start (device_tier.py).
+
 Concurrency: one lock guards the slot tables; reads run outside it (the read, the checksum and the copy into the
 slot release the GIL).
 A fetch pins the slots it returns until the same thread's next fetch (the block computes with them in between),
@@ -30,6 +33,7 @@ import torch
 
 from marserve import hugepages, progress
 from marserve.experts.checkpoint_index import CheckpointIndex
+from marserve.experts.device_tier import DeviceTransfer, HostExperts
 from marserve.experts.policies import EvictionPolicy, Key
 from marserve.experts.provider import ExpertCacheStats
 from marserve.experts.slow_tier import SlowTier
@@ -39,12 +43,25 @@ logger = logging.getLogger(__name__)
 
 class ExpertStore:
     def __init__(self, index: CheckpointIndex, num_slots: int, min_slots: int, policy: EvictionPolicy,
-                 hidden_size: int, intermediate_size: int, dtype: torch.dtype, read_threads: int = 2):
+                 hidden_size: int, intermediate_size: int, dtype: torch.dtype, read_threads: int = 2,
+                 device: str | torch.device = "cpu", host_tier: bool = False, staged: bool | None = None):
+        """device: where the slots live; host_tier: keep every expert in host RAM (read from the checkpoint once,
+        at start) and fill slots from there; staged: read into host buffers and copy into the slots (None: where
+        the slots are not in host RAM, or with a host tier; True on the CPU: tests of the device path)."""
         H, I = hidden_size, intermediate_size
         self.index, self.policy, self.dtype = index, policy, dtype
         self.num_slots, self.min_slots = num_slots, min_slots
-        self.w13 = hugepages.empty((num_slots, 2 * I, H), dtype)  # [S, 2I, H]
-        self.w2 = hugepages.empty((num_slots, H, I), dtype)  # [S, H, I]
+        self.device = torch.device(device)
+        on_cpu = self.device.type == "cpu"
+        self.w13 = hugepages.empty((num_slots, 2 * I, H), dtype) if on_cpu else \
+            torch.empty((num_slots, 2 * I, H), dtype=dtype, device=self.device)  # [S, 2I, H]
+        self.w2 = hugepages.empty((num_slots, H, I), dtype) if on_cpu else \
+            torch.empty((num_slots, H, I), dtype=dtype, device=self.device)  # [S, H, I]
+        if staged is None:
+            staged = not on_cpu or host_tier
+        self.transfer = DeviceTransfer(self.w13, self.w2) if staged or host_tier else None
+        self.host = HostExperts(index.keys, (2 * I, H), (H, I), dtype, pinned=self.device.type == "cuda") \
+            if host_tier else None
         self.stats = {layer: ExpertCacheStats(layer) for layer in index.layer_ids}
         self.slow = SlowTier(index)
         self._cond = threading.Condition()
@@ -83,7 +100,15 @@ class ExpertStore:
                     self.policy.on_insert(key)
                     if key in hot:
                         self._hot.add(slot)
-                self.slow.read_expert(*key, self._rows(slot), record=True)
+                if self.host is not None:  # the host tier keeps every expert; the initial set goes up from it
+                    self.slow.read_expert(*key, self._host_rows(key), record=True)
+                    if slot is not None:
+                        self.transfer.upload(slot, *self.host.rows(key))
+                elif self.transfer is not None and slot is not None:
+                    self.slow.read_expert(*key, self._staging_rows(), record=True)
+                    self.transfer.upload(slot, *self.transfer.staging())
+                else:
+                    self.slow.read_expert(*key, self._rows(slot), record=True)
                 shown.update()
 
     # ---- the two calls the providers make ----------------------------------------------------------
@@ -99,8 +124,7 @@ class ExpertStore:
         me = threading.get_ident()
         with self._cond:
             self._sample_busy(start)
-            for s in self._active.pop(me, ()):
-                self._pins[s] -= 1
+            self._unpin(self._active.pop(me, ()))
             self.policy.advance(layer)
             pinned = self._active[me] = []
             for e, n in counts.items():
@@ -245,7 +269,7 @@ class ExpertStore:
         only logs: the fetch that needs the expert reads it again)."""
         start = time.perf_counter()
         try:
-            moved = self.slow.read_expert(*key, self._rows(slot), urgent=not prefetched)
+            moved = self._move(key, slot, prefetched)
         except BaseException as e:
             self._give_back(key, slot)
             if prefetched:
@@ -258,6 +282,19 @@ class ExpertStore:
             self.stats[key[0]].bytes_moved += moved
             self.read_seconds += (took - self.read_seconds) / 16 if self.read_seconds else took
             self._cond.notify_all()
+
+    def _move(self, key: Key, slot: int, prefetched: bool) -> int:
+        """key's bytes into `slot`: from the host tier, or read from the checkpoint (into the slot itself, or through
+        this thread's staging buffers) -> bytes moved."""
+        if self.host is not None:
+            rows = self.host.rows(key)
+            self.transfer.upload(slot, *rows)
+            return sum(t.numel() * t.element_size() for t in rows)
+        if self.transfer is not None:
+            moved = self.slow.read_expert(*key, self._staging_rows(), urgent=not prefetched)
+            self.transfer.upload(slot, *self.transfer.staging())
+            return moved
+        return self.slow.read_expert(*key, self._rows(slot), urgent=not prefetched)
 
     def _settle(self, slot: int) -> None:
         """slot's read is over, landed or not (lock held)."""
@@ -297,12 +334,29 @@ class ExpertStore:
             return lambda piece: None
         return lambda p: (self.w13 if p.target == "w13" else self.w2)[slot, p.row0:p.row0 + p.rows]
 
+    def _staging_rows(self):
+        """piece -> its rows in this thread's staging buffers (the device path)."""
+        w13, w2 = self.transfer.staging()
+        return lambda p: (w13 if p.target == "w13" else w2)[p.row0:p.row0 + p.rows]
+
+    def _host_rows(self, key: Key):
+        """piece -> its rows of key in the host tier."""
+        w13, w2 = self.host.rows(key)
+        return lambda p: (w13 if p.target == "w13" else w2)[p.row0:p.row0 + p.rows]
+
+    def _unpin(self, slots) -> None:
+        """A forward pass lets go of these slots (lock held); on a device, an upload into one of them waits for the
+        kernels already queued on it."""
+        for s in slots:
+            self._pins[s] -= 1
+        if self.transfer is not None:
+            self.transfer.release(list(slots))
+
     def end_pass(self) -> None:
         """The calling thread's forward pass is over: unpin the experts of its last fetch (the engine calls this
         after each step, so that a thread that stops generating holds no slots another thread needs)."""
         with self._cond:
-            for s in self._active.pop(threading.get_ident(), ()):
-                self._pins[s] -= 1
+            self._unpin(self._active.pop(threading.get_ident(), ()))
             self._cond.notify_all()
 
     def in_use(self) -> tuple[int, int]:
