@@ -80,6 +80,7 @@ def _child(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
     from marserve import LLM
     from marserve.sampling_params import SamplingParams
+    from marserve.bench.read_needs import ReadNeeds
     t0 = time.perf_counter()
     llm = LLM(spec["model"], dtype=spec["dtype"], expert_cache=spec["expert_cache"], expert_policy=spec["policy"],
               prefetch=spec["prefetch"], kv_cache_gb=0.25, enable_prefix_caching=False)
@@ -102,8 +103,12 @@ def _child(spec: dict) -> dict:
     decode_tokens, decode_s = 0, 0.0  # after each request's first token: what llama-bench's tg measures
     requests = []  # per request: its seconds, stall and bytes read, and the prefill's (what an overlap bound needs)
     first_token = _mark_first_token(llm.engine, blocks)
+    store = llm.model.__dict__.get("expert_store")
+    needs = ReadNeeds(store).install() if store is not None else None  # when each read was needed
     for ids, sampling in zip(prompts, params):  # batch 1: one request at a time
         first_token.clear()
+        if needs is not None:
+            needs.begin()
         start, counters = time.perf_counter(), _summed(blocks)
         out = llm.generate({"prompt_token_ids": ids}, sampling, use_tqdm=False)[0]
         end, after = time.perf_counter(), _summed(blocks)
@@ -111,7 +116,8 @@ def _child(spec: dict) -> dict:
         requests.append({"seconds": end - start, "stall_s": after["stall_s"] - counters["stall_s"],
                          "bytes_read": after["bytes_read"] - counters["bytes_read"],
                          "prefill_s": prefill["at"] - start, "prefill_stall_s": prefill["stall_s"] - counters["stall_s"],
-                         "prefill_bytes_read": prefill["bytes_read"] - counters["bytes_read"]})
+                         "prefill_bytes_read": prefill["bytes_read"] - counters["bytes_read"],
+                         **({"needs": needs.end()} if needs is not None else {})})
         toks = out.outputs[0].token_ids
         digest.update(json.dumps(toks).encode())
         generated += len(toks)

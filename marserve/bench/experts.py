@@ -162,21 +162,29 @@ def _find_row(rows: list[dict], label_start: str, budget: float, policy: str, pr
 
 def overlap_bound(run: dict, rate: float) -> tuple[float, float] | None:
     """The least stall and the least time `run`'s own reads allow at `rate` bytes/s -> (stall s, seconds), or None
-    when the run has no per-request record. A request's reads cannot start before it arrives, and its prefill's
-    reads (those landed by its first token) can hide only behind the prefill's own compute: the decode needs the
-    prefill done. So per request, with P, D the prefill's and the decode's reading (bytes / rate) and Cp, Cd their
-    compute (seconds less stall): stall >= max(0, P - Cp, P + D - Cp - Cd), time >= Cp + Cd + that. A request
-    recorded without its prefill apart counts as all decode (P = 0: a looser bound). A bound for these reads at
-    this rate only: fewer bytes, or a disk that reads faster with more requests in flight, go lower."""
+    when the run has no per-request record. A request's reads cannot start before it arrives, and a read must land
+    before the fetch that first uses it. Per request, from its "needs" (each read used: the compute seconds at its
+    first use, its bytes; bench/read_needs.py): reading one after another from the request's start, by compute
+    position c the disk must have read every byte needed at or before c, so stall >= max over c of (those bytes /
+    rate - c); time >= compute + that. Reads never used are left out. A request recorded without its needs falls
+    back to its prefill apart (P, D: the prefill's and the decode's reading; Cp, Cd their compute): stall >=
+    max(0, P - Cp, P + D - Cp - Cd) (without the prefill apart, P = 0). A bound for these reads at this rate only:
+    fewer bytes, or a disk that reads faster with more requests in flight, go lower."""
     requests = run.get("requests")
     if not requests or rate <= 0.0:
         return None
     stall = seconds = 0.0
     for r in requests:
         compute = max(0.0, r["seconds"] - r["stall_s"])
-        prefill_compute = max(0.0, r.get("prefill_s", 0.0) - r.get("prefill_stall_s", 0.0))
-        prefill_reading, reading = r.get("prefill_bytes_read", 0) / rate, r["bytes_read"] / rate
-        least = max(0.0, prefill_reading - prefill_compute, reading - compute)
+        if "needs" in r:
+            least, read = 0.0, 0
+            for at, nbytes in r["needs"]:  # in order of use
+                read += nbytes
+                least = max(least, read / rate - at)
+        else:
+            prefill_compute = max(0.0, r.get("prefill_s", 0.0) - r.get("prefill_stall_s", 0.0))
+            prefill_reading, reading = r.get("prefill_bytes_read", 0) / rate, r["bytes_read"] / rate
+            least = max(0.0, prefill_reading - prefill_compute, reading - compute)
         stall += least
         seconds += compute + least
     return stall, seconds
@@ -221,8 +229,8 @@ def _large_model_lines(label: str, rows: list[dict]) -> list[str]:
         if bound is not None and read_s:
             least_stall, least_s = bound
             lines.append(f"{label} 25%: how far overlap can go with the reads this {best['policy']}+prefetch run made: "
-                         f"even with every read hidden behind compute of its own request at that rate (a prefill's "
-                         f"behind its own compute only), it would stall "
+                         f"even with every read it used landing just in time, one after another from its request's start "
+                         f"at that rate, it would stall "
                          f">= {least_stall:.2f} s = {least_stall / read_s:.2f} x its disk-read time and run at <= "
                          f"{best['generated_tokens'] / least_s / lru['tokens_per_s']:.2f} x lru on-demand's tok/s")
         if best.get("lookup_steps"):

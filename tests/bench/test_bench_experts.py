@@ -81,6 +81,14 @@ def test_live_runs_every_configuration_in_its_own_process(baby_checkpoint, tmp_p
         # the prefill (up to the first token) is a part of each request
         assert all(0 < q["prefill_s"] < q["seconds"] and 0 <= q["prefill_stall_s"] <= q["stall_s"] + 1e-9
                    and 0 <= q["prefill_bytes_read"] <= q["bytes_read"] for q in r["requests"])
+        if r["budget"] < 1.0:  # each read a fetch used: when (compute seconds of its request) and how many bytes
+            for q in r["requests"]:
+                at = [c for c, _ in q["needs"]]
+                assert at == sorted(at) and all(0.0 <= c <= q["seconds"] for c in at)
+                assert 0 < sum(b for _, b in q["needs"]) <= q["bytes_read"]
+                if not r["prefetch"]:  # on demand every read is a miss its own fetch uses
+                    assert sum(b for _, b in q["needs"]) == q["bytes_read"]
+                assert len({b for _, b in q["needs"]}) == 1  # one expert's bytes on disk each (all alike here)
     for r in rows[1:2]:  # on demand: its routing replayed offline reads what it read; MIN no more
         assert r["replayed_reads"] == r["bytes_read"] // r["expert_file_bytes"] >= r["min_reads"] >= 0
     assert "on-demand reads after the warm-up" in out and "MIN (Belady)" in out
@@ -189,6 +197,18 @@ def test_overlap_bound_hides_each_request_s_reads_behind_its_own_compute_only():
     (line,) = [ln for ln in live_targets([lru, on]) if "how far overlap can go" in ln]
     # the disk-read time is 2.5 s at lru's rate: >= 1.5 s of stall = 0.60 x; 30 tokens in >= 3 s = 10 tok/s = 1.00 x
     assert "stall >= 1.50 s = 0.60 x its disk-read time and run at <= 1.00 x lru on-demand's tok/s" in line
+
+
+def test_overlap_bound_lands_each_used_read_before_its_first_use():
+    from marserve.bench.experts import overlap_bound
+    # 2.0 s of compute, 1.0 s of reads at 100 MB/s: all could hide, but 0.6 s of them are needed by compute 0.1 and
+    # the rest by 1.5: the first 60 MB land at 0.6 s at best, 0.5 s after compute reached them
+    r = {"seconds": 2.6, "stall_s": 0.6, "bytes_read": 100e6, "needs": [[0.1, 30e6], [0.1, 30e6], [1.5, 40e6]]}
+    stall, seconds = overlap_bound({"requests": [r]}, rate=100e6)
+    assert stall == pytest.approx(0.5) and seconds == pytest.approx(2.5)
+    # needed late enough, nothing stalls; a request with no reads used stalls nothing
+    assert overlap_bound({"requests": [{**r, "needs": [[0.7, 60e6], [1.5, 40e6]]}]}, rate=100e6)[0] == 0.0
+    assert overlap_bound({"requests": [{**r, "needs": []}]}, rate=100e6)[0] == 0.0
 
 
 def test_overlap_bound_hides_a_prefill_s_reads_behind_the_prefill_s_compute_only():
