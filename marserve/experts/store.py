@@ -41,6 +41,11 @@ from marserve.experts.slow_tier import SlowTier
 logger = logging.getLogger(__name__)
 
 
+def piece_rows(w13: torch.Tensor, w2: torch.Tensor):
+    """One expert's buffers w13 [2I,H], w2 [H,I] -> piece -> the rows of them it fills."""
+    return lambda p: (w13 if p.target == "w13" else w2)[p.row0:p.row0 + p.rows]
+
+
 class ExpertStore:
     def __init__(self, index: CheckpointIndex, num_slots: int, min_slots: int, policy: EvictionPolicy,
                  hidden_size: int, intermediate_size: int, dtype: torch.dtype, read_threads: int = 2,
@@ -101,11 +106,11 @@ class ExpertStore:
                     if key in hot:
                         self._hot.add(slot)
                 if self.host is not None:  # the host tier keeps every expert; the initial set goes up from it
-                    self.slow.read_expert(*key, self._host_rows(key), record=True)
+                    self.slow.read_expert(*key, piece_rows(*self.host.rows(key)), record=True)
                     if slot is not None:
                         self.transfer.upload(slot, *self.host.rows(key))
                 elif self.transfer is not None and slot is not None:
-                    self.slow.read_expert(*key, self._staging_rows(), record=True)
+                    self.slow.read_expert(*key, piece_rows(*self.transfer.staging()), record=True)
                     self.transfer.upload(slot, *self.transfer.staging())
                 else:
                     self.slow.read_expert(*key, self._rows(slot), record=True)
@@ -291,7 +296,7 @@ class ExpertStore:
             self.transfer.upload(slot, *rows)
             return sum(t.numel() * t.element_size() for t in rows)
         if self.transfer is not None:
-            moved = self.slow.read_expert(*key, self._staging_rows(), urgent=not prefetched)
+            moved = self.slow.read_expert(*key, piece_rows(*self.transfer.staging()), urgent=not prefetched)
             self.transfer.upload(slot, *self.transfer.staging())
             return moved
         return self.slow.read_expert(*key, self._rows(slot), urgent=not prefetched)
@@ -332,17 +337,7 @@ class ExpertStore:
         """piece -> the rows of `slot` it fills (None: no slot, checksum only)."""
         if slot is None:
             return lambda piece: None
-        return lambda p: (self.w13 if p.target == "w13" else self.w2)[slot, p.row0:p.row0 + p.rows]
-
-    def _staging_rows(self):
-        """piece -> its rows in this thread's staging buffers (the device path)."""
-        w13, w2 = self.transfer.staging()
-        return lambda p: (w13 if p.target == "w13" else w2)[p.row0:p.row0 + p.rows]
-
-    def _host_rows(self, key: Key):
-        """piece -> its rows of key in the host tier."""
-        w13, w2 = self.host.rows(key)
-        return lambda p: (w13 if p.target == "w13" else w2)[p.row0:p.row0 + p.rows]
+        return piece_rows(self.w13[slot], self.w2[slot])
 
     def _unpin(self, slots) -> None:
         """A forward pass lets go of these slots (lock held); on a device, an upload into one of them waits for the
