@@ -29,6 +29,7 @@ from __future__ import annotations
 import itertools
 import math
 import time
+from collections import deque
 
 import torch
 
@@ -96,7 +97,7 @@ class Prefetcher:
         self.num_prefetched = 0  # expert ids handed to providers (before they drop resident ones)
         self.lookup = RoutingLookup(len(self.blocks), self.blocks[0].top_k, lookup_horizon) if lookup_horizon else None
         self._expecting = False  # a forecast was handed to the providers and not withdrawn
-        self._to_read: list[tuple[int, int, int]] = []  # the forecast's uses not prefetched yet: (fetch, position, expert)
+        self._to_read: deque[tuple[int, int, int]] = deque()  # forecast uses not read yet: (fetch, position, expert)
         self._reading_forecast = False  # this pass reads from the forecast (instead of the predictor's guesses)
         self.num_forecast_passes = 0  # passes whose reads followed the forecast
 
@@ -181,8 +182,8 @@ class Prefetcher:
         self._expecting = found is not None
         self._reading_forecast = found is not None and self.lookup.precision() >= self.FORECAST_MIN_PRECISION
         self.num_forecast_passes += self._reading_forecast
-        self._to_read = sorted((at[0], i, e) for i, layer_uses in enumerate(uses) for e, at in layer_uses.items()
-                               ) if self._reading_forecast else []
+        self._to_read = deque(sorted((at[0], i, e) for i, layer_uses in enumerate(uses) for e, at in layer_uses.items()
+                                     ) if self._reading_forecast else ())
         self._read_forecast(0)
 
     def _read_forecast(self, now: int) -> None:
@@ -192,13 +193,13 @@ class Prefetcher:
         waits for a later call. Uses due at or before `now` are left to their fetch."""
         todo = self._to_read
         while todo and todo[0][0] <= now:
-            todo.pop(0)
+            todo.popleft()
         experts = self.blocks[0].experts
         while todo and experts.reads_in_flight() < self.FORECAST_DEPTH:
             at, i, e = todo[0]
             if self.blocks[i].experts.prefetch(torch.tensor([e], dtype=torch.long)):
                 return
-            todo.pop(0)
+            todo.popleft()
             self.num_prefetched += 1
 
     def _time_layer(self, i: int) -> None:
