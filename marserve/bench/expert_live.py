@@ -93,7 +93,8 @@ def _child(spec: dict) -> dict:
               for i in range(len(spec["prompts"]))]
     prompts = [llm.tokenizer(p, add_special_tokens=False)["input_ids"] for p in spec["prompts"]]
     recorder = None
-    if llm.model.__dict__.get("expert_store") is not None and not spec["prefetch"]:  # on demand: count MIN too
+    store = llm.engine.expert_store  # None when every expert is resident
+    if store is not None and not spec["prefetch"]:  # on demand: count MIN too
         from marserve.experts.traces import TraceRecorder
         recorder = TraceRecorder(llm.model).install()
     llm.generate({"prompt_token_ids": prompts[0][:4]}, SamplingParams(max_tokens=2, temperature=0.0), use_tqdm=False)
@@ -109,7 +110,6 @@ def _child(spec: dict) -> dict:
     decode_tokens, decode_s = 0, 0.0  # after each request's first token: what llama-bench's tg measures
     requests = []  # per request: its seconds, stall and bytes read, and the prefill's (what an overlap bound needs)
     first_token = _mark_first_token(llm.engine, blocks)
-    store = llm.model.__dict__.get("expert_store")
     needs = ReadNeeds(store).install() if store is not None else None  # when each read was needed
     for ids, sampling in zip(prompts, params):  # batch 1: one request at a time
         first_token.clear()
@@ -121,7 +121,8 @@ def _child(spec: dict) -> dict:
         prefill = first_token or {"at": end, **after}
         requests.append({"seconds": end - start, "stall_s": after["stall_s"] - counters["stall_s"],
                          "bytes_read": after["bytes_read"] - counters["bytes_read"],
-                         "prefill_s": prefill["at"] - start, "prefill_stall_s": prefill["stall_s"] - counters["stall_s"],
+                         "prefill_s": prefill["at"] - start,
+                         "prefill_stall_s": prefill["stall_s"] - counters["stall_s"],
                          "prefill_bytes_read": prefill["bytes_read"] - counters["bytes_read"],
                          **({"needs": needs.end()} if needs is not None else {})})
         toks = out.outputs[0].token_ids
