@@ -36,18 +36,20 @@ def test_a_failed_read_raises_in_the_waiter(data_file):
 
 def test_urgent_reads_go_before_queued_background_ones(data_file, monkeypatch):
     q = ReadQueue(workers=1)
-    gate, order = threading.Event(), []
+    started, gate, order = threading.Event(), threading.Event(), []
     real = os.preadv
 
     def recording(fd, bufs, off):
         if fd != data_file:  # another test's store reading on its own threads
             return real(fd, bufs, off)
         if off == 0:
+            started.set()
             gate.wait(5)  # the one worker is busy until the queue is full
         order.append(off)
         return real(fd, bufs, off)
     monkeypatch.setattr(os, "preadv", recording)
     first = q.submit(data_file, memoryview(bytearray(8)), 0, urgent=False)
+    assert started.wait(5)  # the worker holds the first read (else a slow thread start lets 300 go first)
     jobs = [q.submit(data_file, memoryview(bytearray(8)), off, urgent=off >= 300) for off in (100, 200, 300, 400)]
     gate.set()
     for job in [first] + jobs:
